@@ -1,0 +1,66 @@
+"""Write a bundle atomically: everything goes into a temporary sibling directory, the
+manifest is validated against the runtime's schema, then one rename publishes it. A failed
+conversion leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from flexdit_runtime.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST, BundleError, sha256_file, validate_manifest
+
+from .errors import UserError
+
+
+class BundleWriter:
+    def __init__(self, target, force: bool = False):
+        self.target = Path(target)
+        if self.target.exists() and not force:
+            raise UserError(f"{self.target} already exists (use --force to replace it)")
+        if self.target.exists() and not (self.target / MANIFEST).exists() and any(self.target.iterdir()):
+            raise UserError(f"{self.target} exists and is not a bundle; refusing to replace it")
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return False
+
+    def path(self, rel: str) -> Path:
+        p = self.tmp / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def artifact(self, files: list[Path], backend: str, precision: str, **extra) -> dict:
+        main = files[0]
+        a = {"backend": backend, "precision": precision, "path": main.relative_to(self.tmp).as_posix(),
+             "sha256": sha256_file(main), "bytes": main.stat().st_size, **extra}
+        if len(files) > 1:
+            d = files[1]
+            a["external_data"] = {"path": d.relative_to(self.tmp).as_posix(), "sha256": sha256_file(d),
+                                  "bytes": d.stat().st_size}
+        return a
+
+    def commit(self, manifest: dict) -> Path:
+        import json
+
+        manifest = {"format": {"name": FORMAT_NAME, "version": FORMAT_VERSION}, **manifest}
+        try:
+            validate_manifest(manifest)
+        except BundleError as e:
+            raise UserError(f"internal error: the manifest being written is invalid: {e}") from None
+        (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        old = None
+        if self.target.exists():
+            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
+            os.replace(self.target, old)
+        os.replace(self.tmp, self.target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.target

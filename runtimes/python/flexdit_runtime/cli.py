@@ -1,0 +1,143 @@
+"""flexdit-run: prompts.txt -> one PNG per prompt plus a grid, from a bundle.
+
+Every failure a user can cause ends with one line on stderr and exit code 2; the output
+directory only receives files once all images are done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .images import grid, save_png
+from .manifest import BundleError
+from .pipeline import Pipeline
+from .prompts import PromptError, read_prompts
+from .samplers import SAMPLERS
+
+
+class Progress:
+    """A dependency-free progress bar on stderr (silent when stderr is not a terminal,
+    except for a final line)."""
+
+    def __init__(self, total: int, label: str, enabled: bool = True):
+        self.total, self.done, self.label = total, 0, label
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self.start = time.perf_counter()
+
+    def __call__(self, n: int = 1):
+        self.done += n
+        if self.enabled and self.tty:
+            frac = self.done / max(1, self.total)
+            bar = "#" * int(frac * 30)
+            rate = self.done / max(1e-9, time.perf_counter() - self.start)
+            sys.stderr.write(f"\r{self.label} [{bar:<30}] {self.done}/{self.total} steps {rate:.1f} it/s")
+            sys.stderr.flush()
+
+    def close(self):
+        if self.enabled:
+            sys.stderr.write(("\n" if self.tty else "") + f"{self.label}: {self.done} steps in "
+                             f"{time.perf_counter() - self.start:.1f}s\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flexdit-run", description=__doc__.splitlines()[0])
+    p.add_argument("prompts", help="text file: one class name or class id per line; '#' comments")
+    p.add_argument("--bundle", required=True, help="bundle directory written by flexdit-export convert")
+    p.add_argument("-o", "--out", default="out", help="output directory (default: out)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the bundle's)")
+    p.add_argument("--sampler", choices=SAMPLERS, help="default: the bundle's (ddpm)")
+    p.add_argument("--eta", type=float, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale; <= 1 disables guidance")
+    p.add_argument("--spacing", choices=("sections", "ddim"), default="sections",
+                   help="timestep respacing: equal sections (reference default) or DDIM striding")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (image i uses default_rng([seed, i]))")
+    p.add_argument("--init-noise", help=".npy of x_T, shape (N, C, H, W) or (C, H, W)")
+    p.add_argument("--batch", type=int, help="images denoised together (default: what one graph call holds)")
+    p.add_argument("--providers", help="comma-separated ONNX Runtime providers, e.g. cuda,cpu (default: best available)")
+    p.add_argument("--threads", type=int, help="intra-op threads per session")
+    p.add_argument("--precision", help="artifact precision to load, e.g. fp32 (default: the first listed)")
+    p.add_argument("--save-npy", action="store_true", help="also write the final samples as samples.npy")
+    p.add_argument("-q", "--quiet", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (BundleError, PromptError) as e:
+        print(f"flexdit-run: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("flexdit-run: interrupted", file=sys.stderr)
+        return 130
+
+
+def _safe(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", label).strip("_")[:40] or "class"
+
+
+def _run(args) -> int:
+    prompts = read_prompts(args.prompts)
+    if args.batch is not None and args.batch < 1:
+        raise BundleError(f"--batch must be at least 1, got {args.batch}")
+    if args.steps is not None and args.steps < 1:
+        raise BundleError(f"--steps must be at least 1, got {args.steps}")
+    init = None
+    if args.init_noise:
+        try:
+            init = np.load(args.init_noise)
+        except (OSError, ValueError) as e:
+            raise BundleError(f"cannot read --init-noise {args.init_noise}: {e}") from None
+    providers = args.providers.split(",") if args.providers else None
+    pipe = Pipeline.from_bundle(args.bundle, providers, args.threads, {"*": args.precision} if args.precision else None)
+    ids = [pipe.classes.resolve(p, f"{args.prompts}: ") for p in prompts]
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise BundleError(f"output path {out} exists and is not a directory")
+    steps = args.steps or pipe.defaults["steps"]
+    bar = Progress(steps * len(ids) // max(1, args.batch or pipe.capacity(args.cfg_scale or pipe.defaults["cfg_scale"])),
+                   "sampling", not args.quiet)
+    res = pipe(ids, steps=steps, sampler=args.sampler, cfg_scale=args.cfg_scale, eta=args.eta, seed=args.seed,
+               init_noise=init, batch=args.batch, spacing=args.spacing, progress=bar)
+    bar.close()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".flexdit-run-", dir=out.parent))
+    try:
+        names = []
+        for i, (img, label) in enumerate(zip(res.images, res.labels)):
+            name = f"{i:03d}_{_safe(label)}.png"
+            save_png(img, tmp / name)
+            names.append(name)
+        save_png(grid(res.images), tmp / "grid.png")
+        names.append("grid.png")
+        if args.save_npy:
+            np.save(tmp / "samples.npy", res.samples)
+            names.append("samples.npy")
+        out.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not args.quiet:
+        total = res.seconds
+        shares = ", ".join(f"stage {sid}: {sec / total:.0%}" for sid, sec in sorted(res.stage_seconds.items()))
+        if res.decoder_seconds:
+            shares += f", decoder: {res.decoder_seconds / total:.0%}"
+        print(f"wrote {len(res.images)} images and grid.png to {out}/")
+        print(f"{total / len(res.images):.2f} s per image ({total:.1f} s total; {shares})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

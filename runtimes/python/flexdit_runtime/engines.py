@@ -1,0 +1,118 @@
+"""ONNX Runtime sessions for the stage graphs and the decoder, and the stage switch.
+
+Each stage graph has a fixed batch B; ``StageRunner`` feeds any number of rows by chunking
+and padding to B, so the sampler never needs to know the graph's batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import numpy as np
+
+from .manifest import Bundle, BundleError
+
+PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+                    "tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider"}
+
+
+def resolve_providers(names) -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if not names:
+        # Prefer accelerators that are really present; always keep the CPU fallback.
+        order = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+        return [p for p in order if p in available and (p == "CPUExecutionProvider" or _gpu_present())]
+    out = []
+    for n in names:
+        p = PROVIDER_ALIASES.get(n.lower(), n)
+        if p not in available:
+            raise BundleError(f"execution provider {n!r} is not available in this onnxruntime "
+                              f"(available: {', '.join(available)})")
+        out.append(p)
+    return out
+
+
+def _gpu_present() -> bool:
+    import os
+    return os.path.exists("/dev/nvidia0") or os.path.exists("/dev/dxg")
+
+
+def make_session(path, providers, threads: int | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(path), sess_options=so, providers=providers)
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise BundleError(f"cannot load graph {path}: {str(e).splitlines()[0][:300]}") from None
+
+
+class StageRunner:
+    """All stage sessions of a bundle; ``__call__(x, t, y)`` picks the stage by the original
+    timestep t and runs it, accumulating time per stage."""
+
+    def __init__(self, bundle: Bundle, providers=None, threads=None, precision: dict | None = None):
+        self.bundle = bundle
+        self.providers = resolve_providers(providers)
+        self.sessions, self.batches = [], []
+        precision = precision or {}
+        for st in bundle.stages:
+            art = bundle.artifact(st, "onnx", precision.get(st["id"], precision.get("*")))
+            self.sessions.append(make_session(bundle.path(art), self.providers, threads))
+            self.batches.append(st["batch"])
+        self.time_per_stage = defaultdict(float)
+        self.calls_per_stage = defaultdict(int)
+
+    def stage_for(self, t: int) -> int:
+        for st in self.bundle.stages:
+            if st["t_min"] <= t <= st["t_max"]:
+                return st["id"]
+        raise BundleError(f"no stage serves timestep {t}")
+
+    def __call__(self, x: np.ndarray, t: int, y: np.ndarray) -> np.ndarray:
+        sid = self.stage_for(t)
+        sess, B = self.sessions[sid], self.batches[sid]
+        rows = x.shape[0]
+        outs = []
+        start = time.perf_counter()
+        for lo in range(0, rows, B):
+            xb, yb = x[lo:lo + B], y[lo:lo + B]
+            n = xb.shape[0]
+            if n < B:  # pad with copies of the first row; rows are independent
+                xb = np.concatenate([xb, np.repeat(xb[:1], B - n, 0)])
+                yb = np.concatenate([yb, np.repeat(yb[:1], B - n, 0)])
+            tb = np.full((B,), t, dtype=np.float32)
+            out = sess.run(["out"], {"x": np.ascontiguousarray(xb, np.float32), "t": tb, "y": yb.astype(np.int64)})[0]
+            outs.append(out[:n])
+        self.time_per_stage[sid] += time.perf_counter() - start
+        self.calls_per_stage[sid] += 1
+        return np.concatenate(outs)
+
+
+class Decoder:
+    """The bundle's VAE decoder graph (latent -> image in [-1, 1]), or None for pixel space."""
+
+    def __init__(self, bundle: Bundle, providers=None, threads=None):
+        d = bundle.decoder
+        art = bundle.artifact(d, "onnx")
+        self.session = make_session(bundle.path(art), resolve_providers(providers), threads)
+        self.batch = d["inputs"][0]["shape"][0]
+        self.in_name, self.out_name = d["inputs"][0]["name"], d["outputs"][0]["name"]
+
+    def __call__(self, z: np.ndarray) -> np.ndarray:
+        outs = []
+        for lo in range(0, z.shape[0], self.batch):
+            zb = z[lo:lo + self.batch]
+            n = zb.shape[0]
+            if n < self.batch:
+                zb = np.concatenate([zb, np.repeat(zb[:1], self.batch - n, 0)])
+            outs.append(self.session.run([self.out_name], {self.in_name: zb.astype(np.float32)})[0][:n])
+        return np.concatenate(outs)

@@ -1,0 +1,37 @@
+"""Model output -> uint8 images, PNG files and a labelled-free grid."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def to_uint8(x: np.ndarray, value_range=(-1.0, 1.0)) -> np.ndarray:
+    """(B, C, H, W) float in value_range -> (B, H, W, C) uint8; C in (1, 3) kept, else the
+    first three channels min-max scaled (a preview of latents)."""
+    lo, hi = value_range
+    if x.shape[1] not in (1, 3):
+        x = x[:, :3]
+        mn = x.min(axis=(1, 2, 3), keepdims=True)
+        mx = x.max(axis=(1, 2, 3), keepdims=True)
+        x = (x - mn) / np.maximum(mx - mn, 1e-8) * (hi - lo) + lo
+    img = np.clip((x - lo) / (hi - lo) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return img.transpose(0, 2, 3, 1)
+
+
+def save_png(img: np.ndarray, path) -> None:
+    from PIL import Image
+
+    Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(path)
+
+
+def grid(imgs: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarray:
+    n, h, w, c = imgs.shape
+    cols = cols or min(n, max(1, math.ceil(math.sqrt(n))))
+    rows = math.ceil(n / cols)
+    out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
+    for i, im in enumerate(imgs):
+        r, q = divmod(i, cols)
+        out[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = im
+    return out

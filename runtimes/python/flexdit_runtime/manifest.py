@@ -1,0 +1,126 @@
+"""Read and trust-check a bundle: schema, format version, stage coverage, file checksums.
+
+This module is the bundle format for Python: the compiler validates what it writes with the
+same schema, and every runtime path goes through ``load_bundle``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from . import schema_check
+
+FORMAT_NAME, FORMAT_VERSION = "flexdit-bundle", 1
+MANIFEST = "manifest.json"
+
+
+class BundleError(Exception):
+    """The bundle cannot be trusted or used; the message says why and what to do."""
+
+
+def schema() -> dict:
+    return json.loads(resources.files(__package__).joinpath("manifest.schema.json").read_text())
+
+
+def validate_manifest(m: dict) -> None:
+    """Schema plus the rules a schema cannot say (coverage of timesteps, unique ids)."""
+    try:
+        schema_check.validate(m, schema())
+    except schema_check.SchemaError as e:
+        where = "/".join(str(p) for p in e.path) or "(top)"
+        raise BundleError(f"manifest does not match the schema at {where}: {e.message[:200]}") from None
+    if m["format"]["version"] > FORMAT_VERSION:
+        raise BundleError(f"bundle format version {m['format']['version']} is newer than this runtime "
+                          f"supports ({FORMAT_VERSION}); upgrade flexdit-export")
+    T = m["diffusion"]["num_timesteps"]
+    seen = [0] * T
+    for st in m["stages"]:
+        if not st["t_min"] <= st["t_max"] < T:
+            raise BundleError(f"stage {st['id']} range [{st['t_min']}, {st['t_max']}] is outside 0..{T - 1}")
+        for t in range(st["t_min"], st["t_max"] + 1):
+            seen[t] += 1
+    if any(c != 1 for c in seen):
+        bad = next(t for t, c in enumerate(seen) if c != 1)
+        raise BundleError(f"stages do not cover timesteps 0..{T - 1} exactly once (timestep {bad})")
+    if sorted(s["id"] for s in m["stages"]) != list(range(len(m["stages"]))):
+        raise BundleError("stage ids must be 0..n-1")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Bundle:
+    root: Path
+    manifest: dict
+
+    @property
+    def stages(self) -> list:
+        return self.manifest["stages"]
+
+    @property
+    def model(self) -> dict:
+        return self.manifest["model"]
+
+    @property
+    def diffusion(self) -> dict:
+        return self.manifest["diffusion"]
+
+    @property
+    def decoder(self) -> dict | None:
+        return self.manifest["decoder"]
+
+    def artifact(self, entry: dict, backend: str = "onnx", precision: str | None = None) -> dict:
+        """The artifact of a stage (or the decoder) for a backend and precision
+        (None: the first one listed for the backend)."""
+        for a in entry["artifacts"]:
+            if a["backend"] == backend and (precision is None or a["precision"] == precision):
+                return a
+        have = ", ".join(f"{a['backend']}/{a['precision']}" for a in entry["artifacts"])
+        want = backend + (f"/{precision}" if precision else "")
+        raise BundleError(f"bundle has no {want} artifact for this graph (it has: {have})")
+
+    def path(self, artifact: dict) -> Path:
+        return self.root / artifact["path"]
+
+    def all_files(self):
+        for entry in self.stages + ([self.decoder] if self.decoder else []):
+            for a in entry["artifacts"]:
+                yield a
+                if "external_data" in a:
+                    yield a["external_data"]
+
+
+def load_bundle(path, verify_checksums: bool = True) -> Bundle:
+    root = Path(path)
+    mf = root / MANIFEST
+    if not root.is_dir():
+        raise BundleError(f"bundle directory not found: {root}")
+    if not mf.is_file():
+        raise BundleError(f"{root} is not a bundle: {MANIFEST} is missing")
+    try:
+        m = json.loads(mf.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"cannot read {mf}: {e}") from None
+    if not isinstance(m, dict) or m.get("format", {}).get("name") != FORMAT_NAME:
+        raise BundleError(f"{mf} is not a {FORMAT_NAME} manifest")
+    validate_manifest(m)
+    bundle = Bundle(root, m)
+    if verify_checksums:
+        for a in bundle.all_files():
+            f = root / a["path"]
+            if not f.is_file():
+                raise BundleError(f"bundle file missing: {a['path']} (the bundle is incomplete; re-run flexdit-export convert)")
+            if sha256_file(f) != a["sha256"]:
+                raise BundleError(f"checksum mismatch for {a['path']}: the bundle was modified or truncated; "
+                                  "re-run flexdit-export convert")
+    return bundle

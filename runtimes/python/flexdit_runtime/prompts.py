@@ -1,0 +1,57 @@
+"""prompts.txt -> class ids. One prompt per line: a class name (case-insensitive, any of its
+comma-separated aliases) or a class id; '#' starts a comment; blank lines are ignored."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+
+class PromptError(ValueError):
+    pass
+
+
+class ClassIndex:
+    def __init__(self, class_names: list | None, num_classes: int):
+        self.names = class_names
+        self.num_classes = num_classes
+        self.lookup = {}
+        for i, full in enumerate(class_names or []):
+            for alias in [full] + [a.strip() for a in full.split(",")]:
+                self.lookup.setdefault(alias.lower(), i)
+
+    def resolve(self, text: str, where: str = "") -> int:
+        key = text.strip()
+        if key.lstrip("-").isdigit():
+            i = int(key)
+            if not 0 <= i < self.num_classes:
+                raise PromptError(f"{where}class id {i} is outside 0..{self.num_classes - 1}")
+            return i
+        if key.lower() in self.lookup:
+            return self.lookup[key.lower()]
+        if not self.names:
+            raise PromptError(f"{where}{key!r} is not a class id, and this bundle has no class names")
+        close = difflib.get_close_matches(key.lower(), list(self.lookup), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise PromptError(f"{where}unknown class {key!r}{hint}")
+
+    def label(self, i: int) -> str:
+        return self.names[i].split(",")[0].strip() if self.names else str(i)
+
+
+def read_prompts(path) -> list[str]:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PromptError(f"prompt file not found: {p}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise PromptError(f"cannot read prompt file {p}: {e}") from None
+    prompts = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            prompts.append(line)
+    if not prompts:
+        raise PromptError(f"prompt file {p} has no prompts (only blank lines or comments)")
+    return prompts
