@@ -44,7 +44,11 @@ class Checkpoint:
     def build(self):
         """The PyTorch model in eval mode with these weights (strict load)."""
         model = build_model(self.config)
-        missing, unexpected = model.load_state_dict(self.state_dict, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(self.state_dict, strict=False)
+        except RuntimeError as e:  # shape mismatches
+            detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+            raise UserError(f"checkpoint does not fit the {self.config.name} layout: {detail[:300]}") from None
         if missing or unexpected:
             detail = []
             if missing:
@@ -119,7 +123,7 @@ def infer_config(sd: dict, args: dict | None = None, **overrides) -> ModelConfig
         raise UserError("not a DiT/FlexDiT checkpoint: found neither `blocks.*` (DiT) nor FlexDiT block keys"
                         if not has_flex else "checkpoint mixes DiT `blocks.*` and FlexDiT block keys")
     fc1 = next(v for k, v in sd.items() if k.endswith("mlp.fc1.weight"))
-    heads = overrides.get("num_heads") or _heads_from_args(args) or _default_heads(C)
+    heads = overrides.get("num_heads") or _heads_from_args(args, C) or _default_heads(C)
     common = dict(hidden_size=C, num_heads=int(heads), patch_size=p, input_size=grid * p, in_channels=cin,
                   learn_sigma=out == 2 * cin, num_classes=int(sd["y_embedder.embedding_table.weight"].shape[0]) - 1,
                   mlp_ratio=float(fc1.shape[0]) / C)
@@ -142,9 +146,10 @@ def infer_config(sd: dict, args: dict | None = None, **overrides) -> ModelConfig
         raise UserError(f"checkpoint layout is invalid: {e}") from None
 
 
-def _heads_from_args(args) -> int | None:
+def _heads_from_args(args, C: int) -> int | None:
+    """Heads of the size named in the training args ('DiT-XL/2'), if its width matches."""
     m = re.match(r"(?:Flex)?DiT-(XL|L|B|S)/\d+", str(args.get("model", "")))
-    return SIZES[m.group(1)][1] if m else None
+    return SIZES[m.group(1)][1] if m and SIZES[m.group(1)][0] == C else None
 
 
 def _default_heads(C: int) -> int:

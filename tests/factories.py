@@ -25,7 +25,7 @@ def random_model(cfg: dict | ModelConfig, seed=0, scale=0.08):
     return m.eval()
 
 
-def save_reference_training(model, path, model_name="DiT-S/2"):
+def save_reference_training(model, path, model_name="DiT-custom"):
     """The authors' train.py layout: {model, ema, opt, args} with an argparse.Namespace."""
     c = model.cfg
     args = argparse.Namespace(model=model_name, image_size=c.input_size * 8, num_classes=c.num_classes,

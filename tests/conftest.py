@@ -1,0 +1,46 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from factories import TINY_DIT, TINY_FLEX, random_model, save_reference_training, save_state_dict  # noqa: E402
+
+CLIS = {"flexdit-export": "flexdit_export.cli", "flexdit-run": "flexdit_runtime.cli"}
+
+
+def run_cli(name, *args, cwd=None, check=True):
+    """Run a real CLI in a subprocess; returns CompletedProcess with text output."""
+    cmd = [sys.executable, "-m", CLIS[name], *map(str, args)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{name} {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stderr}")
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny_flex_model():
+    return random_model(TINY_FLEX, seed=1)
+
+
+@pytest.fixture(scope="session")
+def ref_ckpt(tmp_path_factory, tiny_flex_model):
+    return save_reference_training(tiny_flex_model, tmp_path_factory.mktemp("ck") / "flex_ref.pt")
+
+
+@pytest.fixture(scope="session")
+def dit_ckpt(tmp_path_factory):
+    return save_state_dict(random_model(TINY_DIT, seed=2), tmp_path_factory.mktemp("ck") / "DiT-tiny.pt")
+
+
+@pytest.fixture(scope="session")
+def flex_bundle(tmp_path_factory, ref_ckpt):
+    """A 3-stage bundle (sparse, sparse, dense) with ONNX + TorchScript, built by the real CLI."""
+    out = tmp_path_factory.mktemp("bundles") / "flex"
+    run_cli("flexdit-export", "convert", ref_ckpt, "-o", out, "--schedule", "600:2,300:3,0:dense",
+            "--formats", "onnx,torchscript", "--num-heads", "4")
+    return out

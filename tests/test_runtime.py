@@ -1,0 +1,166 @@
+"""The numpy runtime: samplers against the PyTorch reference, respacing, prompts, schema."""
+
+import copy
+import json
+import subprocess
+import sys
+
+import jsonschema
+import numpy as np
+import pytest
+import torch
+
+from factories import TINY_FLEX, random_model
+from flexdit_export.reference_sampler import reference_sample
+from flexdit_runtime import Pipeline
+from flexdit_runtime.diffusion import Diffusion, linear_betas, space_timesteps
+from flexdit_runtime.manifest import BundleError, schema, validate_manifest
+from flexdit_runtime.prompts import ClassIndex, PromptError, read_prompts
+from flexdit_runtime.samplers import guide, sample
+
+
+def test_respacing_matches_improved_ddpm():
+    assert space_timesteps(1000, "10") == [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]
+    assert space_timesteps(1000, "ddim10") == list(range(0, 1000, 100))
+    assert space_timesteps(1000, "2,3") == [0, 499, 500, 750, 999]  # round(249.5) == 250
+    s250 = space_timesteps(1000, "250")
+    assert len(s250) == 250 and s250[:4] == [0, 4, 8, 12] and s250[-1] == 999
+    with pytest.raises(ValueError):
+        space_timesteps(10, "11")
+
+
+def test_diffusion_tables_recorded_values():
+    d = Diffusion(linear_betas(1000))
+    assert d.alphas_cumprod[-1] == pytest.approx(4.0358e-05, rel=1e-3)
+    assert d.alphas_cumprod[0] == pytest.approx(1 - 1e-4)
+    r = Diffusion(linear_betas(1000), space_timesteps(1000, "10"))
+    base = np.cumprod(1 - linear_betas(1000))
+    np.testing.assert_allclose(r.alphas_cumprod, base[r.timestep_map], rtol=1e-12)
+
+
+STAGES = [(600, 999, 2), (300, 599, 3), (0, 299, None)]
+
+
+def _torch_denoiser(model, cfg_scale, policy, y, null=10):
+    def den(x, t):
+        s = next(s for lo, hi, s in STAGES if lo <= t <= hi)
+        n = x.shape[0]
+        with torch.no_grad():
+            if cfg_scale > 1:
+                out = model(torch.from_numpy(np.concatenate([x, x])), torch.full((2 * n,), float(t)),
+                            torch.from_numpy(np.concatenate([y, np.full(n, null)])), s).numpy()
+                return guide(out, n, cfg_scale, policy, 4)
+            return model(torch.from_numpy(x), torch.full((n,), float(t)), torch.from_numpy(y), s).numpy()
+    return den
+
+
+@pytest.mark.parametrize("sampler,eta,cfg_scale,policy,spacing", [
+    ("ddim", 0.0, 4.0, "first3", "sections"),
+    ("ddim", 0.5, 1.5, "eps", "ddim"),
+    ("ddpm", 0.0, 4.0, "first3", "sections"),
+    ("ddpm", 0.0, 1.0, "first3", "sections"),
+])
+def test_numpy_sampler_matches_torch_reference(tiny_flex_model, sampler, eta, cfg_scale, policy, spacing):
+    """Same denoiser (the PyTorch model), same noise: the sampler arithmetic must agree."""
+    steps = 10
+    z = np.random.default_rng(0).standard_normal((2, 4, 16, 16)).astype(np.float32)
+    y = np.array([1, 7])
+    noise = {k: np.random.default_rng(100 + k).standard_normal(z.shape).astype(np.float32) for k in range(steps)}
+    ref = reference_sample(tiny_flex_model, STAGES, z, y, steps=steps, sampler=sampler, eta=eta, cfg_scale=cfg_scale,
+                           cfg_channels=policy, spacing=spacing, noise_fn=noise.__getitem__)
+    d = Diffusion(linear_betas(1000), space_timesteps(1000, f"ddim{steps}" if spacing == "ddim" else str(steps)))
+    got = sample(d, _torch_denoiser(tiny_flex_model, cfg_scale, policy, y), z, cin=4, sampler=sampler, eta=eta,
+                 noise_fn=noise.__getitem__)
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-5
+
+
+def test_guidance_policies():
+    out = np.arange(2 * 8, dtype=np.float32).reshape(2, 8, 1, 1)
+    g3 = guide(out, 1, 2.0, "first3", 4)
+    ge = guide(out, 1, 2.0, "eps", 4)
+    np.testing.assert_array_equal(g3[0, :3, 0, 0], 2 * out[0, :3, 0, 0] - out[1, :3, 0, 0])
+    np.testing.assert_array_equal(g3[0, 3:, 0, 0], out[0, 3:, 0, 0])
+    np.testing.assert_array_equal(ge[0, 3, 0, 0], 2 * out[0, 3, 0, 0] - out[1, 3, 0, 0])
+    np.testing.assert_array_equal(ge[0, 4:, 0, 0], out[0, 4:, 0, 0])
+
+
+def test_prompts(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("# header\nGolden Retriever\n\n  207  # by id\ntench\n")
+    names = ["tench, Tinca tinca"] + [f"class {i}" for i in range(1, 207)] + ["golden retriever"]
+    idx = ClassIndex(names, 208)
+    assert [idx.resolve(p) for p in read_prompts(f)] == [207, 207, 0]
+    with pytest.raises(PromptError, match="did you mean 'golden retriever'"):
+        idx.resolve("golden retreiver")
+    with pytest.raises(PromptError, match="outside"):
+        idx.resolve("208")
+    f.write_text("# only comments\n\n")
+    with pytest.raises(PromptError, match="no prompts"):
+        read_prompts(f)
+    with pytest.raises(PromptError, match="not found"):
+        read_prompts(tmp_path / "missing.txt")
+
+
+def test_schema_checker_agrees_with_jsonschema(flex_bundle):
+    m = json.loads((flex_bundle / "manifest.json").read_text())
+    jsonschema.validate(m, schema())
+    validate_manifest(m)
+    mutations = [
+        lambda m: m["format"].update(name="other"),
+        lambda m: m["stages"][0].update(sparse_grid=0),
+        lambda m: m["stages"][0]["artifacts"][0].update(sha256="xyz"),
+        lambda m: m["stages"][0]["artifacts"][0].update(path="../../etc/passwd"),
+        lambda m: m["stages"][0]["artifacts"][0].update(precision="int3"),
+        lambda m: m["diffusion"].update(cfg_channels="all"),
+        lambda m: m["stages"].clear(),
+        lambda m: m["model"].pop("null_class"),
+        lambda m: m["stages"][1]["inputs"][0].update(dtype="float64"),
+        lambda m: m.update(decoder={"kind": "sd-vae"}),
+    ]
+    for mutate in mutations:
+        bad = copy.deepcopy(m)
+        mutate(bad)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema())
+        with pytest.raises(BundleError):
+            validate_manifest(bad)
+    gap = copy.deepcopy(m)
+    gap["stages"][0]["t_min"] += 1
+    with pytest.raises(BundleError, match="exactly once"):
+        validate_manifest(gap)
+
+
+def test_runtime_never_imports_torch(flex_bundle):
+    code = (
+        "import sys\n"
+        "from flexdit_runtime import Pipeline\n"
+        f"r = Pipeline.from_bundle({str(flex_bundle)!r})([1, 'class 2' if False else 3], steps=4)\n"
+        "assert r.images.shape == (2, 16, 16, 3), r.images.shape\n"
+        "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]\n"
+        "assert not bad, bad\n"
+        "print('ok')\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr
+
+
+def test_images_do_not_depend_on_batching(flex_bundle):
+    pipe = Pipeline.from_bundle(flex_bundle)
+    a = pipe([0, 1, 2], steps=5, seed=3, batch=1)
+    b = pipe([0, 1, 2], steps=5, seed=3, batch=3)
+    c = pipe([0, 1, 2], steps=5, seed=4, batch=3)
+    np.testing.assert_allclose(a.samples, b.samples, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(a.samples, c.samples)
+
+
+def test_pipeline_trajectory_matches_reference_through_stage_switches(flex_bundle, tiny_flex_model):
+    """Bundle graphs + numpy sampler vs PyTorch model + torch reference, DDIM, same noise."""
+    pipe = Pipeline.from_bundle(flex_bundle)
+    z = np.random.default_rng(9).standard_normal((2, 4, 16, 16)).astype(np.float32)
+    stages = [(s["t_min"], s["t_max"], s["sparse_grid"]) for s in pipe.bundle.stages]
+    assert stages == STAGES
+    got = pipe([4, 5], steps=12, sampler="ddim", cfg_scale=1.5, init_noise=z).samples
+    ref = reference_sample(tiny_flex_model, stages, z, np.array([4, 5]), steps=12, sampler="ddim", cfg_scale=1.5)
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4
+    # every stage served some of the 12 steps
+    assert set(pipe.runner.calls_per_stage) == {0, 1, 2}
