@@ -68,6 +68,8 @@ def convert(ckpt_path, out, opts: ConvertOptions, log=print) -> Path:
     if "onnx" not in opts.formats:
         raise UserError("the bundle needs the onnx format (the runtimes execute it); add it to --formats")
     check_opset(opts.opset)
+    if Path(out).exists() and not opts.force:
+        raise UserError(f"{out} already exists (use --force to replace it)")
     if opts.num_timesteps < 2:
         raise UserError(f"--num-timesteps must be at least 2, got {opts.num_timesteps}")
     ck = load_checkpoint(ckpt_path, opts.num_heads, opts.semantic_size, opts.init_from_dit)
