@@ -15,8 +15,8 @@ What is trained, and how (spec sections 1-3):
 Seeded and resumable (``--resume STATE``); the EMA weights are what gets saved, as a project
 checkpoint (``model.safetensors`` + ``config.json``) plus ``TRAINING.md``.
 
-    python examples/fashion/train_flexdit.py --out models/fashion-flexdit --steps 9000
-    python examples/fashion/train_flexdit.py --resume out/fashion-train/train_state.pt --steps 12000
+    python examples/fashion/train_flexdit.py --out models/fashion-flexdit --steps 4000
+    python examples/fashion/train_flexdit.py --resume out/fashion-train/train_state.pt --steps 5000
 """
 
 from __future__ import annotations
@@ -113,16 +113,16 @@ def parse_args(argv=None):
     ap.add_argument("--work-dir", default="out/fashion-train", help="training state and loss log")
     ap.add_argument("--resume", help="training-state file to continue from (its architecture and seed are used)")
     ap.add_argument("--data-dir", help="Fashion-MNIST IDX directory (default /usr/share/datasets/fashion-mnist)")
-    ap.add_argument("--steps", type=int, default=9000, help="total optimiser steps (also when resuming)")
-    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=4000, help="total optimiser steps (also when resuming)")
+    ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--warmup", type=int, default=300, help="linear LR warm-up steps")
     ap.add_argument("--min-lr-frac", type=float, default=0.1, help="cosine decay ends at lr * this")
     ap.add_argument("--ema-decay", type=float, default=0.999)
-    ap.add_argument("--hidden", type=int, default=160)
+    ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--patch", type=int, default=4)
-    ap.add_argument("--layout", default="1/2x1,1,1,1/2",
+    ap.add_argument("--layout", default="1/2x1,1,1,1/1",
                     help="Poolingformer/SDTMs x [merge,semantic,recover,dense]/top blocks")
     ap.add_argument("--schedule", default="750:4,500:5,250:6,0:7",
                     help="trained stages 'lo:s,...', noisiest first (each batch uses one stage)")
