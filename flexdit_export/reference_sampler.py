@@ -51,7 +51,7 @@ class ReferenceDiffusion:
     def _x(self, name, i, like):
         return torch.from_numpy(self.tab[name])[torch.full((like.shape[0],), i)].float().view(-1, 1, 1, 1)
 
-    def p_mean_variance(self, out, x, i):
+    def p_mean_variance(self, out, x, i, clip=False):
         C = x.shape[1]
         if self.learn_sigma:
             eps, v = out[:, :C], out[:, C:]
@@ -61,15 +61,17 @@ class ReferenceDiffusion:
             eps = out
             log_var = self._x("fixed_large", i, x).expand_as(x)
         x0 = self._x("sr", i, x) * x - self._x("srm1", i, x) * eps
+        if clip:
+            x0 = x0.clamp(-1, 1)
         mean = self._x("c1", i, x) * x0 + self._x("c2", i, x) * x
         return mean, log_var, x0
 
-    def ddpm_step(self, out, x, i, noise):
-        mean, log_var, _ = self.p_mean_variance(out, x, i)
+    def ddpm_step(self, out, x, i, noise, clip=False):
+        mean, log_var, _ = self.p_mean_variance(out, x, i, clip)
         return mean + (0.0 if i == 0 else 1.0) * torch.exp(0.5 * log_var) * noise
 
-    def ddim_step(self, out, x, i, noise, eta):
-        _, _, x0 = self.p_mean_variance(out, x, i)
+    def ddim_step(self, out, x, i, noise, eta, clip=False):
+        _, _, x0 = self.p_mean_variance(out, x, i, clip)
         eps = (self._x("sr", i, x) * x - x0) / self._x("srm1", i, x)
         ab, abp = self._x("ac", i, x), self._x("acp", i, x)
         sigma = eta * torch.sqrt((1 - abp) / (1 - ab)) * torch.sqrt(1 - ab / abp)
@@ -89,7 +91,7 @@ def forward_with_cfg(model, x, t, y, null, scale, channels, sparse_grid):
 
 @torch.no_grad()
 def reference_sample(model, stages, z, y, *, steps, sampler="ddim", eta=0.0, cfg_scale=1.0, cfg_channels="first3",
-                     spacing="sections", num_timesteps=1000, noise_fn=None):
+                     spacing="sections", num_timesteps=1000, noise_fn=None, clip_denoised=False):
     """Sample from x_T = z with the PyTorch model. ``stages``: [(t_min, t_max, s|None)];
     ``noise_fn(k)`` returns the fresh noise of step k (numpy), as the runtime is given."""
     cfg = model.cfg
@@ -107,5 +109,8 @@ def reference_sample(model, stages, z, y, *, steps, sampler="ddim", eta=0.0, cfg
             out = model(x, t, y, s)
         needs = i > 0 and (sampler == "ddpm" or eta > 0)
         noise = torch.as_tensor(noise_fn(i)) if needs else torch.zeros_like(x)
-        x = d.ddpm_step(out, x, i, noise) if sampler == "ddpm" else d.ddim_step(out, x, i, noise, eta)
+        if sampler == "ddpm":
+            x = d.ddpm_step(out, x, i, noise, clip_denoised)
+        else:
+            x = d.ddim_step(out, x, i, noise, eta, clip_denoised)
     return x.numpy()

@@ -57,6 +57,7 @@ def verify(bundle_path, ckpt=None, steps: int = 8, num_images: int = 2, sampler:
     # One short trajectory, same initial noise, DDIM eta 0 unless asked otherwise.
     d = m["diffusion"]
     cfg_scale = float(d.get("defaults", {}).get("cfg_scale", 4.0))
+    clip = bool(d.get("defaults", {}).get("clip_denoised", False))
     rng = np.random.default_rng(seed)
     z = rng.standard_normal((num_images, cfg.in_channels, cfg.input_size, cfg.input_size), dtype=np.float32)
     y = np.arange(num_images, dtype=np.int64) % cfg.num_classes
@@ -69,10 +70,10 @@ def verify(bundle_path, ckpt=None, steps: int = 8, num_images: int = 2, sampler:
 
     pipe = Pipeline(bundle, providers=["cpu"])
     res = pipe([int(v) for v in y], steps=steps, sampler=sampler, cfg_scale=cfg_scale, init_noise=z,
-               batch=num_images, noise_fn=lambda k, idx: noise(k)[idx])
+               batch=num_images, noise_fn=lambda k, idx: noise(k)[idx], clip_denoised=clip)
     stages = [(s["t_min"], s["t_max"], s["sparse_grid"]) for s in bundle.stages]
     ref = reference_sample(model, stages, z, y, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
-                           cfg_channels=d["cfg_channels"], num_timesteps=d["num_timesteps"], noise_fn=noise)
+                           cfg_channels=d["cfg_channels"], num_timesteps=d["num_timesteps"], noise_fn=noise, clip_denoised=clip)
     err = float(np.abs(res.samples - ref).max())
     rel = err / (float(np.abs(ref).max()) or 1.0)
     if pipe.decoder is not None:

@@ -54,24 +54,26 @@ def _torch_denoiser(model, cfg_scale, policy, y, null=10):
     return den
 
 
-@pytest.mark.parametrize("sampler,eta,cfg_scale,policy,spacing", [
-    ("ddim", 0.0, 4.0, "first3", "sections"),
-    ("ddim", 0.5, 1.5, "eps", "ddim"),
-    ("ddpm", 0.0, 4.0, "first3", "sections"),
-    ("ddpm", 0.0, 1.0, "first3", "sections"),
+@pytest.mark.parametrize("sampler,eta,cfg_scale,policy,spacing,clip", [
+    ("ddim", 0.0, 4.0, "first3", "sections", False),
+    ("ddim", 0.5, 1.5, "eps", "ddim", False),
+    ("ddpm", 0.0, 4.0, "first3", "sections", False),
+    ("ddpm", 0.0, 1.0, "first3", "sections", False),
+    ("ddpm", 0.0, 2.0, "eps", "sections", True),
+    ("ddim", 0.0, 2.0, "eps", "sections", True),
 ])
-def test_numpy_sampler_matches_torch_reference(tiny_flex_model, sampler, eta, cfg_scale, policy, spacing):
+def test_numpy_sampler_matches_torch_reference(tiny_flex_model, sampler, eta, cfg_scale, policy, spacing, clip):
     """Same denoiser (the PyTorch model), same noise: the sampler arithmetic must agree."""
     steps = 10
     z = np.random.default_rng(0).standard_normal((2, 4, 16, 16)).astype(np.float32)
     y = np.array([1, 7])
     noise = {k: np.random.default_rng(100 + k).standard_normal(z.shape).astype(np.float32) for k in range(steps)}
     ref = reference_sample(tiny_flex_model, STAGES, z, y, steps=steps, sampler=sampler, eta=eta, cfg_scale=cfg_scale,
-                           cfg_channels=policy, spacing=spacing, noise_fn=noise.__getitem__)
+                           cfg_channels=policy, spacing=spacing, noise_fn=noise.__getitem__, clip_denoised=clip)
     d = Diffusion(linear_betas(1000), space_timesteps(1000, f"ddim{steps}" if spacing == "ddim" else str(steps)))
     got = sample(d, _torch_denoiser(tiny_flex_model, cfg_scale, policy, y), z, cin=4, sampler=sampler, eta=eta,
-                 noise_fn=noise.__getitem__)
-    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-5
+                 noise_fn=noise.__getitem__, clip_denoised=clip)
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 5e-5  # float32 rounding only; a formula slip is O(1)
 
 
 def test_guidance_policies():

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=SAMPLERS, help="default: the bundle's (ddpm)")
     p.add_argument("--eta", type=float, help="DDIM eta (0 = deterministic)")
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale; <= 1 disables guidance")
+    p.add_argument("--clip-denoised", action=argparse.BooleanOptionalAction, default=None,
+                   help="clip the predicted x0 to [-1, 1] each step (default: the bundle's; pixel-space models)")
     p.add_argument("--spacing", choices=("sections", "ddim"), default="sections",
                    help="timestep respacing: equal sections (reference default) or DDIM striding")
     p.add_argument("--seed", type=int, default=0, help="noise seed (image i uses default_rng([seed, i]))")
@@ -109,7 +111,8 @@ def _run(args) -> int:
     bar = Progress(steps * len(ids) // max(1, args.batch or pipe.capacity(args.cfg_scale or pipe.defaults["cfg_scale"])),
                    "sampling", not args.quiet)
     res = pipe(ids, steps=steps, sampler=args.sampler, cfg_scale=args.cfg_scale, eta=args.eta, seed=args.seed,
-               init_noise=init, batch=args.batch, spacing=args.spacing, progress=bar)
+               init_noise=init, batch=args.batch, spacing=args.spacing, progress=bar,
+               clip_denoised=args.clip_denoised)
     bar.close()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".flexdit-run-", dir=out.parent))

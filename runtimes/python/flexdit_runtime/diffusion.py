@@ -84,5 +84,6 @@ class Diffusion:
             return eps, np.full_like(eps, np.float32(np.log(var)[k]))
         return eps, np.full_like(eps, self.f32("posterior_log_variance_clipped", k))
 
-    def pred_xstart(self, x, eps, k):
-        return self.f32("sqrt_recip_alphas_cumprod", k) * x - self.f32("sqrt_recipm1_alphas_cumprod", k) * eps
+    def pred_xstart(self, x, eps, k, clip: bool = False):
+        x0 = self.f32("sqrt_recip_alphas_cumprod", k) * x - self.f32("sqrt_recipm1_alphas_cumprod", k) * eps
+        return np.clip(x0, -1, 1) if clip else x0

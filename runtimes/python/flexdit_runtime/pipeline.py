@@ -38,7 +38,8 @@ class Pipeline:
         self.classes = ClassIndex(m["model"]["class_names"], m["model"]["num_classes"])
         self.runner = StageRunner(bundle, providers, threads, precision)
         self.decoder = Decoder(bundle, providers, threads) if bundle.decoder else None
-        self.defaults = {"sampler": "ddpm", "steps": 250, "cfg_scale": 4.0, "eta": 0.0, **m["diffusion"].get("defaults", {})}
+        self.defaults = {"sampler": "ddpm", "steps": 250, "cfg_scale": 4.0, "eta": 0.0, "clip_denoised": False,
+                         **m["diffusion"].get("defaults", {})}
 
     @classmethod
     def from_bundle(cls, path, providers=None, threads=None, precision=None, verify_checksums=True):
@@ -61,11 +62,12 @@ class Pipeline:
         return max(1, B // 2) if cfg_scale > 1 else B
 
     def __call__(self, prompts, *, steps=None, sampler=None, cfg_scale=None, eta=None, seed=0, init_noise=None,
-                 batch=None, spacing="sections", noise_fn=None, progress=None) -> Result:
+                 batch=None, spacing="sections", noise_fn=None, progress=None, clip_denoised=None) -> Result:
         steps = int(steps or self.defaults["steps"])
         sampler = sampler or self.defaults["sampler"]
         cfg_scale = float(self.defaults["cfg_scale"] if cfg_scale is None else cfg_scale)
         eta = float(self.defaults["eta"] if eta is None else eta)
+        clip = bool(self.defaults["clip_denoised"] if clip_denoised is None else clip_denoised)
         if sampler not in SAMPLERS:
             raise BundleError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
         ids = [p if isinstance(p, (int, np.integer)) else self.classes.resolve(str(p)) for p in prompts]
@@ -108,7 +110,7 @@ class Pipeline:
                     return noise_fn(k, idx)
                 return np.stack([rngs[i].standard_normal(shape, dtype=np.float32) for i in idx])
 
-            results.append(sample(d, denoise, x_T[idx], cin=C, sampler=sampler, eta=eta, noise_fn=chunk_noise,
+            results.append(sample(d, denoise, x_T[idx], cin=C, sampler=sampler, eta=eta, noise_fn=chunk_noise, clip_denoised=clip,
                                   on_step=(lambda k, t: progress(1)) if progress else None))
         samples = np.concatenate(results)
         dec_t = time.perf_counter()

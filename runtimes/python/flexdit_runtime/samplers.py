@@ -27,18 +27,18 @@ def guide(out: np.ndarray, n: int, scale: float, policy: str, cin: int) -> np.nd
     return guided
 
 
-def ddpm_step(d: Diffusion, x, out, k, cin, noise):
+def ddpm_step(d: Diffusion, x, out, k, cin, noise, clip=False):
     eps, log_var = d.split_output(out, k, cin)
-    x0 = d.pred_xstart(x, eps, k)
+    x0 = d.pred_xstart(x, eps, k, clip)
     mean = d.f32("posterior_mean_coef1", k) * x0 + d.f32("posterior_mean_coef2", k) * x
     if k == 0:
         return mean
     return mean + np.exp(np.float32(0.5) * log_var) * noise
 
 
-def ddim_step(d: Diffusion, x, out, k, cin, noise, eta: float = 0.0):
+def ddim_step(d: Diffusion, x, out, k, cin, noise, eta: float = 0.0, clip=False):
     eps, _ = d.split_output(out, k, cin)
-    x0 = d.pred_xstart(x, eps, k)
+    x0 = d.pred_xstart(x, eps, k, clip)
     eps = (d.f32("sqrt_recip_alphas_cumprod", k) * x - x0) / d.f32("sqrt_recipm1_alphas_cumprod", k)
     ab, abp = d.f32("alphas_cumprod", k), d.f32("alphas_cumprod_prev", k)
     one = np.float32(1)
@@ -50,10 +50,11 @@ def ddim_step(d: Diffusion, x, out, k, cin, noise, eta: float = 0.0):
 
 
 def sample(d: Diffusion, denoise: Callable, x: np.ndarray, *, cin: int, sampler: str = "ddpm", eta: float = 0.0,
-           noise_fn: Callable[[int], np.ndarray] | None = None, on_step: Callable | None = None) -> np.ndarray:
+           noise_fn: Callable[[int], np.ndarray] | None = None, on_step: Callable | None = None,
+           clip_denoised: bool = False) -> np.ndarray:
     """Run the whole chain from x = x_T. ``denoise(x, t_original) -> model output`` already
     includes guidance; ``noise_fn(k)`` supplies the step's fresh noise (needed by DDPM and
-    DDIM with eta > 0)."""
+    DDIM with eta > 0). ``clip_denoised`` clips the predicted x0 to [-1, 1] (pixel-space models)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
     x = x.astype(np.float32)
@@ -63,9 +64,9 @@ def sample(d: Diffusion, denoise: Callable, x: np.ndarray, *, cin: int, sampler:
         needs_noise = k > 0 and (sampler == "ddpm" or eta > 0)
         noise = noise_fn(k) if needs_noise else None
         if sampler == "ddpm":
-            x = ddpm_step(d, x, out, k, cin, noise)
+            x = ddpm_step(d, x, out, k, cin, noise, clip_denoised)
         else:
-            x = ddim_step(d, x, out, k, cin, noise, eta)
+            x = ddim_step(d, x, out, k, cin, noise, eta, clip_denoised)
         if on_step:
             on_step(k, t)
     return x

@@ -1,0 +1,373 @@
+"""Sample quality of the Fashion-MNIST demo model: class accuracy and a classifier-feature FD.
+
+A small CNN trained on Fashion-MNIST (``examples/fashion/train_classifier.py``; weights and
+test accuracy shipped in ``models/fashion-classifier/``) judges generated 32 x 32 images:
+
+- **class accuracy**: the share of images the classifier assigns to the class they were
+  generated for;
+- **FD**: the Frechet distance between Gaussian fits of the classifier's penultimate-layer
+  features (128-d) of generated images and of the 10,000 test images. This is *not*
+  Inception FID: the feature extractor is this small Fashion-MNIST CNN, so the numbers are
+  only comparable with each other (same classifier, same number of images), never with
+  published FIDs. FD is biased upwards for small sample sizes, which is why every result
+  carries the real-vs-real baseline: a train subset of the same size against the test set.
+
+``evaluate_bundle`` samples N images per class through the torch-free runtime
+(``flexdit_runtime.Pipeline``, the fp32 bundle) and, given the checkpoint, the same model in
+PyTorch (``reference_sample``) from the *same* initial and per-step noise, so the two FDs
+differ only by what the export changed. ``compare_latency`` times two bundles (e.g. the
+FlexDiT schedule against the same checkpoint converted with ``--schedule dense``)
+interleaved on the same prompts.
+
+    python -m flexdit_export.evaluate /tmp/fashion-bundle --reference-ckpt models/fashion-flexdit \\
+        --dense-bundle /tmp/fashion-dense --per-class 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .datasets import FASHION_CLASSES, load_model_split, to_model
+from .errors import UserError
+
+DEFAULT_CLASSIFIER_DIR = Path(__file__).resolve().parent.parent / "models" / "fashion-classifier"
+CLASSIFIER_WEIGHTS, CLASSIFIER_METRICS = "classifier.safetensors", "metrics.json"
+FEATURE_DIM = 128
+FD_NOTE = ("FD = Frechet distance of the Fashion-MNIST classifier's 128-d penultimate features, "
+           "not Inception FID; compare only at equal sample sizes")
+_NOISE_SALT = 7919  # per-step noise stream: default_rng([seed, salt, k])
+
+
+# ---------------------------------------------------------------- classifier
+class FashionClassifier(nn.Module):
+    """Three conv blocks on the 1 x 32 x 32 [-1, 1] representation -> 128-d features -> 10 logits."""
+
+    def __init__(self, num_classes: int = 10, width: int = 32, feature_dim: int = FEATURE_DIM):
+        super().__init__()
+
+        def block(cin, cout):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+                                 nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+                                 nn.MaxPool2d(2))
+
+        self.body = nn.Sequential(block(1, width), block(width, 2 * width), block(2 * width, 4 * width))  # -> 4x4
+        self.embed = nn.Sequential(nn.Flatten(), nn.Linear(4 * width * 16, feature_dim), nn.ReLU())
+        self.drop = nn.Dropout(0.3)
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def features(self, x):
+        return self.embed(self.body(x))
+
+    def forward(self, x):
+        return self.head(self.drop(self.features(x)))
+
+
+def load_classifier(classifier_dir=None) -> tuple[FashionClassifier, dict]:
+    """-> (classifier in eval mode, its metrics.json). Missing/corrupt files -> UserError."""
+    d = Path(classifier_dir) if classifier_dir else DEFAULT_CLASSIFIER_DIR
+    return _load_classifier_cached(str(d.resolve()))
+
+
+@lru_cache(maxsize=4)
+def _load_classifier_cached(d: str):
+    from safetensors.torch import load_file
+
+    d = Path(d)
+    weights, metrics = d / CLASSIFIER_WEIGHTS, d / CLASSIFIER_METRICS
+    if not weights.is_file():
+        raise UserError(f"classifier weights not found: {weights} (train them with examples/fashion/train_classifier.py)")
+    try:
+        meta = json.loads(metrics.read_text()) if metrics.is_file() else {}
+        sd = load_file(str(weights))
+        model = FashionClassifier(**meta.get("architecture", {}))
+        model.load_state_dict(sd)
+    except Exception as e:  # bad JSON, bad safetensors, wrong shapes
+        raise UserError(f"cannot load the classifier from {d}: {str(e).splitlines()[0][:200]}") from None
+    return model.eval(), meta
+
+
+def _as_input(images) -> torch.Tensor:
+    """uint8 (N, H, W[, 1]) 28 or 32 px, or float (N, 1, 32, 32) in [-1, 1] -> float tensor."""
+    a = np.asarray(images)
+    if a.dtype == np.uint8:
+        a = to_model(a)
+    a = np.asarray(a, dtype=np.float32)
+    if a.ndim != 4 or a.shape[1:] != (1, 32, 32):
+        raise ValueError(f"expected images (N, 32, 32[, 1]) uint8 or (N, 1, 32, 32) float, got {a.shape}")
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+@torch.no_grad()
+def _run(images, classifier=None, batch: int = 1000):
+    model = classifier if classifier is not None else load_classifier()[0]
+    x = _as_input(images)
+    feats, logits = [], []
+    for lo in range(0, x.shape[0], batch):
+        f = model.features(x[lo:lo + batch])
+        feats.append(f)
+        logits.append(model.head(f))
+    return torch.cat(feats).double().numpy(), torch.cat(logits).numpy()
+
+
+def features(images, classifier=None) -> np.ndarray:
+    """Penultimate-layer (128-d) features, float64 (N, 128)."""
+    return _run(images, classifier)[0]
+
+
+def predict(images, classifier=None) -> np.ndarray:
+    return _run(images, classifier)[1].argmax(axis=1)
+
+
+def class_accuracy(images, labels, classifier=None, per_class: bool = False):
+    """Share of ``images`` the classifier assigns to ``labels``; with ``per_class`` also a
+    {class name: accuracy} dict."""
+    labels = np.asarray(labels)
+    pred = predict(images, classifier)
+    acc = float(np.mean(pred == labels))
+    if not per_class:
+        return acc
+    return acc, {FASHION_CLASSES[c]: float(np.mean(pred[labels == c] == c)) for c in np.unique(labels)}
+
+
+def frechet_distance(feats_a, feats_b) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 sqrt(S_a S_b)) of Gaussian fits (scipy sqrtm)."""
+    from scipy import linalg
+
+    a, b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
+        raise ValueError(f"need two (N >= 2, D) feature sets of equal D, got {a.shape} and {b.shape}")
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
+    if not np.isfinite(covmean).all():  # singular product: regularise as pytorch-fid does
+        off = np.eye(s1.shape[0]) * 1e-6
+        covmean = linalg.sqrtm((s1 + off) @ (s2 + off))
+    covmean = np.real(covmean)
+    fd = float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+    return max(fd, 0.0)
+
+
+@lru_cache(maxsize=2)
+def _test_reference(classifier_dir: str | None, data_dir: str | None):
+    model = load_classifier(classifier_dir)[0]
+    x, y = load_model_split("test", data_dir)
+    f, logits = _run(x, model)
+    return f, float(np.mean(logits.argmax(1) == y))
+
+
+def real_baseline(n: int, seed: int = 0, classifier_dir=None, data_dir=None) -> dict:
+    """FD of ``n`` random train images against the test set, and their class accuracy: the
+    best a generator of n images can hope for with this metric."""
+    model = load_classifier(classifier_dir)[0]
+    test_f, test_acc = _test_reference(str(classifier_dir) if classifier_dir else None, data_dir)
+    x, y = load_model_split("train", data_dir)
+    idx = np.random.default_rng([seed, 99]).choice(len(x), size=min(n, len(x)), replace=False)
+    f, logits = _run(x[idx], model)
+    return {"n": int(len(idx)), "fd": frechet_distance(f, test_f), "class_accuracy": float(np.mean(logits.argmax(1) == y[idx])),
+            "classifier_test_accuracy": test_acc}
+
+
+# ---------------------------------------------------------------- sampling
+def _noise_source(seed: int, n: int, shape):
+    """The per-step noise both samplers use: step k's noise for all n images."""
+    def noise(k):
+        return np.random.default_rng([int(seed), _NOISE_SALT, int(k)]).standard_normal((n,) + tuple(shape), dtype=np.float32)
+    return noise
+
+
+def _initial_noise(seed: int, n: int, shape) -> np.ndarray:
+    # The runtime's own rule (Pipeline draws x_T per image from default_rng([seed, i])).
+    return np.stack([np.random.default_rng([int(seed), i]).standard_normal(shape, dtype=np.float32) for i in range(n)])
+
+
+def sample_bundle(bundle_path, labels, *, steps=None, sampler=None, cfg_scale=None, seed=0, threads=None,
+                  pipeline=None):
+    """-> (Result, settings dict): the fp32 bundle sampled from the shared seeded noise."""
+    from flexdit_runtime import Pipeline
+
+    pipe = pipeline or Pipeline.from_bundle(bundle_path, providers=["cpu"], threads=threads)
+    cfg = pipe.cfg
+    shape = (cfg["in_channels"], cfg["input_size"], cfg["input_size"])
+    n = len(labels)
+    settings = {"steps": int(steps or pipe.defaults["steps"]), "sampler": sampler or pipe.defaults["sampler"],
+                "cfg_scale": float(pipe.defaults["cfg_scale"] if cfg_scale is None else cfg_scale)}
+    noise = _noise_source(seed, n, shape)
+    res = pipe([int(v) for v in labels], **settings, seed=seed, init_noise=_initial_noise(seed, n, shape),
+               noise_fn=lambda k, idx: noise(k)[idx], batch=n)
+    return res, settings, pipe
+
+
+def sample_reference(ckpt, bundle_manifest: dict, labels, stages, *, steps, sampler, cfg_scale, seed=0):
+    """The same model in PyTorch (reference_sample) from the same noise; -> (uint8 images, samples, seconds)."""
+    from flexdit_runtime.images import to_uint8
+
+    from .checkpoints import load_checkpoint
+    from .reference_sampler import reference_sample
+
+    mcfg = bundle_manifest["model"]["config"]
+    ck = load_checkpoint(ckpt, mcfg["num_heads"], mcfg.get("semantic_size"))
+    if ck.config.to_dict() != mcfg:
+        raise UserError(f"reference checkpoint {ckpt} is {ck.config.name}, not the model of the bundle")
+    model = ck.build()
+    shape = (mcfg["in_channels"], mcfg["input_size"], mcfg["input_size"])
+    n = len(labels)
+    d = bundle_manifest["diffusion"]
+    start = time.perf_counter()
+    samples = reference_sample(model, stages, _initial_noise(seed, n, shape), np.asarray(labels, np.int64),
+                               steps=steps, sampler=sampler, cfg_scale=cfg_scale, cfg_channels=d["cfg_channels"],
+                               num_timesteps=d["num_timesteps"], noise_fn=_noise_source(seed, n, shape))
+    seconds = time.perf_counter() - start
+    return to_uint8(samples, bundle_manifest["output"]["value_range"]), samples, seconds
+
+
+def _score(images, labels, test_feats, classifier) -> dict:
+    acc, per = class_accuracy(images, labels, classifier, per_class=True)
+    return {"class_accuracy": acc, "fd": frechet_distance(features(images, classifier), test_feats),
+            "per_class_accuracy": per}
+
+
+def evaluate_bundle(bundle_path, per_class: int = 50, steps=None, sampler=None, cfg_scale=None, seed: int = 0,
+                    classifier_dir=None, reference_ckpt=None, schedule_override=None, data_dir=None, threads=None,
+                    log=print) -> dict:
+    """Sample ``per_class`` images of every class through the bundle and score them.
+
+    Returns class accuracy and FD (classifier features vs the 10k test images; not Inception
+    FID) of the bundle's images, the real-vs-real baseline at the same size, and with
+    ``reference_ckpt`` the same model sampled in PyTorch from the same noise (``fd_ratio`` =
+    bundle FD / PyTorch FD, ``max_abs_sample_diff`` between the two final samples).
+    ``schedule_override`` (preset or 'lo:s,...') makes the PyTorch run use that schedule
+    instead of the bundle's, e.g. "dense" for the same weights dense at every step.
+    Sampler settings default to the bundle's defaults.
+    """
+    from .schedule import parse_schedule
+
+    if per_class < 1:
+        raise UserError(f"per_class must be at least 1, got {per_class}")
+    classifier, meta = load_classifier(classifier_dir)
+    test_feats, test_acc = _test_reference(str(classifier_dir) if classifier_dir else None, data_dir)
+    labels = np.repeat(np.arange(len(FASHION_CLASSES)), per_class)
+    res, settings, pipe = sample_bundle(bundle_path, labels, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
+                                        seed=seed, threads=threads)
+    m = pipe.bundle.manifest
+    if m["model"]["num_classes"] != len(FASHION_CLASSES):
+        raise UserError(f"bundle has {m['model']['num_classes']} classes, not the 10 Fashion-MNIST classes")
+    bundle_stages = [(s["t_min"], s["t_max"], s["sparse_grid"]) for s in m["stages"]]
+    report = {"bundle": str(bundle_path), "n_images": int(len(labels)), "per_class": per_class, "seed": seed,
+              **settings, "schedule": _schedule_text(bundle_stages), "fd_note": FD_NOTE,
+              "classifier_test_accuracy": test_acc}
+    report["bundle_result"] = {**_score(res.images, labels, test_feats, classifier), "seconds": res.seconds,
+                               "seconds_per_image": res.seconds / len(labels)}
+    report["real_baseline"] = real_baseline(len(labels), seed, classifier_dir, data_dir)
+    if reference_ckpt is not None:
+        stages = bundle_stages
+        if schedule_override:
+            cfg = m["model"]["config"]
+            stages = [(s.t_min, s.t_max, s.sparse_grid) for s in
+                      parse_schedule(schedule_override, T=m["diffusion"]["num_timesteps"], grid=cfg["input_size"] // cfg["patch_size"],
+                                     family=cfg["family"], semantic_size=cfg.get("semantic_size", 8))]
+        imgs, samples, secs = sample_reference(reference_ckpt, m, labels, stages, seed=seed, **settings)
+        report["reference"] = {**_score(imgs, labels, test_feats, classifier), "schedule": _schedule_text(stages),
+                               "seconds": secs, "max_abs_sample_diff": float(np.abs(samples - res.samples).max()),
+                               "images_identical_share": float(np.mean(np.all(imgs == res.images, axis=(1, 2, 3))))}
+        report["fd_ratio"] = report["bundle_result"]["fd"] / max(report["reference"]["fd"], 1e-12)
+    log(render(report))
+    return report
+
+
+def _schedule_text(stages) -> str:
+    return ",".join(f"{lo}:{'dense' if s is None else s}" for lo, _, s in stages)
+
+
+def compare_latency(bundle_a, bundle_b, *, n_images: int = 8, steps: int = 20, cfg_scale=None, repeats: int = 3,
+                    threads=None, seed: int = 0) -> dict:
+    """Per-image sampling latency of two bundles (same prompts, steps and noise), measured
+    interleaved a, b, a, b, ... so machine load hits both alike; medians and the b/a ratio."""
+    from flexdit_runtime import Pipeline
+
+    pipes = [Pipeline.from_bundle(p, providers=["cpu"], threads=threads) for p in (bundle_a, bundle_b)]
+    labels = np.arange(n_images) % len(FASHION_CLASSES)
+    times = [[], []]
+    for r in range(repeats + 1):  # the first round warms up the sessions and is discarded
+        for i, pipe in enumerate(pipes):
+            res, _, _ = sample_bundle(None, labels, steps=steps, sampler="ddim", cfg_scale=cfg_scale, seed=seed,
+                                      pipeline=pipe)
+            if r:
+                times[i].append(res.seconds / n_images)
+    med = [float(np.median(t)) for t in times]
+    macs = [sum(s["macs"] for s in p.bundle.manifest["stages"]) / len(p.bundle.manifest["stages"]) for p in pipes]
+    return {"a": str(bundle_a), "b": str(bundle_b), "n_images": n_images, "steps": steps, "repeats": repeats,
+            "seconds_per_image": med, "ratio_b_over_a": med[1] / med[0],
+            "mean_stage_macs": macs, "macs_ratio_b_over_a": macs[1] / macs[0] if macs[0] else None}
+
+
+def render(report: dict) -> str:
+    r = report
+    lines = [f"{r['bundle']}: {r['n_images']} images ({r['per_class']}/class), {r['sampler']} {r['steps']} steps, "
+             f"cfg {r['cfg_scale']}, seed {r['seed']}, schedule {r['schedule']}",
+             f"  {'':24}{'class acc':>10}{'FD':>10}"]
+
+    def row(name, d):
+        lines.append(f"  {name:24}{d['class_accuracy']:10.3f}{d['fd']:10.3f}")
+
+    row("bundle (ONNX fp32)", r["bundle_result"])
+    if "reference" in r:
+        row(f"PyTorch ({r['reference']['schedule']})"[:24], r["reference"])
+        lines.append(f"  FD bundle / PyTorch = {r['fd_ratio']:.3f}; max |sample diff| = "
+                     f"{r['reference']['max_abs_sample_diff']:.2e}")
+    row(f"real train ({r['real_baseline']['n']}) vs test"[:24], r["real_baseline"])
+    lines.append(f"  ({r['fd_note']}; classifier test accuracy {r['classifier_test_accuracy']:.4f})")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- CLI
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m flexdit_export.evaluate", description=__doc__.splitlines()[0])
+    ap.add_argument("bundle")
+    ap.add_argument("--per-class", type=int, default=50)
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--sampler", choices=("ddpm", "ddim"))
+    ap.add_argument("--cfg-scale", type=float)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--classifier-dir")
+    ap.add_argument("--data-dir")
+    ap.add_argument("--reference-ckpt", help="checkpoint of the bundle: also sample it in PyTorch from the same noise")
+    ap.add_argument("--schedule-override", help="schedule for the PyTorch run instead of the bundle's (e.g. dense)")
+    ap.add_argument("--dense-bundle", help="the same checkpoint converted with --schedule dense: score it with the "
+                                           "same noise and compare per-image latency")
+    ap.add_argument("--threads", type=int, help="ONNX Runtime / torch threads")
+    ap.add_argument("--json", help="write the report to this JSON file")
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    try:
+        kw = dict(per_class=a.per_class, steps=a.steps, sampler=a.sampler, cfg_scale=a.cfg_scale, seed=a.seed,
+                  classifier_dir=a.classifier_dir, data_dir=a.data_dir, threads=a.threads)
+        report = evaluate_bundle(a.bundle, reference_ckpt=a.reference_ckpt, schedule_override=a.schedule_override, **kw)
+        if a.dense_bundle:
+            dense = evaluate_bundle(a.dense_bundle, **kw)
+            lat = compare_latency(a.bundle, a.dense_bundle, cfg_scale=report["cfg_scale"], threads=a.threads)
+            report["dense"] = {"bundle_result": dense["bundle_result"], "latency": lat}
+            print(f"dense bundle: class acc {dense['bundle_result']['class_accuracy']:.3f}, "
+                  f"FD {dense['bundle_result']['fd']:.3f}; per-image latency dense / FlexDiT = "
+                  f"{lat['ratio_b_over_a']:.2f} ({lat['seconds_per_image'][1] * 1e3:.1f} ms vs "
+                  f"{lat['seconds_per_image'][0] * 1e3:.1f} ms, {lat['steps']} steps, {lat['n_images']} images); "
+                  f"MACs ratio {lat['macs_ratio_b_over_a']:.2f}")
+    except UserError as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
