@@ -40,6 +40,7 @@ class Checkpoint:
     class_names: list | None = None
     notes: list = field(default_factory=list)
     sampling_defaults: dict = field(default_factory=dict)  # from the project format's config.json
+    trained_schedule: str | None = None  # the schedule the model was trained with, if recorded
 
     def build(self):
         """The PyTorch model in eval mode with these weights (strict load)."""
@@ -206,9 +207,9 @@ def load_checkpoint(path, num_heads=None, semantic_size=None, init_from_dit: str
     if not path.exists():
         raise UserError(f"checkpoint not found: {path}")
     overrides = {"num_heads": num_heads, "semantic_size": semantic_size}
-    class_names, notes, defaults = None, [], {}
+    class_names, notes, defaults, schedule = None, [], {}, None
     if path.is_dir() or path.suffix == ".safetensors" or path.name == CONFIG_FILE:
-        sd, cfg, class_names, defaults, fmt = _load_project(path, overrides)
+        sd, cfg, class_names, defaults, schedule, fmt = _load_project(path, overrides)
     else:
         if not os.access(path, os.R_OK):
             raise UserError(f"checkpoint is not readable: {path}")
@@ -220,7 +221,7 @@ def load_checkpoint(path, num_heads=None, semantic_size=None, init_from_dit: str
         cfg, sd = init_flexdit_from_dit(sd, cfg, init_from_dit, semantic_size)
         fmt += "+init-from-dit"
         notes.append("FlexDiT built from DiT weights without fine-tuning: valid for timing, not for quality")
-    return Checkpoint(cfg, sd, fmt, class_names, notes, defaults)
+    return Checkpoint(cfg, sd, fmt, class_names, notes, defaults, schedule)
 
 
 def _load_project(path: Path, overrides):
@@ -249,7 +250,7 @@ def _load_project(path: Path, overrides):
                                           "semantic_size": inferred.semantic_size})
         if declared != inferred:
             raise UserError(f"{cfg_path} declares {declared.name} but the weights are {inferred.name}")
-    return sd, inferred, class_names, dict(meta.get("sampling", {})), PROJECT_FORMAT
+    return sd, inferred, class_names, dict(meta.get("sampling", {})), meta.get("schedule"), PROJECT_FORMAT
 
 
 def save_checkpoint(model, out_dir, class_names=None, extra: dict | None = None) -> Path:

@@ -14,8 +14,8 @@ def _convert_args(p):
     p.add_argument("ckpt", help="checkpoint: .pt/.pth (reference training dict or state_dict), .safetensors, "
                                 "or a project checkpoint directory")
     p.add_argument("-o", "--out", required=True, help="bundle directory to write")
-    p.add_argument("--schedule", default="released",
-                   help="released | paper4 | dense | 'lo:s,...' (e.g. 750:6,500:7,250:9,0:10) | FILE.json")
+    p.add_argument("--schedule", help="released | paper4 | dense | 'lo:s,...' (e.g. 750:6,500:7,250:9,0:10) | FILE.json "
+                                       "(default: the schedule recorded in a project checkpoint, else released)")
     p.add_argument("--batch", type=int, default=2, help="graph batch dimension (cond+uncond rows for CFG; default 2)")
     p.add_argument("--formats", default="onnx", help="comma-separated: onnx[,torchscript]")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18; default 18)")

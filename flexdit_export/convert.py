@@ -23,7 +23,7 @@ FORMATS = ("onnx", "torchscript")
 
 @dataclass
 class ConvertOptions:
-    schedule: str = "released"
+    schedule: str | None = None  # None: the checkpoint's trained schedule, else "released"
     batch: int = 2
     formats: tuple = ("onnx",)
     opset: int = MIN_OPSET
@@ -75,7 +75,7 @@ def convert(ckpt_path, out, opts: ConvertOptions, log=print) -> Path:
     ck = load_checkpoint(ckpt_path, opts.num_heads, opts.semantic_size, opts.init_from_dit)
     cfg = ck.config
     names = choose_class_names(cfg.num_classes, opts.class_names, ck.class_names)
-    stages = parse_schedule(opts.schedule, T=opts.num_timesteps, grid=cfg.grid, family=cfg.family,
+    stages = parse_schedule(opts.schedule or ck.trained_schedule or "released", T=opts.num_timesteps, grid=cfg.grid, family=cfg.family,
                             semantic_size=cfg.semantic_size)
     vae = None
     if opts.vae:

@@ -65,10 +65,11 @@ def test_dit_xl_shapes_infer_sixteen_heads(tmp_path):
 
 def test_project_format_round_trip(tmp_path, tiny_flex_model):
     out = save_checkpoint(tiny_flex_model, tmp_path / "proj", class_names=[f"c{i}" for i in range(10)],
-                          extra={"sampling": {"steps": 50}})
+                          extra={"sampling": {"steps": 50}, "schedule": "500:2,0:dense"})
     ck = load_checkpoint(out)
     assert ck.source_format == "flexdit-checkpoint" and ck.class_names[3] == "c3"
     assert ck.config == tiny_flex_model.cfg and ck.sampling_defaults == {"steps": 50}
+    assert ck.trained_schedule == "500:2,0:dense"
     assert _same_weights(ck.state_dict, tiny_flex_model.state_dict())
     # the safetensors file alone is readable too (layout from keys)
     assert load_checkpoint(out / "model.safetensors").config.depth == tiny_flex_model.cfg.depth
