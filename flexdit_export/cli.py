@@ -50,6 +50,17 @@ def build_parser():
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
     p.add_argument("--init-from-dit", metavar="LAYOUT", help="as given to convert")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("eval", help="sample N images per class through a bundle and score them with the shipped "
+                                    "Fashion-MNIST classifier: class accuracy and classifier-feature FD")
+    p.add_argument("bundle")
+    p.add_argument("--per-class", type=int, default=100, help="images per class (default 100)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the bundle's)")
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), help="default: the bundle's")
+    p.add_argument("--cfg-scale", type=float, help="default: the bundle's")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--classifier", help="classifier directory (default: models/fashion-classifier)")
+    p.add_argument("--ckpt", help="also sample this checkpoint in PyTorch with the same noise and compare")
+    p.add_argument("--json", action="store_true")
     return ap
 
 
@@ -61,7 +72,7 @@ def main(argv=None) -> int:
     from .errors import UserError
 
     try:
-        return {"convert": _convert, "inspect": _inspect, "verify": _verify}[args.cmd](args)
+        return {"convert": _convert, "inspect": _inspect, "verify": _verify, "eval": _eval}[args.cmd](args)
     except (UserError, BundleError, PromptError) as e:
         print(f"flexdit-export {args.cmd}: error: {e}", file=sys.stderr)
         return 2
@@ -119,6 +130,24 @@ def _verify(args) -> int:
         if not args.json:
             print("flexdit-export verify: error: the bundle does not match the checkpoint (see above)", file=sys.stderr)
         return 1
+    return 0
+
+
+def _eval(args) -> int:
+    from .errors import UserError
+    from .evaluate import evaluate_bundle
+
+    if args.per_class < 1:
+        raise UserError(f"--per-class must be at least 1, got {args.per_class}")
+    report = evaluate_bundle(args.bundle, per_class=args.per_class, steps=args.steps, sampler=args.sampler,
+                             cfg_scale=args.cfg_scale, seed=args.seed, classifier_dir=args.classifier,
+                             reference_ckpt=args.ckpt)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for key, value in report.items():
+            if isinstance(value, (int, float, str)):
+                print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
     return 0
 
 
