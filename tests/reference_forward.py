@@ -80,17 +80,7 @@ def recover_block(sd, p, x, dense, c, heads, S):
     up = F.interpolate(x.reshape(B, g, g, C).permute(0, 3, 1, 2), size=(S, S), mode="nearest")
     up = up.permute(0, 2, 3, 1).reshape(B, S * S, C)
     merged = _lin(sd, p + ".merged_layer1", up) + _lin(sd, p + ".merged_layer2", dense)
-    return _recover_tail(sd, p, merged, x, c, heads)
-
-
-def _recover_tail(sd, p, merged, x, c, heads):
-    sa, ca, ga, sm, cm, gm = _ada(sd, p, c)
-    q = _lin(sd, p + ".attn.q", _mod(_ln(merged), sa, ca))
-    kv = _lin(sd, p + ".attn.kv", _mod(_ln(x), sa, ca))
-    C = x.shape[-1]
-    a = _attend(q, kv[..., :C], kv[..., C:], heads)
-    out = merged + ga.unsqueeze(1) * _lin(sd, p + ".attn.proj", a)
-    return out + gm.unsqueeze(1) * _mlp(sd, p, _mod(_ln(out), sm, cm))
+    return cross_block(sd, p, merged, x, c, heads)  # merged tokens query the current ones
 
 
 def timestep_embedding(t, dim=256):
