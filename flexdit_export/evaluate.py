@@ -51,7 +51,7 @@ _NOISE_SALT = 7919  # per-step noise stream: default_rng([seed, salt, k])
 class FashionClassifier(nn.Module):
     """Three conv blocks on the 1 x 32 x 32 [-1, 1] representation -> 128-d features -> 10 logits."""
 
-    def __init__(self, num_classes: int = 10, width: int = 32, feature_dim: int = FEATURE_DIM):
+    def __init__(self, num_classes: int = 10, width: int = 16, feature_dim: int = FEATURE_DIM):
         super().__init__()
 
         def block(cin, cout):
@@ -139,20 +139,22 @@ def class_accuracy(images, labels, classifier=None, per_class: bool = False):
 
 
 def frechet_distance(feats_a, feats_b) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 sqrt(S_a S_b)) of Gaussian fits (scipy sqrtm)."""
-    from scipy import linalg
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 sqrtm(S_a S_b)) of Gaussian fits of two feature sets.
 
+    Tr sqrtm(S_a S_b) is computed as the sum of square roots of the eigenvalues of the
+    symmetric PSD matrix S_a^1/2 S_b S_a^1/2 (same eigenvalues as S_a S_b), which is exact
+    and, unlike a general sqrtm, stays real and finite for singular covariances.
+    """
     a, b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
         raise ValueError(f"need two (N >= 2, D) feature sets of equal D, got {a.shape} and {b.shape}")
     mu1, mu2 = a.mean(0), b.mean(0)
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
-    if not np.isfinite(covmean).all():  # singular product: regularise as pytorch-fid does
-        off = np.eye(s1.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((s1 + off) @ (s2 + off))
-    covmean = np.real(covmean)
-    fd = float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+    w, v = np.linalg.eigh(s1)
+    r1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    m = r1 @ s2 @ r1
+    tr_covmean = float(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum())
+    fd = float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
     return max(fd, 0.0)
 
 

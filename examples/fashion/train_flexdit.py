@@ -106,6 +106,29 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
 
 
 # ---------------------------------------------------------------- training
+class ThreadGovernor:
+    """``--threads auto``: time windows of steps and run with the faster of 1 and ``max_threads``
+    threads; the other count is re-measured every ``probe_every`` steps since load changes."""
+
+    def __init__(self, max_threads: int = 2, window: int = 10, probe_every: int = 250):
+        self.max, self.window, self.probe_every = max_threads, window, probe_every
+        self.n, self.times, self.median, self.last_probe = max_threads, [], {}, 0
+        torch.set_num_threads(self.n)
+
+    def record(self, seconds: float, step: int) -> None:
+        self.times.append(seconds)
+        if len(self.times) < self.window:
+            return
+        self.median[self.n] = float(np.median(self.times[1:]))  # first step after a switch is noisy
+        self.times = []
+        other = 1 if self.n == self.max else self.max
+        if other not in self.median or step - self.last_probe >= self.probe_every:
+            self.last_probe, self.n = step, other
+        elif self.median[other] < self.median[self.n]:
+            self.n = other
+        torch.set_num_threads(self.n)
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -127,12 +150,16 @@ def parse_args(argv=None):
     ap.add_argument("--schedule", default="750:4,500:5,250:6,0:7",
                     help="trained stages 'lo:s,...', noisiest first (each batch uses one stage)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--threads", default="2",
+                    help="torch CPU threads, or 'auto': switch between 1 and 2 by measured step time (on a shared "
+                         "machine two threads can be 30x slower than one while another process holds a core)")
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--save-every", type=int, default=500, help="write the training state every N steps")
     ap.add_argument("--default-sampler", choices=("ddpm", "ddim"), default="ddpm")
     ap.add_argument("--default-steps", type=int, default=100)
     ap.add_argument("--default-cfg-scale", type=float, default=3.0)
+    ap.add_argument("--stop-at", type=int,
+                    help="stop after this step as an interruption would (the state is saved; continue with --resume)")
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
 
@@ -175,7 +202,12 @@ def save_state(path: Path, model, ema, opt, step, gen, a, history, elapsed):
 def main(argv=None) -> int:
     a = parse_args(argv)
     command = "python " + " ".join(shlex.quote(x) for x in [sys.argv[0]] + (argv if argv is not None else sys.argv[1:]))
-    torch.set_num_threads(a.threads)
+    governor = ThreadGovernor() if a.threads == "auto" else None
+    if governor is None:
+        torch.set_num_threads(int(a.threads))
+    # Adam's second moments of the adaLN-Zero / zero-initialised layers underflow into
+    # denormals within a few steps, which makes CPU arithmetic ~20x slower: flush them.
+    torch.set_flush_denormal(True)
     state = None
     if a.resume:
         try:
@@ -214,6 +246,9 @@ def main(argv=None) -> int:
     state_path, log_path = work / "train_state.pt", work / "loss_log.jsonl"
     if state is None and log_path.exists():
         log_path.unlink()
+    elif log_path.exists():  # drop what was logged after the saved state (it will be redone)
+        kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        log_path.write_text("".join(ln + "\n" for ln in kept))
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{cfg.name}: {n_params / 1e6:.2f}M params, {cfg.num_tokens} dense tokens; stages: "
           f"{describe(stages, cfg.grid)}", file=sys.stderr)
@@ -225,7 +260,9 @@ def main(argv=None) -> int:
     recent = []
     t_start = time.perf_counter()
     seg_start_elapsed = elapsed
-    while step < a.steps:
+    stop = min(a.steps, a.stop_at) if a.stop_at is not None else a.steps
+    while step < stop:
+        t_step = time.perf_counter()
         sid = int(torch.randint(len(stages), (1,), generator=gen))
         st = stages[sid]
         idx = torch.randint(x_all.shape[0], (a.batch,), generator=gen)
@@ -249,17 +286,22 @@ def main(argv=None) -> int:
         window["vb"].append(vb.mean().item())
         recent = (recent + [(loss.item(), mse.mean().item())])[-200:]
         bar.update(1)
+        if governor is not None:
+            governor.record(time.perf_counter() - t_step, step)
         if step % a.log_every == 0 or step == a.steps:
-            rec = {"step": step, "lr": lr_at(a, step - 1), **{k: float(np.mean(v)) for k, v in window.items()},
+            rec = {"step": step, "lr": lr_at(a, step - 1), "threads": torch.get_num_threads(), **{k: float(np.mean(v)) for k, v in window.items()},
                    "elapsed_s": round(elapsed + time.perf_counter() - t_start, 1)}
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             bar.set_postfix(loss=f"{rec['loss']:.4f}", mse=f"{rec['mse']:.4f}")
             window = {k: [] for k in window}
-        if step % a.save_every == 0 or step == a.steps:
+        if step % a.save_every == 0 or step == stop:
             save_state(state_path, model, ema, opt, step, gen, a, history, elapsed + time.perf_counter() - t_start)
     bar.close()
     elapsed += time.perf_counter() - t_start
+    if step < a.steps:
+        print(f"stopped at step {step} of {a.steps}; continue with --resume {state_path}", file=sys.stderr)
+        return 0
     if not recent:  # nothing left to train: report the last logged losses
         last = [json.loads(line) for line in log_path.read_text().splitlines()[-4:]] if log_path.exists() else []
         recent = [(r["loss"], r["mse"]) for r in last] or [(float("nan"), float("nan"))]
@@ -301,7 +343,7 @@ def write_training_md(out: Path, cfg: ModelConfig, training: dict, extra: dict, 
         f"warm-up + cosine, EMA {training['ema_decay']}) |",
         f"| final loss (mean of the last {training['final_loss_window']} steps) | {training['final_loss']} "
         f"(MSE part {training['final_mse']}) |",
-        f"| wall time | {training['wall_time_s'] / 60:.1f} min on {training['threads']} CPU threads "
+        f"| wall time | {training['wall_time_s'] / 60:.1f} min, torch threads {training['threads']} "
         f"(torch {training['torch']}) |",
         f"| loss | improved-DDPM hybrid: MSE(eps) + VLB(learned range, stop-grad mean), T = 1000 linear betas |",
         f"| label dropout | 0.1 (null class {cfg.num_classes} for CFG) |", "",
