@@ -239,7 +239,7 @@ def _score(images, labels, test_feats, classifier) -> dict:
 
 def evaluate_bundle(bundle_path, per_class: int = 50, steps=None, sampler=None, cfg_scale=None, seed: int = 0,
                     classifier_dir=None, reference_ckpt=None, schedule_override=None, data_dir=None, threads=None,
-                    log=print) -> dict:
+                    log=None) -> dict:
     """Sample ``per_class`` images of every class through the bundle and score them.
 
     Returns class accuracy and FD (classifier features vs the 10k test images; not Inception
@@ -248,7 +248,9 @@ def evaluate_bundle(bundle_path, per_class: int = 50, steps=None, sampler=None, 
     bundle FD / PyTorch FD, ``max_abs_sample_diff`` between the two final samples).
     ``schedule_override`` (preset or 'lo:s,...') makes the PyTorch run use that schedule
     instead of the bundle's, e.g. "dense" for the same weights dense at every step.
-    Sampler settings default to the bundle's defaults.
+    Sampler settings default to the bundle's defaults. The headline numbers are also flat
+    top-level keys (class_accuracy, fd, real_fd, ...); the summary table goes to ``log``
+    (default: stderr, so stdout stays free for JSON).
     """
     from .schedule import parse_schedule
 
@@ -281,8 +283,17 @@ def evaluate_bundle(bundle_path, per_class: int = 50, steps=None, sampler=None, 
                                "seconds": secs, "max_abs_sample_diff": float(np.abs(samples - res.samples).max()),
                                "images_identical_share": float(np.mean(np.all(imgs == res.images, axis=(1, 2, 3))))}
         report["fd_ratio"] = report["bundle_result"]["fd"] / max(report["reference"]["fd"], 1e-12)
-    log(render(report))
+    report.update(_headline(report))
+    (log or (lambda msg: print(msg, file=sys.stderr)))(render(report))
     return report
+
+
+def _headline(r: dict) -> dict:
+    out = {"class_accuracy": r["bundle_result"]["class_accuracy"], "fd": r["bundle_result"]["fd"],
+           "real_fd": r["real_baseline"]["fd"], "real_class_accuracy": r["real_baseline"]["class_accuracy"]}
+    if "reference" in r:
+        out.update(reference_class_accuracy=r["reference"]["class_accuracy"], reference_fd=r["reference"]["fd"])
+    return out
 
 
 def _schedule_text(stages) -> str:
