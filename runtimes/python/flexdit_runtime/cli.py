@@ -67,7 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, help="images denoised together (default: what one graph call holds)")
     p.add_argument("--providers", help="comma-separated ONNX Runtime providers, e.g. cuda,cpu (default: best available)")
     p.add_argument("--threads", type=int, help="intra-op threads per session")
-    p.add_argument("--precision", help="artifact precision to load, e.g. fp32 (default: the first listed)")
+    p.add_argument("--precision", help="override the bundle's per-stage precision policy: one precision for every "
+                                       "stage (fp32, fp16, int8, int8-dynamic, int8-static, fp8) or per stage, e.g. "
+                                       "'int8:stages=0-2,fp16:stages=3' (unnamed stages keep the bundle's default)")
+    p.add_argument("--backend", choices=("onnx", "tensorrt"), default="onnx",
+                   help="run the ONNX graphs with ONNX Runtime (default) or the bundle's TensorRT engines")
     p.add_argument("--save-npy", action="store_true", help="also write the final samples as samples.npy")
     p.add_argument("-q", "--quiet", action="store_true")
     return p
@@ -102,7 +106,7 @@ def _run(args) -> int:
         except (OSError, ValueError) as e:
             raise BundleError(f"cannot read --init-noise {args.init_noise}: {e}") from None
     providers = args.providers.split(",") if args.providers else None
-    pipe = Pipeline.from_bundle(args.bundle, providers, args.threads, {"*": args.precision} if args.precision else None)
+    pipe = Pipeline.from_bundle(args.bundle, providers, args.threads, args.precision, backend=args.backend)
     ids = [pipe.classes.resolve(p, f"{args.prompts}: ") for p in prompts]
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -138,6 +142,7 @@ def _run(args) -> int:
         if res.decoder_seconds:
             shares += f", decoder: {res.decoder_seconds / total:.0%}"
         print(f"wrote {len(res.images)} images and grid.png to {out}/")
+        print("precision per stage: " + ", ".join(f"{i}: {p}" for i, p in enumerate(pipe.runner.precisions)))
         print(f"{total / len(res.images):.2f} s per image ({total:.1f} s total; {shares})")
     return 0
 

@@ -12,6 +12,7 @@ from collections import defaultdict
 import numpy as np
 
 from .manifest import Bundle, BundleError
+from .precision import PrecisionError, canonical, parse_policy
 
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                     "tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider"}
@@ -55,19 +56,58 @@ def make_session(path, providers, threads: int | None = None):
         raise BundleError(f"cannot load graph {path}: {str(e).splitlines()[0][:300]}") from None
 
 
+BACKENDS = ("onnx", "tensorrt")
+
+
+def choose_artifact(bundle: Bundle, st: dict, backend: str = "onnx", want: str | None = None) -> dict:
+    """The artifact a stage runs: ``want`` (a precision or the alias ``int8``), else the stage's
+    ``default_precision`` (the conversion's policy), else the first one listed for the backend."""
+    if want is not None:
+        try:
+            want = canonical(want, backend)
+        except PrecisionError as e:
+            raise BundleError(str(e)) from None
+        return bundle.artifact(st, backend, want)
+    default = st.get("default_precision")
+    if default and any(a["backend"] == backend and a["precision"] == default for a in st["artifacts"]):
+        return bundle.artifact(st, backend, default)
+    return bundle.artifact(st, backend)
+
+
+def precision_overrides(bundle: Bundle, spec: str | None, backend: str = "onnx") -> dict:
+    """A ``--precision`` spec -> {stage id: precision} for the stages it names (the others keep
+    their default)."""
+    if spec is None:
+        return {}
+    try:
+        return parse_policy(spec, len(bundle.stages), backend, default=None)
+    except PrecisionError as e:
+        raise BundleError(str(e)) from None
+
+
 class StageRunner:
     """All stage sessions of a bundle; ``__call__(x, t, y)`` picks the stage by the original
-    timestep t and runs it, accumulating time per stage."""
+    timestep t and runs it, accumulating time per stage. ``precision``: {stage id or "*":
+    precision} overriding the bundle's per-stage default."""
 
-    def __init__(self, bundle: Bundle, providers=None, threads=None, precision: dict | None = None):
+    def __init__(self, bundle: Bundle, providers=None, threads=None, precision: dict | None = None,
+                 backend: str = "onnx"):
+        if backend not in BACKENDS:
+            raise BundleError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
         self.bundle = bundle
-        self.providers = resolve_providers(providers)
-        self.sessions, self.batches = [], []
+        self.backend = backend
+        self.providers = resolve_providers(providers) if backend == "onnx" else []
+        self.sessions, self.batches, self.precisions = [], [], []
         precision = precision or {}
         for st in bundle.stages:
-            art = bundle.artifact(st, "onnx", precision.get(st["id"], precision.get("*")))
-            self.sessions.append(make_session(bundle.path(art), self.providers, threads))
+            art = choose_artifact(bundle, st, backend, precision.get(st["id"], precision.get("*")))
+            if backend == "tensorrt":
+                from .tensorrt_engine import open_engine
+                self.sessions.append(open_engine(bundle.path(art), art["path"], bundle.root))
+            else:
+                self.sessions.append(make_session(bundle.path(art), self.providers, threads))
             self.batches.append(st["batch"])
+            self.precisions.append(art["precision"])
         self.time_per_stage = defaultdict(float)
         self.calls_per_stage = defaultdict(int)
 

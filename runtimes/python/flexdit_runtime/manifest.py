@@ -87,7 +87,11 @@ class Bundle:
                 return a
         have = ", ".join(f"{a['backend']}/{a['precision']}" for a in entry["artifacts"])
         want = backend + (f"/{precision}" if precision else "")
-        raise BundleError(f"bundle has no {want} artifact for this graph (it has: {have})")
+        what = f"stage {entry['id']}" if "id" in entry else "this graph"
+        hint = "" if backend != "onnx" else "; build it with flexdit-export convert --precision/--extra-precisions"
+        if backend == "tensorrt":
+            hint = "; build engines with flexdit-export engines BUNDLE"
+        raise BundleError(f"bundle has no {want} artifact for {what} (it has: {have}){hint}")
 
     def path(self, artifact: dict) -> Path:
         return self.root / artifact["path"]

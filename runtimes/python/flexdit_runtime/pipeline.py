@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .diffusion import Diffusion, linear_betas, space_timesteps
-from .engines import Decoder, StageRunner
+from .engines import Decoder, StageRunner, precision_overrides
 from .images import to_uint8
 from .manifest import BundleError, load_bundle
 from .prompts import ClassIndex
@@ -31,19 +31,23 @@ class Result:
 
 
 class Pipeline:
-    def __init__(self, bundle, providers=None, threads=None, precision=None):
+    def __init__(self, bundle, providers=None, threads=None, precision=None, backend="onnx"):
+        """``precision``: None (each stage's default from the bundle's policy), a spec string
+        ("fp32", "int8:stages=0-2,fp16:stages=3"), or {stage id or "*": precision}."""
         self.bundle = bundle
         m = bundle.manifest
         self.cfg = m["model"]["config"]
         self.classes = ClassIndex(m["model"]["class_names"], m["model"]["num_classes"])
-        self.runner = StageRunner(bundle, providers, threads, precision)
+        if isinstance(precision, str):
+            precision = precision_overrides(bundle, precision, backend)
+        self.runner = StageRunner(bundle, providers, threads, precision, backend)
         self.decoder = Decoder(bundle, providers, threads) if bundle.decoder else None
         self.defaults = {"sampler": "ddpm", "steps": 250, "cfg_scale": 4.0, "eta": 0.0, "clip_denoised": False,
                          **m["diffusion"].get("defaults", {})}
 
     @classmethod
-    def from_bundle(cls, path, providers=None, threads=None, precision=None, verify_checksums=True):
-        return cls(load_bundle(path, verify_checksums), providers, threads, precision)
+    def from_bundle(cls, path, providers=None, threads=None, precision=None, verify_checksums=True, backend="onnx"):
+        return cls(load_bundle(path, verify_checksums), providers, threads, precision, backend)
 
     def diffusion(self, steps: int, spacing: str = "sections") -> Diffusion:
         d = self.bundle.diffusion

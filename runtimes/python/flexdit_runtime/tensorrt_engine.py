@@ -1,0 +1,172 @@
+"""TensorRT engines in a bundle: the engine file format, the compatibility check, and a runner.
+
+A TensorRT plan runs only with the TensorRT version that built it and on GPUs of the compute
+capability it was built for; a mismatch crashes or fails deep inside TensorRT. So every engine
+in a bundle is wrapped in a small header the runtime can read without TensorRT:
+
+    b"FLXTRT01" | uint32 little-endian header length | header JSON (utf-8) | TensorRT plan
+
+The header records ``tensorrt_version``, ``compute_capability`` ("8.9"), ``precision``,
+``strongly_typed``, ``source_sha256`` (the ONNX graph it was built from) and ``cache_key``.
+``check_engine`` refuses an engine built for another TensorRT version or GPU with one line
+that names the rebuild command.
+
+``TensorRTSession`` follows the TensorRT 10 Python API (``deserialize_cuda_engine``,
+``set_tensor_address``, ``execute_async_v3``) with device memory from cuda-python. Neither
+TensorRT nor a GPU was available where this was written: that class is unverified; the header
+format and the checks around it are tested.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+from .manifest import BundleError
+
+MAGIC = b"FLXTRT01"
+REBUILD = "flexdit-export engines {bundle} --force"
+NOT_INSTALLED = ("TensorRT is not installed (pip install tensorrt cuda-python, with an NVIDIA GPU and driver); "
+                 "TensorRT engines cannot be {what} on this machine")
+
+
+def write_engine(path, header: dict, plan: bytes) -> None:
+    blob = json.dumps(header, sort_keys=True).encode()
+    with open(path, "wb") as f:
+        f.write(MAGIC + struct.pack("<I", len(blob)) + blob)
+        f.write(plan)
+
+
+def read_header(path) -> tuple[dict, int]:
+    """-> (header, byte offset of the plan)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(MAGIC) + 4)
+            if len(head) < len(MAGIC) + 4 or head[:len(MAGIC)] != MAGIC:
+                raise BundleError(f"{path} is not a flexdit TensorRT engine (bad header); rebuild it with "
+                                  "flexdit-export engines")
+            (n,) = struct.unpack("<I", head[len(MAGIC):])
+            header = json.loads(f.read(n).decode())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"cannot read TensorRT engine {path}: {e}") from None
+    return header, len(MAGIC) + 4 + n
+
+
+def tensorrt_version() -> str | None:
+    try:
+        import tensorrt
+    except ImportError:
+        return None
+    return tensorrt.__version__
+
+
+def compute_capability(device: int = 0) -> str | None:
+    """'major.minor' of GPU ``device`` from nvidia-smi (no CUDA binding needed), or None."""
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = [ln.strip() for ln in out.stdout.splitlines() if ln.strip()]
+    return lines[device] if out.returncode == 0 and len(lines) > device else None
+
+
+def environment() -> dict:
+    return {"tensorrt_version": tensorrt_version(), "compute_capability": compute_capability()}
+
+
+def check_engine(header: dict, env: dict, where: str, bundle="BUNDLE") -> None:
+    """Refuse an engine this machine cannot run: one line, with the rebuild command."""
+    if env.get("tensorrt_version") is None:
+        raise BundleError(NOT_INSTALLED.format(what="run") + f" ({where}); run the ONNX graphs with --backend onnx")
+    if env.get("compute_capability") is None:
+        raise BundleError(f"no NVIDIA GPU found (nvidia-smi): cannot run TensorRT engine {where}; "
+                          "use --backend onnx")
+    built = (header.get("tensorrt_version"), header.get("compute_capability"))
+    have = (env["tensorrt_version"], env["compute_capability"])
+    if built != have:
+        raise BundleError(f"TensorRT engine {where} was built with TensorRT {built[0]} for compute capability {built[1]}, "
+                          f"but this machine has TensorRT {have[0]} and compute capability {have[1]}; engines are "
+                          f"specific to both: rebuild them here with `{REBUILD.format(bundle=bundle)}` "
+                          "(or run the ONNX graphs with --backend onnx)")
+
+
+def _cuda():
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        try:
+            from cuda import cudart  # older cuda-python
+        except ImportError:
+            raise BundleError("TensorRT engines need cuda-python for device memory (pip install cuda-python)") from None
+    return cudart
+
+
+def _ok(result):
+    err, *rest = result
+    if int(err) != 0:
+        raise BundleError(f"CUDA error {err}")
+    return rest[0] if len(rest) == 1 else rest
+
+
+class TensorRTSession:
+    """One engine with static shapes; ``run(names, feeds)`` like an ONNX Runtime session.
+    Unverified here (no TensorRT, no GPU)."""
+
+    def __init__(self, path, header_offset: int):
+        import tensorrt as trt
+
+        cudart = _cuda()
+        self._cudart, self._trt = cudart, trt
+        plan = Path(path).read_bytes()[header_offset:]
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(plan)
+        if self.engine is None:
+            raise BundleError(f"TensorRT could not deserialize {path}; rebuild it with flexdit-export engines")
+        self.context = self.engine.create_execution_context()
+        self.stream = _ok(cudart.cudaStreamCreate())
+        self.buffers = {}
+        for i in range(self.engine.num_io_tensors):
+            name = self.engine.get_tensor_name(i)
+            shape = tuple(self.engine.get_tensor_shape(name))
+            dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
+            is_input = self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+            nbytes = int(np.prod(shape)) * dtype.itemsize
+            ptr = _ok(cudart.cudaMalloc(nbytes))
+            self.context.set_tensor_address(name, ptr)
+            self.buffers[name] = (ptr, shape, dtype, nbytes, is_input)
+
+    def run(self, names, feeds: dict):
+        cudart = self._cudart
+        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        keep = []  # host copies stay alive until the stream syncs
+        for name, (ptr, shape, dtype, nbytes, is_input) in self.buffers.items():
+            if is_input:
+                host = np.ascontiguousarray(feeds[name], dtype=dtype).reshape(shape)
+                _ok(cudart.cudaMemcpyAsync(ptr, host.ctypes.data, nbytes, h2d, self.stream))
+                keep.append(host)
+        if not self.context.execute_async_v3(self.stream):
+            raise BundleError("TensorRT execution failed")
+        outs = []
+        for name in names:
+            ptr, shape, dtype, nbytes, _ = self.buffers[name]
+            host = np.empty(shape, dtype)
+            _ok(cudart.cudaMemcpyAsync(host.ctypes.data, ptr, nbytes, d2h, self.stream))
+            outs.append(host)
+        _ok(cudart.cudaStreamSynchronize(self.stream))
+        return [o.astype(np.float32) for o in outs]
+
+
+def open_engine(path, where: str, bundle="BUNDLE", env: dict | None = None) -> TensorRTSession:
+    header, offset = read_header(path)
+    check_engine(header, env if env is not None else environment(), where, bundle)
+    return TensorRTSession(path, offset)
