@@ -9,7 +9,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from flexdit_runtime.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST, BundleError, sha256_file, validate_manifest
+from flexdit_runtime.manifest import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, Bundle, BundleError, sha256_file,
+                                     validate_manifest)
 
 from .errors import UserError
 
@@ -23,6 +24,14 @@ class BundleWriter:
             raise UserError(f"{self.target} exists and is not a bundle; refusing to replace it")
         self.target.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+
+    @classmethod
+    def updating(cls, target) -> "BundleWriter":
+        """A writer that starts from a copy of an existing bundle and replaces it on commit."""
+        w = cls(target, force=True)
+        shutil.rmtree(w.tmp)
+        shutil.copytree(w.target, w.tmp)
+        return w
 
     def __enter__(self):
         return self
@@ -47,14 +56,23 @@ class BundleWriter:
                                   "bytes": d.stat().st_size}
         return a
 
-    def commit(self, manifest: dict) -> Path:
-        import json
-
+    def _complete(self, manifest: dict) -> dict:
         manifest = {"format": {"name": FORMAT_NAME, "version": FORMAT_VERSION}, **manifest}
         try:
             validate_manifest(manifest)
         except BundleError as e:
             raise UserError(f"internal error: the manifest being written is invalid: {e}") from None
+        return manifest
+
+    def preview(self, manifest: dict) -> Bundle:
+        """The bundle as it will be published, readable by the runtime before the rename (for
+        checks that run the runtime on it)."""
+        return Bundle(self.tmp, self._complete(manifest))
+
+    def commit(self, manifest: dict) -> Path:
+        import json
+
+        manifest = self._complete(manifest)
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         old = None
         if self.target.exists():

@@ -34,14 +34,63 @@ def _convert_args(p):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     p.add_argument("--json", action="store_true", help="print the written manifest summary as JSON")
+    g = p.add_argument_group("optimisation and precision")
+    g.add_argument("--optimize", action="store_true",
+                   help="save each stage graph after ONNX Runtime offline optimisation (portable level)")
+    g.add_argument("--optimize-level", default="basic", help="basic (standard ONNX ops, default) | extended "
+                   "(adds ONNX Runtime contrib ops: CPU/CUDA providers only)")
+    g.add_argument("--onnxsim", action="store_true", help="also run onnxsim after ONNX Runtime (optional package)")
+    g.add_argument("--precision", help="per-stage precision policy, the runtime's default: fp32 | fp16 | int8 "
+                   "(int8-dynamic on ONNX Runtime, int8-static on TensorRT) | int8-dynamic | int8-static | fp8, "
+                   "or per stage, e.g. 'int8:stages=0-2,fp16:stages=3' (default fp32)")
+    g.add_argument("--extra-precisions", default="", help="also build these for every stage (for flexdit-run "
+                   "--precision), e.g. fp16,int8-static")
+    g.add_argument("--fp32-islands", help="what fp16 graphs keep in fp32: 'default' (layernorm,softmax,embedders,"
+                   "final_layer), 'none', or a list of those groups, op:TYPE and layer paths/globs")
+    g.add_argument("--quant-ops", default="MatMul,Gemm", help="operator types to quantise (default MatMul,Gemm)")
+    g.add_argument("--quant-include", default="", help="quantise only these layers (module paths or globs)")
+    g.add_argument("--quant-exclude", default="", help="never quantise these layers, e.g. final_layer,t_embedder")
+    g.add_argument("--error-tol", default="", help="per-precision gate on the relative RMS error vs the fp32 graph "
+                   "on held-out calibration rows, e.g. int8-static=0.15,fp16=0.02")
+    g.add_argument("--quality-gate", type=int, default=0, metavar="PER_CLASS",
+                   help="end-to-end gate (Fashion-MNIST model): sample PER_CLASS images per class with the policy "
+                        "and with fp32, compare class accuracy and FD")
+    g.add_argument("--backend", choices=("onnx", "tensorrt"), default="onnx",
+                   help="tensorrt: also build one TensorRT engine per stage (needs TensorRT and a GPU)")
+    g.add_argument("--engine-cache", help="TensorRT engine cache directory (default ~/.cache/flexdit-export/tensorrt)")
+    g.add_argument("--timing-cache", help="TensorRT timing cache file (default: in the engine cache)")
+    c = p.add_argument_group("calibration (static int8/fp8 scales; held-out rows gate every precision)")
+    c.add_argument("--calib", help="an existing calibration set (flexdit-export calibrate); default: capture into "
+                   "OUT.calib, reused when its settings match")
+    c.add_argument("--calib-method", default="minmax", help="int8-static activation ranges: minmax (default) | "
+                   "percentile | entropy (histograms, calibrated in strides)")
+    _calib_capture_args(c)
+
+
+def _calib_capture_args(c):
+    c.add_argument("--calib-images", type=int, help="calibration trajectories (images; default 32)")
+    c.add_argument("--calib-holdout-images", type=int, help="held-out trajectories (default 16)")
+    c.add_argument("--calib-max-rows", type=int, help="calibration rows kept per stage (default 512)")
+    c.add_argument("--calib-holdout-rows", type=int, help="held-out rows kept per stage (default 128)")
+    c.add_argument("--calib-steps", type=int, help="sampling steps (default: the bundle's)")
+    c.add_argument("--calib-sampler", choices=("ddpm", "ddim"), help="default: the bundle's")
+    c.add_argument("--calib-cfg-scale", type=float, help="default: the bundle's")
+    c.add_argument("--calib-seed", type=int, help="default 0")
+
+
+def _calib_settings(args) -> dict:
+    keys = {"calib_images": "images", "calib_holdout_images": "holdout_images", "calib_max_rows": "max_rows",
+            "calib_holdout_rows": "max_holdout_rows", "calib_steps": "steps", "calib_sampler": "sampler",
+            "calib_cfg_scale": "cfg_scale", "calib_seed": "seed"}
+    return {v: getattr(args, k) for k, v in keys.items() if getattr(args, k, None) is not None}
 
 
 def build_parser():
     ap = argparse.ArgumentParser(prog="flexdit-export", description="Compile FlexDiT/DiT checkpoints into bundles.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     _convert_args(sub.add_parser("convert", help="checkpoint -> bundle (one static graph per schedule stage)"))
-    p = sub.add_parser("inspect", help="stages, token counts, files, sizes, parity, precision")
-    p.add_argument("bundle")
+    p = sub.add_parser("inspect", help="stages, token counts, files, sizes, parity, precision (or a calibration set)")
+    p.add_argument("bundle", help="a bundle or a calibration set directory")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("verify", help="checksums and schema; with --ckpt, stage and trajectory parity vs PyTorch")
     p.add_argument("bundle")
@@ -61,6 +110,25 @@ def build_parser():
     p.add_argument("--classifier", help="classifier directory (default: models/fashion-classifier)")
     p.add_argument("--ckpt", help="also sample this checkpoint in PyTorch with the same noise and compare")
     p.add_argument("--json", action="store_true")
+    p = sub.add_parser("calibrate", help="capture a per-stage calibration set from real sampling trajectories")
+    p.add_argument("ckpt")
+    p.add_argument("-o", "--out", required=True, help="calibration set directory to write")
+    p.add_argument("--schedule", help="as for convert (default: the checkpoint's trained schedule, else released)")
+    p.add_argument("--batch", type=int, default=2, help="graph batch of the bundles it will calibrate (default 2)")
+    p.add_argument("--num-heads", type=int)
+    p.add_argument("--semantic-size", type=int)
+    p.add_argument("--init-from-dit", metavar="LAYOUT")
+    p.add_argument("--num-timesteps", type=int, default=1000)
+    p.add_argument("--cfg-channels", choices=("first3", "eps"))
+    p.add_argument("--force", action="store_true", help="replace an existing set")
+    p.add_argument("--json", action="store_true")
+    _calib_capture_args(p)
+    p = sub.add_parser("engines", help="build one TensorRT engine per stage into a bundle (on the target GPU)")
+    p.add_argument("bundle")
+    p.add_argument("--precision", help="per-stage policy as for convert (default: the bundle's)")
+    p.add_argument("--engine-cache", help="engine cache directory (default ~/.cache/flexdit-export/tensorrt)")
+    p.add_argument("--timing-cache", help="timing cache file (default: in the engine cache)")
+    p.add_argument("--force", action="store_true", help="replace engines already in the bundle")
     return ap
 
 
@@ -72,7 +140,8 @@ def main(argv=None) -> int:
     from .errors import UserError
 
     try:
-        return {"convert": _convert, "inspect": _inspect, "verify": _verify, "eval": _eval}[args.cmd](args)
+        return {"convert": _convert, "inspect": _inspect, "verify": _verify, "eval": _eval, "calibrate": _calibrate,
+                "engines": _engines}[args.cmd](args)
     except (UserError, BundleError, PromptError) as e:
         print(f"flexdit-export {args.cmd}: error: {e}", file=sys.stderr)
         return 2
@@ -99,18 +168,67 @@ def _convert(args) -> int:
                           vae=args.vae, class_names=args.class_names, num_heads=args.num_heads,
                           semantic_size=args.semantic_size, init_from_dit=args.init_from_dit,
                           num_timesteps=args.num_timesteps, cfg_channels=args.cfg_channels,
-                          parity_tol=args.parity_tol, seed=args.seed, force=args.force, defaults=defaults)
+                          parity_tol=args.parity_tol, seed=args.seed, force=args.force, defaults=defaults,
+                          optimize=args.optimize, optimize_level=args.optimize_level, onnxsim=args.onnxsim,
+                          precision=args.precision, extra_precisions=tuple(_split(args.extra_precisions)),
+                          fp32_islands=args.fp32_islands, quant_ops=tuple(_split(args.quant_ops)),
+                          quant_include=tuple(_split(args.quant_include)), quant_exclude=tuple(_split(args.quant_exclude)),
+                          calib=args.calib, calib_settings=_calib_settings(args), calib_method=args.calib_method,
+                          error_tol=_pairs(args.error_tol, "--error-tol"), quality_gate=args.quality_gate,
+                          backend=args.backend, engine_cache=args.engine_cache, timing_cache=args.timing_cache)
     out = convert(args.ckpt, args.out, opts, log=_log(False))
     s = summarise(out, verify_checksums=False)
     print(json.dumps(s, indent=2) if args.json else render(s))
     return 0
 
 
-def _inspect(args) -> int:
-    from .inspect_bundle import render, summarise
+def _split(text):
+    return [p.strip() for p in (text or "").split(",") if p.strip()]
 
+
+def _pairs(text, what) -> dict:
+    from .errors import UserError
+
+    out = {}
+    for item in _split(text):
+        k, eq, v = item.partition("=")
+        if not eq:
+            raise UserError(f"{what}: {item!r} is not KEY=VALUE")
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _inspect(args) -> int:
+    from pathlib import Path
+
+    from .inspect_bundle import render, render_calib, summarise, summarise_calib
+
+    if (Path(args.bundle) / "calib.json").is_file():
+        s = summarise_calib(args.bundle)
+        print(json.dumps(s, indent=2) if args.json else render_calib(s))
+        return 0
     s = summarise(args.bundle)
     print(json.dumps(s, indent=2) if args.json else render(s))
+    return 0
+
+
+def _calibrate(args) -> int:
+    from .calibrate import calibrate
+
+    cs = calibrate(args.ckpt, args.out, schedule=args.schedule, batch=args.batch, num_heads=args.num_heads,
+                   semantic_size=args.semantic_size, init_from_dit=args.init_from_dit,
+                   num_timesteps=args.num_timesteps, cfg_channels=args.cfg_channels, settings=_calib_settings(args),
+                   force=args.force, log=_log(args.json))
+    from .inspect_bundle import render_calib
+    s = cs.summary()
+    print(json.dumps(s, indent=2) if args.json else render_calib(s))
+    return 0
+
+
+def _engines(args) -> int:
+    from .tensorrt_build import engines_command
+
+    engines_command(args.bundle, args.precision, args.engine_cache, args.timing_cache, args.force, log=_log(False))
     return 0
 
 

@@ -16,8 +16,12 @@ def summarise(bundle_path, verify_checksums: bool = True) -> dict:
             "id": st["id"], "t_min": st["t_min"], "t_max": st["t_max"], "sparse_grid": st["sparse_grid"],
             "tokens": st["tokens"], "dense_tokens": N, "pruning_rate": round(1 - st["tokens"] / N, 4),
             "batch": st["batch"], "gmacs_per_sample": round(st.get("macs", 0) / 1e9, 3),
+            "default_precision": st.get("default_precision"),
             "artifacts": [{"backend": a["backend"], "precision": a["precision"], "path": a["path"],
-                           "bytes": a.get("bytes", 0) + a.get("external_data", {}).get("bytes", 0)} for a in st["artifacts"]],
+                           "bytes": a.get("bytes", 0) + a.get("external_data", {}).get("bytes", 0),
+                           **{k: a[k] for k in ("optimization", "error", "check", "quantization", "fp32_islands",
+                                                "tensorrt") if k in a}}
+                          for a in st["artifacts"]],
             "parity": st.get("parity", {}),
         })
     total = sum(a["bytes"] for s in stages for a in s["artifacts"])
@@ -29,7 +33,17 @@ def summarise(bundle_path, verify_checksums: bool = True) -> dict:
             "diffusion": m["diffusion"], "stages": stages,
             "decoder": None if not dec else {"kind": dec["kind"], "scale_factor": dec["scale_factor"],
                                              "parity": dec.get("parity", {})},
-            "output": m["output"], "total_bytes": total}
+            "output": m["output"], "total_bytes": total, "calibration": _calib_brief(m.get("calibration")),
+            "quality": m.get("quality")}
+
+
+def _calib_brief(c):
+    if not c:
+        return None
+    return {"sha256": c["sha256"], "path": c.get("path"), "method": c.get("method"),
+            "settings": {k: c["settings"].get(k) for k in ("sampler", "steps", "cfg_scale", "images", "holdout_images",
+                                                           "seed", "max_rows")},
+            "stages": c["stages"]}
 
 
 def render(s: dict) -> str:
@@ -41,14 +55,67 @@ def render(s: dict) -> str:
              f"{'stage':>5} {'timesteps':>11} {'grid':>6} {'tokens':>9} {'prune':>6} {'batch':>5} {'GMAC':>8}  "
              f"{'artifacts':<30} {'parity (max rel)'}"]
     for st in s["stages"]:
-        arts = ", ".join(f"{a['backend']}/{a['precision']} {mb(a['bytes'])}" for a in st["artifacts"])
+        arts = ", ".join(f"{a['backend']}/{a['precision']}{'*' if a['precision'] == st.get('default_precision') else ''} "
+                         f"{mb(a['bytes'])}" for a in st["artifacts"])
         par = ", ".join(f"{k} {v['max_rel']:.1e}" for k, v in st["parity"].items())
         grid = "dense" if st["sparse_grid"] is None else f"s={st['sparse_grid']}"
         lines.append(f"{st['id']:>5} {st['t_max']:>5}..{st['t_min']:<4} {grid:>6} {st['tokens']:>4}/{st['dense_tokens']:<4} "
                      f"{st['pruning_rate']:>6.2f} {st['batch']:>5} {st['gmacs_per_sample']:>8.3f}  {arts:<30} {par}")
+    details = []
+    for st in s["stages"]:
+        for a in st["artifacts"]:
+            bits = []
+            if "optimization" in a:
+                o = a["optimization"]
+                bits.append(f"optimised {o['level']}{' + onnxsim' if o.get('onnxsim') else ''} "
+                            f"{o['nodes_before']} -> {o['nodes_after']} nodes")
+            if "error" in a:
+                bits.append(f"vs fp32 on held-out rows: rel RMS {a['error']['rel_rms']:.2e}, max rel {a['error']['max_rel']:.2e}")
+            if "fp32_islands" in a:
+                bits.append(f"{a['fp32_islands']['fp32_nodes']}/{a['fp32_islands']['total_nodes']} nodes kept fp32")
+            if a.get("check", {}).get("status") == "built-not-run":
+                bits.append("BUILT BUT NOT RUN: " + a["check"].get("reason", ""))
+            if bits:
+                details.append(f"  stage {st['id']} {a['backend']}/{a['precision']}: " + "; ".join(bits))
+    if details:
+        lines.append("(* = loaded by default)")
+        lines.extend(details)
+    c = s.get("calibration")
+    if c:
+        cs = c["settings"]
+        lines.append(f"calibration {c['sha256'][:16]} ({c.get('path')}): {cs['images']} trajectories, {cs['sampler']} "
+                     f"{cs['steps']} steps, cfg {cs['cfg_scale']}, seed {cs['seed']}; rows per stage "
+                     + ", ".join(f"{x['id']}: {x['calib_rows']}+{x['holdout_rows']}" for x in c["stages"]))
+    q = s.get("quality")
+    if q:
+        lines.append(f"end-to-end gate: {q['verdict']}")
     d = s["decoder"]
     lines.append("decoder: none (output written in model space: " + s["output"]["space"] + ")" if not d else
                  f"decoder: {d['kind']} scale {d['scale_factor']}, parity "
                  + ", ".join(f"{k} {v['max_rel']:.1e}" for k, v in d["parity"].items()))
     lines.append(f"total size: {mb(s['total_bytes'])}")
+    return "\n".join(lines)
+
+
+def summarise_calib(path) -> dict:
+    from calib import CalibError, CalibSet
+
+    from .errors import UserError
+    try:
+        return CalibSet.open(path).summary()
+    except CalibError as e:
+        raise UserError(str(e)) from None
+
+
+def render_calib(s: dict) -> str:
+    st = s["settings"]
+    lines = [f"calibration set {s['path']}  sha256 {s['sha256']}",
+             f"model {st['model_name']} ({st['model_sha256'][:12]}), {st['sampler']} {st['steps']} steps, cfg "
+             f"{st['cfg_scale']}, {st['images']} + {st['holdout_images']} held-out trajectories, seed {st['seed']}",
+             f"{'stage':>5} {'timesteps':>11} {'grid':>6} {'calib':>6} {'held':>5}  timesteps seen"]
+    for x in s["stages"]:
+        grid = "dense" if x["sparse_grid"] is None else f"s={x['sparse_grid']}"
+        ts = x["t_values"]
+        seen = ", ".join(map(str, ts)) if len(ts) <= 8 else f"{len(ts)} values, {ts[0]}..{ts[-1]}"
+        lines.append(f"{x['id']:>5} {x['t_max']:>5}..{x['t_min']:<4} {grid:>6} {x['calib_rows']:>6} {x['holdout_rows']:>5}  {seen}")
     return "\n".join(lines)

@@ -1,0 +1,270 @@
+"""Lower-precision variants of a stage graph, each checked against the stage's fp32 graph on
+real trajectory inputs (the held-out rows of the stage's calibration set).
+
+- ``fp16``: ONNX Runtime's float16 converter with fp32 islands (configurable, on by default
+  where diffusion transformers overflow: LayerNorm and its adaLN modulation, softmax, the
+  timestep/label embedders, the final layer); graph inputs and outputs stay fp32. Every
+  calibration and held-out row is run through it: a NaN/Inf fails the conversion.
+- ``int8-dynamic``: weights int8 (per channel), activations quantised at run time
+  (``quantize_dynamic``); ONNX Runtime's CPU default, no calibration needed.
+- ``int8-static``: a QDQ graph (``quantize_static``), weights int8 per-channel symmetric,
+  activations int8 symmetric (zero point 0, as TensorRT requires) from the stage's own
+  calibration rows, MinMax by default, calibrated in strides so memory stays bounded.
+- ``fp8``: the same QDQ construction in float8 e4m3 (opset 19) for TensorRT, from the same
+  calibration rows (ONNX Runtime supports only its Distribution method for float8); checked
+  numerically where ONNX Runtime can execute it, else marked ``built-not-run``.
+
+Layers are addressed by module path (``blocks.3.mlp.fc2``, globs like ``blocks.*.attn.*``):
+export names every node after its module (``export.name_nodes_by_layer``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import io
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .export import error_stats, layer_of, onnx_session
+
+ISLAND_GROUPS = {
+    "layernorm": "LayerNormalization nodes, the adaLN modulation (x * (1 + scale) + shift) that follows them "
+                 "and the adaLN_modulation linears",
+    "softmax": "Softmax nodes (attention)",
+    "embedders": "the timestep and label embedders (t_embedder, y_embedder)",
+    "final_layer": "the final layer (norm, modulation, output linear)",
+}
+DEFAULT_ISLANDS = "layernorm,softmax,embedders,final_layer"
+DEFAULT_OP_TYPES = ("MatMul", "Gemm")
+CALIB_METHODS = ("minmax", "percentile", "entropy")
+CALIB_STRIDE = 4  # batches of intermediate tensors ONNX Runtime holds at once while calibrating
+DEFAULT_ERROR_TOL = {"fp16": 0.01, "int8-dynamic": 0.1, "int8-static": 0.1, "fp8": 0.25}
+
+
+# ---------------------------------------------------------------- layers
+def layer_matches(layer: str, pattern: str) -> bool:
+    """A layer matches a module path (and everything under it) or a glob."""
+    return layer == pattern or layer.startswith(pattern + ".") or fnmatch.fnmatchcase(layer, pattern)
+
+
+def check_layer_patterns(patterns, module_names, what: str) -> None:
+    """Every pattern must name at least one module of the model (checked before any export)."""
+    names = [n for n in module_names if n]
+    for p in patterns:
+        if not any(layer_matches(n, p) for n in names):
+            close = sorted({n.split(".")[0] for n in names})
+            raise UserError(f"{what}: {p!r} matches no layer of the model (top-level modules: {', '.join(close)}; "
+                            "use module paths like blocks.0.attn.qkv or globs like 'blocks.*.mlp.*')")
+
+
+def split_list(text: str | None) -> list[str]:
+    return [p.strip() for p in (text or "").split(",") if p.strip()]
+
+
+def parse_islands(spec: str | None) -> list[str]:
+    """'default', 'none', or comma-separated group names, 'op:TYPE' and layer patterns."""
+    if spec is None or spec.strip() == "default":
+        return split_list(DEFAULT_ISLANDS)
+    items = split_list(spec)
+    if items == ["none"]:
+        return []
+    out = []
+    for it in items:
+        out.extend(split_list(DEFAULT_ISLANDS) if it == "default" else [it])
+    return out
+
+
+def island_layer_patterns(items: list[str]) -> list[str]:
+    """The items of an island spec that are layer patterns (to check against the model)."""
+    return [it for it in items if it not in ISLAND_GROUPS and not it.startswith("op:")]
+
+
+def _consumers(graph) -> dict:
+    out = {}
+    for n in graph.node:
+        for i in n.input:
+            out.setdefault(i, []).append(n)
+    return out
+
+
+def island_nodes(model, items: list[str]) -> set:
+    """Names of the nodes an island spec keeps in fp32."""
+    g = model.graph
+    keep = set()
+    cons = _consumers(g)
+    for it in items:
+        if it == "layernorm":
+            for n in g.node:
+                if n.op_type == "LayerNormalization":
+                    keep.add(n.name)
+                    for m in cons.get(n.output[0], []):  # modulate: LN(x) * (1 + scale) + shift
+                        if m.op_type == "Mul":
+                            keep.add(m.name)
+                            keep.update(k.name for k in g.node if k.op_type == "Add" and k.output[0] in m.input)
+                            keep.update(a.name for a in cons.get(m.output[0], []) if a.op_type == "Add")
+                elif "adaLN_modulation" in layer_of(n.name):
+                    keep.add(n.name)
+        elif it == "softmax":
+            keep.update(n.name for n in g.node if n.op_type == "Softmax")
+        elif it == "embedders":
+            keep.update(n.name for n in g.node if layer_matches(layer_of(n.name), "t_embedder")
+                        or layer_matches(layer_of(n.name), "y_embedder"))
+        elif it == "final_layer":
+            keep.update(n.name for n in g.node if layer_matches(layer_of(n.name), "final_layer"))
+        elif it.startswith("op:"):
+            keep.update(n.name for n in g.node if n.op_type == it[3:])
+        else:
+            keep.update(n.name for n in g.node if layer_matches(layer_of(n.name), it))
+    return keep
+
+
+def _nodes_for(model, patterns, op_types) -> list[str]:
+    return [n.name for n in model.graph.node if n.op_type in op_types
+            and any(layer_matches(layer_of(n.name), p) for p in patterns)]
+
+
+@contextlib.contextmanager
+def _quiet():
+    """ONNX Runtime's quantisation tools print progress and warn through logging."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.setLevel(level)
+
+
+# ---------------------------------------------------------------- variants
+def to_fp16(src, dst, islands: list[str]) -> dict:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(src))
+    keep = island_nodes(model, islands)
+    with _quiet():
+        m16 = convert_float_to_float16(model, keep_io_types=True, node_block_list=sorted(keep))
+    onnx.save(m16, str(dst))
+    return {"spec": islands, "fp32_nodes": len(keep), "total_nodes": len(model.graph.node)}
+
+
+def _preprocess(src, tmpdir) -> Path:
+    """ONNX Runtime's recommended pre-processing (shape inference) before quantisation."""
+    from onnxruntime.quantization import quant_pre_process
+
+    out = Path(tmpdir) / "pre.onnx"
+    try:
+        with _quiet():
+            quant_pre_process(str(src), str(out), skip_optimization=True)
+    except Exception as e:
+        raise UserError(f"quantisation pre-processing failed on {Path(src).name}: {str(e).splitlines()[0][:300]}") from None
+    return out
+
+
+def _selection(model, op_types, include, exclude) -> dict:
+    kw = {}
+    if include:
+        kw["nodes_to_quantize"] = _nodes_for(model, include, op_types)
+    if exclude:
+        kw["nodes_to_exclude"] = _nodes_for(model, exclude, op_types)
+    return kw
+
+
+def int8_dynamic(src, dst, op_types=DEFAULT_OP_TYPES, include=(), exclude=()) -> dict:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = _preprocess(src, tmp)
+        sel = _selection(onnx.load(str(pre)), op_types, include, exclude)
+        with _quiet():
+            quantize_dynamic(str(pre), str(dst), op_types_to_quantize=list(op_types), per_channel=True,
+                             weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True}, **sel)
+    return {"mode": "dynamic", "weights": "int8 per-channel symmetric", "activations": "uint8 per-tensor, at run time",
+            "op_types": list(op_types), "include": list(include), "exclude": list(exclude),
+            "quantized_nodes": _count_quantized(dst)}
+
+
+def _static(src, dst, reader, fp8: bool, op_types, include, exclude, method: str) -> dict:
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    qtype = QuantType.QFLOAT8E4M3FN if fp8 else QuantType.QInt8
+    cm = CalibrationMethod.Distribution if fp8 else {"minmax": CalibrationMethod.MinMax,
+                                                     "percentile": CalibrationMethod.Percentile,
+                                                     "entropy": CalibrationMethod.Entropy}[method]
+    n = len(reader)
+    stride = max(d for d in range(1, CALIB_STRIDE + 1) if n % d == 0)  # quantize_static needs a divisor
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = _preprocess(src, tmp)
+        sel = _selection(onnx.load(str(pre)), op_types, include, exclude)
+        try:
+            with _quiet():
+                quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                                activation_type=qtype, weight_type=qtype, op_types_to_quantize=list(op_types),
+                                calibrate_method=cm,
+                                extra_options={"WeightSymmetric": True, "ActivationSymmetric": True,
+                                               "MatMulConstBOnly": True, "CalibStridedMinMax": stride,
+                                               # an excluded layer reads the fp32 tensor, not a shared Q/DQ pair
+                                               "DedicatedQDQPair": True,
+                                               # fp8: biases stay fp32 (TensorRT adds them in high precision)
+                                               "QuantizeBias": not fp8}, **sel)
+        except Exception as e:
+            raise UserError(f"static quantisation of {Path(src).name} failed: {str(e).splitlines()[0][:300]}") from None
+    return {"mode": "static-qdq", "format": "QDQ", "weights": f"{'float8 e4m3' if fp8 else 'int8'} per-channel symmetric",
+            "bias": "fp32" if fp8 else "int32 (input scale x weight scale)",
+            "activations": f"{'float8 e4m3' if fp8 else 'int8'} per-tensor symmetric",
+            "calibration_method": "distribution" if fp8 else method, "calibration_batches": n,
+            "op_types": list(op_types), "include": list(include), "exclude": list(exclude),
+            "quantized_nodes": _count_quantized(dst)}
+
+
+def int8_static(src, dst, reader, op_types=DEFAULT_OP_TYPES, include=(), exclude=(), method="minmax") -> dict:
+    return _static(src, dst, reader, False, op_types, include, exclude, method)
+
+
+def fp8_static(src, dst, reader, op_types=DEFAULT_OP_TYPES, include=(), exclude=()) -> dict:
+    return _static(src, dst, reader, True, op_types, include, exclude, "distribution")
+
+
+def _count_quantized(path) -> int:
+    """Nodes that consume a dequantised weight or run an integer kernel."""
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    return sum(1 for n in g.node if n.op_type in ("DequantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul",
+                                                  "ConvInteger", "QLinearMatMul")
+               and (n.op_type != "DequantizeLinear" or n.input[0].endswith("_quantized")))
+
+
+# ---------------------------------------------------------------- checks
+def compare_to_fp32(variant, fp32, feeds) -> dict:
+    """Run both graphs on the same feeds; error stats of the variant against fp32."""
+    if not feeds:
+        raise UserError("no held-out calibration rows to check against; capture more images (--calib-holdout-images)")
+    ref_s, var_s = onnx_session(fp32), onnx_session(variant)
+    ref = np.concatenate([ref_s.run(None, f)[0] for f in feeds])
+    got = np.concatenate([var_s.run(None, f)[0] for f in feeds])
+    return {**error_stats(got, ref), "samples": int(len(ref))}
+
+
+def all_finite(path, feeds) -> bool:
+    s = onnx_session(path)
+    return all(bool(np.isfinite(s.run(None, f)[0]).all()) for f in feeds)
+
+
+def try_session(path) -> str | None:
+    """None if ONNX Runtime (CPU) can load the graph, else why not."""
+    try:
+        onnx_session(path)
+    except Exception as e:
+        return str(e).strip().splitlines()[0][:300]
+    return None
