@@ -21,8 +21,9 @@ from flexdit_runtime import Pipeline, load_bundle
 from flexdit_runtime.manifest import BundleError, schema
 from flexdit_runtime.precision import PrecisionError, describe, parse_policy
 
-POLICY = "int8:stages=0,fp16:stages=1,int8-static:stages=2"
-DEFAULTS = ["int8-dynamic", "fp16", "int8-static"]
+pytest_plugins = ["quant_fixtures"]  # the quant_bundle fixture, shared with test_tensorrt.py
+
+DEFAULTS = ["int8-dynamic", "fp16", "int8-static"]  # quant_fixtures.POLICY
 # relative RMS error vs the fp32 graph on held-out trajectory rows of the tiny random model
 TOL = {"fp16": 5e-3, "int8-dynamic": 0.05, "int8-static": 0.08, "fp8": 0.2}
 
@@ -52,16 +53,6 @@ def test_policy_errors(spec, msg):
 
 
 # ---------------------------------------------------------------- one bundle with every precision
-@pytest.fixture(scope="session")
-def quant_bundle(tmp_path_factory, ref_ckpt):
-    out = tmp_path_factory.mktemp("quant") / "q"
-    run_cli("flexdit-export", "convert", ref_ckpt, "-o", out, "--schedule", "600:2,300:3,0:dense", "--num-heads", "4",
-            "--optimize", "--onnxsim", "--precision", POLICY, "--extra-precisions", "fp8",
-            "--calib-steps", "10", "--calib-images", "8", "--calib-holdout-images", "4",
-            "--quant-exclude", "final_layer")
-    return out
-
-
 def _manifest(b):
     return json.loads((b / "manifest.json").read_text())
 
@@ -105,8 +96,8 @@ def test_every_variant_against_fp32_and_pytorch_on_held_out_rows(quant_bundle, t
     for st in m["stages"]:
         feeds = list(StageBatches(cs, st["id"], st["batch"], "holdout"))
         module = StageModule(tiny_flex_model, Stage(st["t_min"], st["t_max"], st["sparse_grid"])).eval()
-        with torch.no_grad():
-            torch_out = np.concatenate([module(*(torch.from_numpy(f[k]) for k in ("x", "t", "y"))).numpy() for f in feeds])
+        with torch.no_grad():  # all rows in one call (the module has no fixed batch)
+            torch_out = module(*(torch.from_numpy(np.concatenate([f[k] for f in feeds])) for k in ("x", "t", "y"))).numpy()
         fp32_s = onnx_session(quant_bundle / _art(st, "fp32")["path"])
         fp32_out = np.concatenate([fp32_s.run(None, f)[0] for f in feeds])
         assert error_stats(fp32_out, torch_out)["max_rel"] < 1e-4

@@ -1,0 +1,18 @@
+"""A bundle with every precision (session-scoped), shared by test_quantize.py and
+test_tensorrt.py through ``pytest_plugins`` so it is built once."""
+
+import pytest
+
+from conftest import run_cli
+
+POLICY = "int8:stages=0,fp16:stages=1,int8-static:stages=2"
+
+
+@pytest.fixture(scope="session")
+def quant_bundle(tmp_path_factory, ref_ckpt):
+    out = tmp_path_factory.mktemp("quant") / "q"
+    run_cli("flexdit-export", "convert", ref_ckpt, "-o", out, "--schedule", "600:2,300:3,0:dense", "--num-heads", "4",
+            "--optimize", "--onnxsim", "--precision", POLICY, "--extra-precisions", "fp8",
+            "--calib-steps", "10", "--calib-images", "8", "--calib-holdout-images", "4",
+            "--quant-exclude", "final_layer")
+    return out
