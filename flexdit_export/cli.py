@@ -49,7 +49,8 @@ def _convert_args(p):
                    "final_layer), 'none', or a list of those groups, op:TYPE and layer paths/globs")
     g.add_argument("--quant-ops", default="MatMul,Gemm", help="operator types to quantise (default MatMul,Gemm)")
     g.add_argument("--quant-include", default="", help="quantise only these layers (module paths or globs)")
-    g.add_argument("--quant-exclude", default="", help="never quantise these layers, e.g. final_layer,t_embedder")
+    g.add_argument("--quant-exclude", default="default", help="never quantise these layers (module paths or globs): "
+                   "'default' (*.merged_layer2: the SDTM skip path), 'none', or a list, e.g. default,final_layer")
     g.add_argument("--error-tol", default="", help="per-precision gate on the relative RMS error vs the fp32 graph "
                    "on held-out calibration rows, e.g. int8-static=0.15,fp16=0.02")
     g.add_argument("--quality-gate", type=int, default=0, metavar="PER_CLASS",
@@ -172,7 +173,8 @@ def _convert(args) -> int:
                           optimize=args.optimize, optimize_level=args.optimize_level, onnxsim=args.onnxsim,
                           precision=args.precision, extra_precisions=tuple(_split(args.extra_precisions)),
                           fp32_islands=args.fp32_islands, quant_ops=tuple(_split(args.quant_ops)),
-                          quant_include=tuple(_split(args.quant_include)), quant_exclude=tuple(_split(args.quant_exclude)),
+                          quant_include=tuple(_split(args.quant_include)),
+                          quant_exclude=tuple(_split(args.quant_exclude)) or ("none",),
                           calib=args.calib, calib_settings=_calib_settings(args), calib_method=args.calib_method,
                           error_tol=_pairs(args.error_tol, "--error-tol"), quality_gate=args.quality_gate,
                           backend=args.backend, engine_cache=args.engine_cache, timing_cache=args.timing_cache)

@@ -20,7 +20,7 @@ from .export import MIN_OPSET, check_opset, export_onnx, export_torchscript, par
 from .optimize import LEVELS, optimize_graph
 from .quantize import (CALIB_METHODS, DEFAULT_ERROR_TOL, DEFAULT_OP_TYPES, all_finite, check_layer_patterns,
                        compare_to_fp32, fp8_static, int8_dynamic, int8_static, island_layer_patterns, parse_islands,
-                       to_fp16, try_session)
+                       layer_matches, resolve_exclude, to_fp16, try_session)
 from .flops import forward_macs
 from .schedule import describe, parse_schedule
 from .stages import INPUT_NAMES, OUTPUT_NAMES, StageModule, sample_inputs
@@ -55,7 +55,7 @@ class ConvertOptions:
     fp32_islands: str | None = None  # fp16 graphs; None: quantize.DEFAULT_ISLANDS
     quant_ops: tuple = DEFAULT_OP_TYPES
     quant_include: tuple = ()
-    quant_exclude: tuple = ()
+    quant_exclude: tuple | None = None  # None: quantize.DEFAULT_QUANT_EXCLUDE; ("none",): nothing
     calib: str | None = None  # an existing calibration set (flexdit-export calibrate)
     calib_settings: dict = field(default_factory=dict)  # CaptureSettings overrides for a new capture
     calib_method: str = "minmax"
@@ -113,8 +113,9 @@ def _error_tols(opts: ConvertOptions) -> dict:
     return tols
 
 
-def _check_quant_options(opts: ConvertOptions, model, islands: list[str]) -> None:
-    """User errors in the precision options, found before anything is exported."""
+def _check_quant_options(opts: ConvertOptions, model, islands: list[str]) -> list[str]:
+    """User errors in the precision options, found before anything is exported; -> the layer
+    patterns kept out of quantisation."""
     if opts.calib_method not in CALIB_METHODS:
         raise UserError(f"unknown calibration method {opts.calib_method!r} (choose from {', '.join(CALIB_METHODS)})")
     if not opts.quant_ops:
@@ -123,11 +124,17 @@ def _check_quant_options(opts: ConvertOptions, model, islands: list[str]) -> Non
         raise UserError(f"unknown optimisation level {opts.optimize_level!r} (choose from {', '.join(LEVELS)})")
     modules = [n for n, _ in model.named_modules()]
     check_layer_patterns(opts.quant_include, modules, "--quant-include")
-    check_layer_patterns(opts.quant_exclude, modules, "--quant-exclude")
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    for p in opts.quant_include:
+        if not any(layer_matches(n, p) for n in linears):
+            raise UserError(f"--quant-include: {p!r} holds no linear layer (nothing there is a MatMul/Gemm to quantise)")
+    exclude, mine = resolve_exclude(opts.quant_exclude, modules)
+    check_layer_patterns(mine, modules, "--quant-exclude")
     unknown = [it[3:] for it in islands if it.startswith("op:") and not it[3:]]
     if unknown:
         raise UserError("--fp32-islands: 'op:' needs an operator type, e.g. op:Softmax")
     check_layer_patterns(island_layer_patterns(islands), modules, "--fp32-islands")
+    return exclude
 
 
 def _calibration(model, stage_dicts, opts: ConvertOptions, out, defaults: dict, cfg_channels: str, B: int, log):
@@ -168,7 +175,8 @@ def sampling_defaults(ck, overrides: dict) -> dict:
     return {"sampler": "ddpm", "steps": 250, "cfg_scale": 4.0, "eta": 0.0, **ck.sampling_defaults, **overrides}
 
 
-def _variant(w, tag, sid, prec, fp32_files, fp32_art, calib, opts: ConvertOptions, islands, tols, B, log) -> dict:
+def _variant(w, tag, sid, prec, fp32_files, fp32_art, calib, opts: ConvertOptions, islands, exclude, tols, B,
+             log) -> dict:
     """Build, check and gate one lower-precision graph of a stage; -> its artifact."""
     import onnx
 
@@ -177,7 +185,7 @@ def _variant(w, tag, sid, prec, fp32_files, fp32_art, calib, opts: ConvertOption
     src = fp32_files[0]
     dst = w.path(f"stages/{tag}.{prec}.onnx")
     hold = list(StageBatches(calib, sid, B, "holdout"))
-    sel = dict(op_types=tuple(opts.quant_ops), include=tuple(opts.quant_include), exclude=tuple(opts.quant_exclude))
+    sel = dict(op_types=tuple(opts.quant_ops), include=tuple(opts.quant_include), exclude=tuple(exclude))
     extra = {}
     if prec == "fp16":
         extra["fp32_islands"] = to_fp16(src, dst, islands)
@@ -252,7 +260,7 @@ def convert(ckpt_path, out, opts: ConvertOptions, log=print) -> Path:
             raise UserError(f"VAE has {vae.latent_channels} latent channels but the model has {cfg.in_channels}")
     model = ck.build()
     islands = parse_islands(opts.fp32_islands)
-    _check_quant_options(opts, model, islands)
+    exclude = _check_quant_options(opts, model, islands)
     torch.manual_seed(opts.seed)
     log(f"model: {cfg.name} ({ck.source_format}), {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
         f"latent {cfg.in_channels}x{cfg.input_size}x{cfg.input_size}, {cfg.num_tokens} tokens")
@@ -302,7 +310,7 @@ def convert(ckpt_path, out, opts: ConvertOptions, log=print) -> Path:
                 + (f", optimised ({opt['level']}{' + onnxsim' if opt['onnxsim'] else ''}): "
                    f"{opt['nodes_before']} -> {opt['nodes_after']} nodes" if opt else ""))
             for prec in build[sid][1:]:
-                artifacts.append(_variant(w, tag, sid, prec, files, fp32_art, calib, opts, islands, tols, B, log))
+                artifacts.append(_variant(w, tag, sid, prec, files, fp32_art, calib, opts, islands, exclude, tols, B, log))
             stage_entries.append({
                 "id": sid, "t_min": st.t_min, "t_max": st.t_max, "sparse_grid": st.sparse_grid,
                 "tokens": st.tokens(cfg.grid) if cfg.family == "flexdit" else cfg.num_tokens, "batch": B,

@@ -14,5 +14,5 @@ def quant_bundle(tmp_path_factory, ref_ckpt):
     run_cli("flexdit-export", "convert", ref_ckpt, "-o", out, "--schedule", "600:2,300:3,0:dense", "--num-heads", "4",
             "--optimize", "--onnxsim", "--precision", POLICY, "--extra-precisions", "fp8",
             "--calib-steps", "10", "--calib-images", "8", "--calib-holdout-images", "4",
-            "--quant-exclude", "final_layer")
+            "--quant-exclude", "default,final_layer")
     return out

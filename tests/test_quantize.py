@@ -159,14 +159,21 @@ def test_qdq_graphs_are_per_channel_symmetric_and_respect_excludes(quant_bundle)
         assert act_q and all(not np.any(onnx.numpy_helper.to_array(inits[n.input[2]]).astype(np.float32))
                              for n in act_q)  # activations symmetric too (TensorRT needs zero point 0)
         producers = {o: n for n in model.graph.node for o in n.output}
-        for n in model.graph.node:  # --quant-exclude final_layer
-            if layer_of(n.name).startswith("final_layer") and n.op_type in ("MatMul", "Gemm"):
+        excluded = 0
+        for n in model.graph.node:  # --quant-exclude default,final_layer (default: the SDTM skip-path linears)
+            layer = layer_of(n.name)
+            if (layer.startswith("final_layer") or layer.endswith(".merged_layer2")) and n.op_type in ("MatMul", "Gemm"):
+                excluded += 1
                 assert all(producers.get(i) is None or producers[i].op_type != "DequantizeLinear" for i in n.input)
+        assert excluded == 2 + 2  # final_layer: adaLN + linear; two SDTMs: one merged_layer2 each
         opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
         assert opset >= (19 if prec == "fp8" else 18)
     dyn = onnx.load(str(quant_bundle / _art(stages[0], "int8-dynamic")["path"]))
     ops = {n.op_type for n in dyn.graph.node}
     assert "DynamicQuantizeLinear" in ops and ({"MatMulInteger", "DynamicQuantizeMatMul"} & ops)
+    integer = [layer_of(n.name) for n in dyn.graph.node if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")]
+    assert integer and not [x for x in integer if x.startswith("final_layer") or x.endswith("merged_layer2")]
+    assert any(x.endswith("merged_layer1") for x in integer)
     assert _art(stages[0], "fp8")["check"]["by"].endswith("(float8 Q/DQ emulated in fp32)")
 
 
@@ -219,6 +226,7 @@ def test_bundles_without_a_policy_still_load(flex_bundle, tmp_path):
     (["--extra-precisions", "fp12"], "unknown precision 'fp12'"),
     (["--precision", "int8", "--quant-exclude", "blocks.99"], "--quant-exclude: 'blocks.99' matches no layer"),
     (["--precision", "int8", "--quant-include", "dumbbell_blocks.*.nope"], "matches no layer"),
+    (["--precision", "int8", "--quant-include", "x_embedder"], "'x_embedder' holds no linear layer"),
     (["--precision", "fp16", "--fp32-islands", "layernorm,attn_typo"], "--fp32-islands: 'attn_typo' matches no layer"),
     (["--precision", "int8-static", "--calib", "{tmp}/missing"], "no calibration set at"),
     (["--precision", "int8-static", "--calib-method", "mse"], "unknown calibration method 'mse'"),
