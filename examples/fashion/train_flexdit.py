@@ -236,7 +236,7 @@ def main(argv=None) -> int:
         gen.set_state(state["gen"])
         torch.set_rng_state(state["torch_rng"])
         step, history, elapsed = int(state["step"]), list(state["history"]), float(state["elapsed"])
-    history.append({"command": command, "from_step": step, "to_step": a.steps})
+    history.append({"command": command, "from_step": step, "to_step": a.steps, "threads": a.threads})
 
     x_all, y_all = load_model_split("train", a.data_dir)
     x_all, y_all = torch.from_numpy(x_all), torch.from_numpy(y_all)
@@ -313,7 +313,7 @@ def main(argv=None) -> int:
                 "steps": step, "batch": a.batch, "lr": a.lr, "ema_decay": a.ema_decay,
                 "final_loss": round(final_loss, 5), "final_mse": round(final_mse, 5),
                 "final_loss_window": len(recent), "wall_time_s": round(elapsed, 1),
-                "threads": a.threads, "torch": torch.__version__, "dataset": "Fashion-MNIST train (60000)",
+                "threads": history[0].get("threads", a.threads), "torch": torch.__version__, "dataset": "Fashion-MNIST train (60000)",
                 "parameters": n_params}
     extra = {"sampling": {"sampler": a.default_sampler, "steps": a.default_steps, "cfg_scale": a.default_cfg_scale},
              "schedule": schedule_text, "training": training}
