@@ -52,7 +52,8 @@ def read_idx(path) -> np.ndarray:
     except FileNotFoundError:
         raise UserError(f"IDX file not found: {path}") from None
     except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise UserError(f"cannot read IDX file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot read IDX file {path}: {why}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise UserError(f"{path} is not an IDX file (bad magic number)")
     if raw[2] != 0x08:

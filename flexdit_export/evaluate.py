@@ -84,7 +84,8 @@ def _load_classifier_cached(d: str):
     d = Path(d)
     weights, metrics = d / CLASSIFIER_WEIGHTS, d / CLASSIFIER_METRICS
     if not weights.is_file():
-        raise UserError(f"classifier weights not found: {weights} (train them with examples/fashion/train_classifier.py)")
+        raise UserError(f"classifier weights not found: {weights} "
+                        "(train them with examples/fashion/train_classifier.py)")
     try:
         meta = json.loads(metrics.read_text()) if metrics.is_file() else {}
         sd = load_file(str(weights))
@@ -174,7 +175,8 @@ def real_baseline(n: int, seed: int = 0, classifier_dir=None, data_dir=None) -> 
     x, y = load_model_split("train", data_dir)
     idx = np.random.default_rng([seed, 99]).choice(len(x), size=min(n, len(x)), replace=False)
     f, logits = _run(x[idx], model)
-    return {"n": int(len(idx)), "fd": frechet_distance(f, test_f), "class_accuracy": float(np.mean(logits.argmax(1) == y[idx])),
+    return {"n": int(len(idx)), "fd": frechet_distance(f, test_f),
+            "class_accuracy": float(np.mean(logits.argmax(1) == y[idx])),
             "classifier_test_accuracy": test_acc}
 
 
@@ -182,7 +184,8 @@ def real_baseline(n: int, seed: int = 0, classifier_dir=None, data_dir=None) -> 
 def _noise_source(seed: int, n: int, shape):
     """The per-step noise both samplers use: step k's noise for all n images."""
     def noise(k):
-        return np.random.default_rng([int(seed), _NOISE_SALT, int(k)]).standard_normal((n,) + tuple(shape), dtype=np.float32)
+        rng = np.random.default_rng([int(seed), _NOISE_SALT, int(k)])
+        return rng.standard_normal((n,) + tuple(shape), dtype=np.float32)
     return noise
 
 
@@ -275,9 +278,10 @@ def evaluate_bundle(bundle_path, per_class: int = 50, steps=None, sampler=None, 
         stages = bundle_stages
         if schedule_override:
             cfg = m["model"]["config"]
-            stages = [(s.t_min, s.t_max, s.sparse_grid) for s in
-                      parse_schedule(schedule_override, T=m["diffusion"]["num_timesteps"], grid=cfg["input_size"] // cfg["patch_size"],
-                                     family=cfg["family"], semantic_size=cfg.get("semantic_size", 8))]
+            parsed = parse_schedule(schedule_override, T=m["diffusion"]["num_timesteps"],
+                                    grid=cfg["input_size"] // cfg["patch_size"], family=cfg["family"],
+                                    semantic_size=cfg.get("semantic_size", 8))
+            stages = [(s.t_min, s.t_max, s.sparse_grid) for s in parsed]
         imgs, samples, secs = sample_reference(reference_ckpt, m, labels, stages, seed=seed, **settings)
         report["reference"] = {**_score(imgs, labels, test_feats, classifier), "schedule": _schedule_text(stages),
                                "seconds": secs, "max_abs_sample_diff": float(np.abs(samples - res.samples).max()),
@@ -311,7 +315,7 @@ def compare_latency(bundle_a, bundle_b, *, n_images: int = 8, steps: int = 20, c
     times = [[], []]
     for r in range(repeats + 1):  # the first round warms up the sessions and is discarded
         for i, pipe in enumerate(pipes):
-            res, _, _ = sample_bundle(None, labels, steps=steps, sampler="ddim", cfg_scale=cfg_scale, seed=seed,
+            res, _, _ = sample_bundle(None, labels, steps=steps, cfg_scale=cfg_scale, seed=seed,
                                       pipeline=pipe)
             if r:
                 times[i].append(res.seconds / n_images)

@@ -25,7 +25,8 @@ needs_data = pytest.mark.skipif(not (default_dir() / "t10k-images-idx3-ubyte.gz"
 
 
 def _idx_bytes(arr: np.ndarray) -> bytes:
-    return struct.pack(">BBBB", 0, 0, 0x08, arr.ndim) + b"".join(struct.pack(">I", d) for d in arr.shape) + arr.tobytes()
+    dims = b"".join(struct.pack(">I", d) for d in arr.shape)
+    return struct.pack(">BBBB", 0, 0, 0x08, arr.ndim) + dims + arr.tobytes()
 
 
 # ---------------------------------------------------------------- dataset reader
@@ -85,13 +86,15 @@ def test_shipped_checkpoint_layout():
     assert c.grid >= 8 and c.num_classes == 10 and ck.class_names == FASHION_CLASSES
     assert (MODEL_DIR / "model.safetensors").stat().st_size <= 25e6
     meta = json.loads((MODEL_DIR / "config.json").read_text())
-    assert set(meta["sampling"]) == {"sampler", "steps", "cfg_scale"} and meta["sampling"]["sampler"] in ("ddpm", "ddim")
+    assert set(meta["sampling"]) == {"sampler", "steps", "cfg_scale"}
+    assert meta["sampling"]["sampler"] in ("ddpm", "ddim")
     stages = parse_schedule(meta["schedule"], T=1000, grid=c.grid, family="flexdit")
     assert len(stages) >= 3 and len({st.tokens(c.grid) for st in stages}) == len(stages)
     assert [st.sparse_grid for st in stages] == sorted(st.sparse_grid for st in stages)  # noisiest: fewest
     assert meta["training"]["steps"] > 0 and (MODEL_DIR / "TRAINING.md").exists()
     with torch.no_grad():
-        out = ck.build()(torch.zeros(2, 1, 32, 32), torch.tensor([999.0, 0.0]), torch.tensor([0, 10]), stages[0].sparse_grid)
+        out = ck.build()(torch.zeros(2, 1, 32, 32), torch.tensor([999.0, 0.0]), torch.tensor([0, 10]),
+                         stages[0].sparse_grid)
     assert out.shape == (2, 2, 32, 32) and torch.isfinite(out).all()
 
 
@@ -122,7 +125,8 @@ def test_training_runs_end_to_end_and_resumes_exactly(tmp_path):
     assert train.main(tiny + ["--out", str(tmp_path / "b"), "--work-dir", str(tmp_path / "wb"), "--stop-at", "2"]) == 0
     state = torch.load(tmp_path / "wb" / "train_state.pt", weights_only=True)
     assert state["step"] == 2
-    assert train.main(["--resume", str(tmp_path / "wb" / "train_state.pt"), "--steps", "4", "--out", str(tmp_path / "b"),
+    assert train.main(["--resume", str(tmp_path / "wb" / "train_state.pt"), "--steps", "4",
+                       "--out", str(tmp_path / "b"),
                        "--work-dir", str(tmp_path / "wb"), "--threads", "1", "--no-progress", "--log-every", "1"]) == 0
     a, b = load_checkpoint(tmp_path / "a"), load_checkpoint(tmp_path / "b")
     assert a.config == b.config and a.config.num_dumbbell == 2

@@ -58,7 +58,8 @@ def main(argv=None) -> int:
     for item in a.settings.split(","):
         sampler, steps, scale = item.split(":")
         t0 = time.perf_counter()
-        out = reference_sample(model, stages, _initial_noise(a.seed, n, shape), labels, steps=int(steps), sampler=sampler,
+        out = reference_sample(model, stages, _initial_noise(a.seed, n, shape), labels, steps=int(steps),
+                               sampler=sampler,
                                cfg_scale=float(scale), cfg_channels="eps" if cfg.in_channels < 4 else "first3",
                                noise_fn=_noise_source(a.seed, n, shape))
         imgs = to_uint8(out)

@@ -79,7 +79,8 @@ class TrainingDiffusion:
         true_mean = self._at("coef1", t) * x0 + self._at("coef2", t) * x_t
         true_log_var = self._at("post_log_var", t)
         kl = normal_kl(true_mean, true_log_var, model_mean, model_log_var).mean(dim=(1, 2, 3)) / math.log(2.0)
-        nll = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var).mean(dim=(1, 2, 3)) / math.log(2.0)
+        nll = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var).mean(dim=(1, 2, 3))
+        nll = nll / math.log(2.0)
         vb = torch.where(t == 0, nll, kl)
         return mse + vb, mse, vb
 
@@ -173,7 +174,8 @@ def make_config(a) -> ModelConfig:
     stages = parse_schedule(a.schedule, T=T, grid=32 // a.patch, family="flexdit")
     grids = [st.sparse_grid for st in stages]
     return ModelConfig(family="flexdit", hidden_size=a.hidden, num_heads=a.heads, patch_size=a.patch, input_size=32,
-                       in_channels=1, learn_sigma=True, num_classes=len(FASHION_CLASSES), depth=npf + nd * sum(group) + ntop,
+                       in_channels=1, learn_sigma=True, num_classes=len(FASHION_CLASSES),
+                       depth=npf + nd * sum(group) + ntop,
                        num_poolingformer=npf, num_dumbbell=nd, dumbbell_group=group, num_normal_block=ntop,
                        semantic_size=max(g for g in grids if g is not None))
 
@@ -289,7 +291,8 @@ def main(argv=None) -> int:
         if governor is not None:
             governor.record(time.perf_counter() - t_step, step)
         if step % a.log_every == 0 or step == a.steps:
-            rec = {"step": step, "lr": lr_at(a, step - 1), "threads": torch.get_num_threads(), **{k: float(np.mean(v)) for k, v in window.items()},
+            rec = {"step": step, "lr": lr_at(a, step - 1), "threads": torch.get_num_threads(),
+                   **{k: float(np.mean(v)) for k, v in window.items()},
                    "elapsed_s": round(elapsed + time.perf_counter() - t_start, 1)}
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -313,7 +316,8 @@ def main(argv=None) -> int:
                 "steps": step, "batch": a.batch, "lr": a.lr, "ema_decay": a.ema_decay,
                 "final_loss": round(final_loss, 5), "final_mse": round(final_mse, 5),
                 "final_loss_window": len(recent), "wall_time_s": round(elapsed, 1),
-                "threads": history[0].get("threads", a.threads), "torch": torch.__version__, "dataset": "Fashion-MNIST train (60000)",
+                "threads": history[0].get("threads", a.threads), "torch": torch.__version__,
+                "dataset": "Fashion-MNIST train (60000)",
                 "parameters": n_params}
     extra = {"sampling": {"sampler": a.default_sampler, "steps": a.default_steps, "cfg_scale": a.default_cfg_scale},
              "schedule": schedule_text, "training": training}
