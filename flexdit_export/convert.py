@@ -130,8 +130,7 @@ def _check_quant_options(opts: ConvertOptions, model, islands: list[str]) -> lis
             raise UserError(f"--quant-include: {p!r} holds no linear layer (nothing there is a MatMul/Gemm to quantise)")
     exclude, mine = resolve_exclude(opts.quant_exclude, modules)
     check_layer_patterns(mine, modules, "--quant-exclude")
-    unknown = [it[3:] for it in islands if it.startswith("op:") and not it[3:]]
-    if unknown:
+    if "op:" in islands:
         raise UserError("--fp32-islands: 'op:' needs an operator type, e.g. op:Softmax")
     check_layer_patterns(island_layer_patterns(islands), modules, "--fp32-islands")
     return exclude
@@ -252,6 +251,11 @@ def convert(ckpt_path, out, opts: ConvertOptions, log=print) -> Path:
     stages = parse_schedule(opts.schedule or ck.trained_schedule or "released", T=opts.num_timesteps, grid=cfg.grid, family=cfg.family,
                             semantic_size=cfg.semantic_size)
     policy, build = _plan_precisions(opts, len(stages))
+    if opts.quality_gate:
+        from .quality import check_gate_model
+        if opts.quality_gate < 1:
+            raise UserError(f"--quality-gate needs at least 1 image per class, got {opts.quality_gate}")
+        check_gate_model(cfg.num_classes, cfg.in_channels, cfg.input_size)
     vae = None
     if opts.vae:
         from .vae import load_vae_decoder

@@ -11,6 +11,8 @@ both: class accuracy and the classifier-feature FD against the 10k test images. 
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 from .errors import UserError
@@ -40,6 +42,16 @@ def judge(fp32: dict, policy: dict, precisions) -> dict:
             "verdict": verdict}
 
 
+@lru_cache(maxsize=1)
+def _test_features() -> np.ndarray:
+    """Classifier features of the 10k Fashion-MNIST test images (the FD reference), once per process."""
+    from .datasets import load_model_split
+    from .evaluate import features, load_classifier
+
+    x_test, _ = load_model_split("test")
+    return features(x_test, load_classifier()[0])
+
+
 def _scores(images, labels, classifier, test_feats) -> dict:
     from .evaluate import class_accuracy, features, frechet_distance
 
@@ -47,38 +59,110 @@ def _scores(images, labels, classifier, test_feats) -> dict:
             "fd": frechet_distance(features(images, classifier), test_feats)}
 
 
-def end_to_end(bundle, per_class: int, seed: int = 0, steps=None, threads=None, log=print) -> dict:
-    """``bundle``: a ``flexdit_runtime.Bundle`` (the one being written). -> report with ``passed``."""
-    from flexdit_runtime import Pipeline
+def check_gate_model(num_classes: int, in_channels: int, input_size: int) -> None:
+    from .datasets import FASHION_CLASSES
 
-    from .datasets import FASHION_CLASSES, load_model_split
-    from .evaluate import features, load_classifier, sample_bundle
+    if (num_classes, in_channels, input_size) != (len(FASHION_CLASSES), 1, 32):
+        raise UserError("the end-to-end gate judges samples with the Fashion-MNIST classifier: it needs a 10-class "
+                        "1x32x32 pixel-space model like models/fashion-flexdit")
 
+
+def _check_model(bundle) -> None:
     m = bundle.manifest
     cfg = m["model"]["config"]
-    if (m["model"]["num_classes"], cfg["in_channels"], cfg["input_size"]) != (len(FASHION_CLASSES), 1, 32):
-        raise UserError("--quality-gate judges samples with the Fashion-MNIST classifier: it needs a 10-class "
-                        "1x32x32 pixel-space model like models/fashion-flexdit")
-    if per_class < 1:
-        raise UserError(f"--quality-gate must be at least 1 image per class, got {per_class}")
-    policy = {st["id"]: st.get("default_precision", "fp32") for st in m["stages"]}
-    if bar_for(policy.values()) is None:
-        return {"passed": True, "verdict": "skipped: the policy is fp32 everywhere", "policy": "fp32"}
-    classifier, _ = load_classifier()
-    x_test, _ = load_model_split("test")
-    test_feats = features(x_test, classifier)
-    labels = np.repeat(np.arange(len(FASHION_CLASSES)), per_class)
-    out = {}
-    for name, precision in (("fp32", {"*": "fp32"}), ("policy", None)):
-        pipe = Pipeline(bundle, providers=["cpu"], threads=threads, precision=precision)
-        res, settings, _ = sample_bundle(None, labels, steps=steps, seed=seed, pipeline=pipe)
-        out[name] = {**_scores(res.images, labels, classifier, test_feats), "seconds": res.seconds}
-        log(f"end-to-end gate: {name}: class accuracy {out[name]['class_accuracy']:.3f}, FD {out[name]['fd']:.3f} "
-            f"({len(labels)} images, {settings['sampler']} {settings['steps']} steps, {res.seconds:.0f} s)")
+    check_gate_model(m["model"]["num_classes"], cfg["in_channels"], cfg["input_size"])
+
+
+def compare_policies(bundle, policies: dict, per_class: int, seed: int = 0, steps=None, threads=None,
+                     log=print) -> dict:
+    """Sample fp32 once and every policy ({name: precision spec or None for the bundle's
+    default}) from the same noise; score and judge each against fp32."""
+    from flexdit_runtime import Pipeline
     from flexdit_runtime.precision import describe
 
-    report = {"per_class": per_class, "images": int(len(labels)), "seed": seed, **settings,
-              "policy": describe(policy), "fp32": out["fp32"], "policy_result": out["policy"],
-              **judge(out["fp32"], out["policy"], policy.values())}
-    log(f"end-to-end gate: {report['verdict']}")
+    from .datasets import FASHION_CLASSES
+    from .evaluate import load_classifier, sample_bundle
+
+    _check_model(bundle)
+    if per_class < 1:
+        raise UserError(f"the end-to-end gate needs at least 1 image per class, got {per_class}")
+    classifier, _ = load_classifier()
+    test_feats = _test_features()
+    labels = np.repeat(np.arange(len(FASHION_CLASSES)), per_class)
+    report = {"per_class": per_class, "images": int(len(labels)), "seed": seed, "policies": {}}
+    fp32 = None
+    for name, spec in (("fp32", "fp32"), *policies.items()):
+        pipe = Pipeline(bundle, providers=["cpu"], threads=threads, precision=spec)
+        used = dict(enumerate(pipe.runner.precisions))
+        res, settings, _ = sample_bundle(None, labels, steps=steps, seed=seed, pipeline=pipe)
+        scores = {**_scores(res.images, labels, classifier, test_feats), "seconds": res.seconds,
+                  "policy": describe(used)}
+        log(f"end-to-end: {name} ({scores['policy']}): class accuracy {scores['class_accuracy']:.3f}, "
+            f"FD {scores['fd']:.3f} ({len(labels)} images, {settings['sampler']} {settings['steps']} steps, "
+            f"{res.seconds:.0f} s)")
+        report.update(settings)
+        if fp32 is None:
+            fp32 = report["fp32"] = scores
+            continue
+        verdict = judge(fp32, scores, used.values()) if bar_for(used.values()) else {"passed": True,
+                                                                                     "verdict": "fp32 everywhere"}
+        report["policies"][name] = {**scores, **verdict}
+        log(f"end-to-end: {name}: {verdict['verdict']}")
     return report
+
+
+def end_to_end(bundle, per_class: int, seed: int = 0, steps=None, threads=None, log=print) -> dict:
+    """The conversion's gate: the bundle's default policy against fp32. ``bundle``: a
+    ``flexdit_runtime.Bundle`` (the one being written). -> report with ``passed`` and ``verdict``."""
+    from flexdit_runtime.precision import describe
+
+    _check_model(bundle)
+    policy = {st["id"]: st.get("default_precision", "fp32") for st in bundle.stages}
+    if bar_for(policy.values()) is None:
+        return {"passed": True, "verdict": "skipped: the policy is fp32 everywhere", "policy": "fp32"}
+    r = compare_policies(bundle, {"policy": None}, per_class, seed, steps, threads, log)
+    p = r["policies"]["policy"]
+    return {k: v for k, v in r.items() if k != "policies"} | {
+        "policy": describe(policy), "policy_result": {k: p[k] for k in ("class_accuracy", "fd", "seconds")},
+        **{k: p[k] for k in ("bar", "max_accuracy_drop", "max_fd_ratio", "accuracy_drop", "fd_ratio", "passed",
+                             "verdict")}}
+
+
+def main(argv=None) -> int:
+    """python -m flexdit_export.quality BUNDLE --policies fp16 int8 'int8:stages=0-2,fp16:stages=3'"""
+    import argparse
+    import json
+    import sys
+
+    from flexdit_runtime import load_bundle
+    from flexdit_runtime.manifest import BundleError
+
+    ap = argparse.ArgumentParser(prog="python -m flexdit_export.quality", description=__doc__.splitlines()[0])
+    ap.add_argument("bundle", help="a bundle holding the precisions the policies name (convert --extra-precisions)")
+    ap.add_argument("--policies", nargs="+", required=True, help="precision specs, e.g. fp16 int8 'int8:stages=0-2,fp16:stages=3'")
+    ap.add_argument("--per-class", type=int, default=100)
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--json", help="write the report here")
+    a = ap.parse_args(argv)
+    try:
+        r = compare_policies(load_bundle(a.bundle), {p: p for p in a.policies}, a.per_class, a.seed, a.steps, a.threads,
+                             log=lambda m: print(m, file=sys.stderr, flush=True))
+    except (UserError, BundleError) as e:
+        print(f"quality: error: {e}", file=sys.stderr)
+        return 2
+    print(f"| policy | class accuracy | FD | accuracy drop (points) | FD ratio | bar | verdict |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| fp32 | {r['fp32']['class_accuracy']:.3f} | {r['fp32']['fd']:.2f} | | | | |")
+    for name, p in r["policies"].items():
+        print(f"| {name} | {p['class_accuracy']:.3f} | {p['fd']:.2f} | {p.get('accuracy_drop', 0) * 100:+.1f} | "
+              f"{p.get('fd_ratio', 1):.3f} | {p.get('bar', '')} | {'pass' if p['passed'] else 'FAIL'} |")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(r, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
