@@ -307,7 +307,8 @@ def main(argv=None) -> int:
         return 0
     if not recent:  # nothing left to train: report the last logged losses
         last = [json.loads(line) for line in log_path.read_text().splitlines()[-4:]] if log_path.exists() else []
-        recent = [(r["loss"], r["mse"]) for r in last] or [(float("nan"), float("nan"))]
+        # each logged record is the mean of log_every steps: weight them back into steps
+        recent = [(r["loss"], r["mse"]) for r in last for _ in range(a.log_every)] or [(float("nan"), float("nan"))]
     final_loss = float(np.mean([r[0] for r in recent]))
     final_mse = float(np.mean([r[1] for r in recent]))
     save_state(state_path, model, ema, opt, step, gen, a, history, elapsed)
