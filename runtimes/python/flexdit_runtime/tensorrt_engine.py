@@ -154,7 +154,7 @@ class TensorRTSession:
                 host = np.ascontiguousarray(feeds[name], dtype=dtype).reshape(shape)
                 _ok(cudart.cudaMemcpyAsync(ptr, host.ctypes.data, nbytes, h2d, self.stream))
                 keep.append(host)
-        if not self.context.execute_async_v3(self.stream):
+        if not self.context.execute_async_v3(int(self.stream)):
             raise BundleError("TensorRT execution failed")
         outs = []
         for name in names:
