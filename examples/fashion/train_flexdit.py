@@ -22,6 +22,7 @@ checkpoint (``model.safetensors`` + ``config.json``) plus ``TRAINING.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import shlex
@@ -137,11 +138,14 @@ def parse_args(argv=None):
     ap.add_argument("--work-dir", default="out/fashion-train", help="training state and loss log")
     ap.add_argument("--resume", help="training-state file to continue from (its architecture and seed are used)")
     ap.add_argument("--data-dir", help="Fashion-MNIST IDX directory (default /usr/share/datasets/fashion-mnist)")
-    ap.add_argument("--steps", type=int, default=4000, help="total optimiser steps (also when resuming)")
+    ap.add_argument("--steps", type=int, default=8000, help="total optimiser steps (also when resuming)")
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--warmup", type=int, default=300, help="linear LR warm-up steps")
-    ap.add_argument("--min-lr-frac", type=float, default=0.1, help="cosine decay ends at lr * this")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=200, help="linear LR warm-up steps")
+    ap.add_argument("--min-lr-frac", type=float, default=0.05, help="cosine decay ends at lr * this")
+    ap.add_argument("--amp", choices=("bf16", "off"), default="bf16",
+                    help="bf16 autocast for the forward/backward (weights, optimiser and EMA stay fp32): "
+                         "~1.8x faster on CPUs with AVX512-BF16/AMX")
     ap.add_argument("--ema-decay", type=float, default=0.999)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--heads", type=int, default=4)
@@ -158,7 +162,7 @@ def parse_args(argv=None):
     ap.add_argument("--save-every", type=int, default=500, help="write the training state every N steps")
     ap.add_argument("--default-sampler", choices=("ddpm", "ddim"), default="ddpm")
     ap.add_argument("--default-steps", type=int, default=100)
-    ap.add_argument("--default-cfg-scale", type=float, default=3.0)
+    ap.add_argument("--default-cfg-scale", type=float, default=4.0)
     ap.add_argument("--stop-at", type=int,
                     help="stop after this step as an interruption would (the state is saved; continue with --resume)")
     ap.add_argument("--no-progress", action="store_true")
@@ -166,7 +170,8 @@ def parse_args(argv=None):
 
 
 ARCH_KEYS = ("hidden", "heads", "patch", "layout", "schedule", "seed", "batch", "lr", "warmup", "min_lr_frac",
-             "ema_decay")
+             "ema_decay", "amp")
+ARCH_DEFAULTS = {"amp": "off"}  # states written before the flag existed trained in fp32
 
 
 def make_config(a) -> ModelConfig:
@@ -185,6 +190,18 @@ def lr_at(a, step):
         return a.lr * (step + 1) / a.warmup
     p = min(1.0, (step - a.warmup) / max(1, a.steps - a.warmup))
     return a.lr * (a.min_lr_frac + (1 - a.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def compute_context(amp: str):
+    """bf16: autocast the network's matmuls to bf16 and use the plain (math) attention kernel,
+    which beats the CPU flash kernel at these 16-64 token sequences; off: fp32 as exported."""
+    stack = contextlib.ExitStack()
+    if amp == "bf16":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+    return stack
 
 
 @torch.no_grad()
@@ -217,7 +234,7 @@ def main(argv=None) -> int:
         except Exception as e:
             raise UserError(f"cannot read training state {a.resume}: {str(e).splitlines()[0][:200]}") from None
         for k in ARCH_KEYS:  # the run's identity comes from the state, not from the flags
-            setattr(a, k, state["args"][k])
+            setattr(a, k, state["args"].get(k, ARCH_DEFAULTS.get(k)))
     cfg = make_config(a)
     stages = parse_schedule(a.schedule, T=T, grid=cfg.grid, family="flexdit")
     if len(stages) < 1 or any(st.sparse_grid is None for st in stages):
@@ -274,8 +291,9 @@ def main(argv=None) -> int:
         x_t = diff.q_sample(x0, t, noise)
         for g in opt.param_groups:
             g["lr"] = lr_at(a, step)
-        out = model(x_t, t.float(), y, st.sparse_grid)
-        loss, mse, vb = diff.losses(out, x0, x_t, t, noise)
+        with compute_context(a.amp):
+            out = model(x_t, t.float(), y, st.sparse_grid)
+        loss, mse, vb = diff.losses(out.float(), x0, x_t, t, noise)
         loss = loss.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -314,7 +332,7 @@ def main(argv=None) -> int:
     save_state(state_path, model, ema, opt, step, gen, a, history, elapsed)
     schedule_text = ",".join(f"{st.t_min}:{st.sparse_grid}" for st in stages)
     training = {"commands": [h["command"] for h in history], "command": history[0]["command"], "seed": a.seed,
-                "steps": step, "batch": a.batch, "lr": a.lr, "ema_decay": a.ema_decay,
+                "steps": step, "batch": a.batch, "lr": a.lr, "ema_decay": a.ema_decay, "amp": a.amp,
                 "final_loss": round(final_loss, 5), "final_mse": round(final_mse, 5),
                 "final_loss_window": len(recent), "wall_time_s": round(elapsed, 1),
                 "threads": history[0].get("threads", a.threads), "torch": torch.__version__,
@@ -327,6 +345,10 @@ def main(argv=None) -> int:
     print(f"saved EMA checkpoint to {out} (step {step}, final loss {final_loss:.4f}, mse {final_mse:.4f}, "
           f"wall {elapsed / 60:.1f} min)", file=sys.stderr)
     return 0
+
+
+AMP_TEXT = {"bf16": "bf16 autocast forward/backward (math attention); fp32 weights, AdamW state and EMA",
+            "off": "fp32"}
 
 
 def write_training_md(out: Path, cfg: ModelConfig, training: dict, extra: dict, stages, segment_s: float):
@@ -346,6 +368,7 @@ def write_training_md(out: Path, cfg: ModelConfig, training: dict, extra: dict, 
         f"| seed | {training['seed']} |",
         f"| optimiser steps | {training['steps']} (batch {training['batch']}, AdamW lr {training['lr']}, "
         f"warm-up + cosine, EMA {training['ema_decay']}) |",
+        f"| compute | {AMP_TEXT[training.get('amp', 'off')]} |",
         f"| final loss (mean of the last {training['final_loss_window']} steps) | {training['final_loss']} "
         f"(MSE part {training['final_mse']}) |",
         f"| wall time | {training['wall_time_s'] / 60:.1f} min, torch threads {training['threads']} "
