@@ -309,7 +309,7 @@ def convert(ckpt_path, out, opts: ConvertOptions, log=print) -> Path:
                 artifacts.append(w.artifact(ts, "torchscript", "fp32"))
             p = parity["onnx/fp32"]
             opt = extra.get("optimization")
-            log(f"stage {sid}: t {st.t_max}..{st.t_min}, {st.tokens(cfg.grid)} sparse tokens, "
+            log(f"stage {sid}: t {st.t_max}..{st.t_min}, {st.tokens(cfg.grid)} {'sparse' if st.sparse_grid else 'dense'} tokens, "
                 f"ONNX parity max abs {p['max_abs']:.2e} rel {p['max_rel']:.2e}"
                 + (f", optimised ({opt['level']}{' + onnxsim' if opt['onnxsim'] else ''}): "
                    f"{opt['nodes_before']} -> {opt['nodes_after']} nodes" if opt else ""))

@@ -30,19 +30,28 @@ def main(argv=None) -> int:
     ap.add_argument("--dense-bundle", default="/tmp/fashion-bundle-dense")
     ap.add_argument("--per-class", type=int, default=50)
     ap.add_argument("--batch", type=int, default=2, help="graph batch of both bundles (convert's default is 2)")
+    ap.add_argument("--latency-batch", type=int, default=16,
+                    help="also time both schedules with graphs of this batch (B/2 images per call with CFG), where "
+                         "compute rather than per-call overhead dominates; 0: skip")
     ap.add_argument("--no-convert", action="store_true", help="reuse existing bundles")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     schedule = json.loads((Path(a.ckpt) / "config.json").read_text())["schedule"]
+    pairs = [(a.bundle, a.dense_bundle, a.batch)]
+    if a.latency_batch:
+        pairs.append((f"{a.bundle}-b{a.latency_batch}", f"{a.dense_bundle}-b{a.latency_batch}", a.latency_batch))
     if not a.no_convert:
-        convert(a.ckpt, a.bundle, ConvertOptions(schedule=schedule, batch=a.batch, force=True))
-        convert(a.ckpt, a.dense_bundle, ConvertOptions(schedule="dense", batch=a.batch, force=True))
+        for flex, dense_dir, batch in pairs:
+            convert(a.ckpt, flex, ConvertOptions(schedule=schedule, batch=batch, force=True))
+            convert(a.ckpt, dense_dir, ConvertOptions(schedule="dense", batch=batch, force=True))
     kw = dict(per_class=a.per_class, seed=a.seed, threads=a.threads, log=print)
     report = evaluate_bundle(a.bundle, reference_ckpt=a.ckpt, **kw)
     dense = evaluate_bundle(a.dense_bundle, **kw)
-    latency = compare_latency(a.bundle, a.dense_bundle, cfg_scale=report["cfg_scale"], threads=a.threads, seed=a.seed)
+    latency = [compare_latency(flex, dense_dir, n_images=max(8, batch), cfg_scale=report["cfg_scale"],
+                               threads=a.threads, seed=a.seed) | {"graph_batch": batch}
+               for flex, dense_dir, batch in pairs]
     summary = {
         "settings": {k: report[k] for k in ("sampler", "steps", "cfg_scale", "n_images", "seed", "schedule")},
         "class_accuracy": {"bundle": report["class_accuracy"], "pytorch": report["reference_class_accuracy"],
@@ -50,7 +59,8 @@ def main(argv=None) -> int:
         "fd": {"bundle": report["fd"], "pytorch": report["reference_fd"], "dense_bundle": dense["fd"],
                "real_train_subset": report["real_fd"]},
         "fd_ratio_bundle_over_pytorch": report["fd_ratio"],
-        "latency_dense_over_flexdit": latency["ratio_b_over_a"], "latency": latency,
+        "latency_dense_over_flexdit": {f"graph batch {r['graph_batch']}": r["ratio_b_over_a"] for r in latency},
+        "latency": latency,
         "note": report["fd_note"],
     }
     print(json.dumps(summary, indent=2))
