@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -28,9 +27,8 @@ from flexdit_export.convert import ConvertOptions, convert
 from flexdit_export.model import SIZES, ModelConfig, build_model
 from flexdit_runtime import load_bundle
 from flexdit_runtime.engines import make_session
+from timing import FLEX_LAYOUT, interleaved_medians, random_weights
 
-# 12-block bodies as in step_latency.py: 1 Poolingformer, 2 SDTMs of [1,2,1,1], 1 top block.
-FLEX_LAYOUT = dict(num_poolingformer=1, num_dumbbell=2, dumbbell_group=[1, 2, 1, 1], num_normal_block=1)
 PRECISIONS = ("fp32", "int8-dynamic", "int8-static", "fp16")
 
 
@@ -38,13 +36,7 @@ def random_flexdit(body: str, latent: int, seed: int = 1):
     C, h, depth = SIZES[body]
     cfg = ModelConfig(family="flexdit", hidden_size=C, num_heads=h, depth=depth, patch_size=2, input_size=latent,
                       num_classes=1000, **FLEX_LAYOUT)
-    model = build_model(cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    return model.eval()
+    return random_weights(build_model(cfg), seed)
 
 
 def main():
@@ -54,6 +46,7 @@ def main():
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--settle-ms", type=float, default=50.0, help="pause before each timed call (see timing.py)")
     ap.add_argument("--bundle", help="reuse a bundle made by an earlier run of this script")
     ap.add_argument("--json", help="write medians here")
     args = ap.parse_args()
@@ -83,15 +76,7 @@ def main():
             for prec in PRECISIONS:
                 sess = make_session(bundle.path(bundle.artifact(st, "onnx", prec)), ["CPUExecutionProvider"], threads)
                 cands[(s, f"ORT {prec}")] = (lambda sess=sess: sess.run(None, feeds))
-        times = {k: [] for k in cands}
-        with torch.no_grad():
-            for r in range(args.warmup + args.rounds):
-                for k, fn in cands.items():
-                    t0 = time.perf_counter()
-                    fn()
-                    if r >= args.warmup:
-                        times[k].append(time.perf_counter() - t0)
-        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        med = interleaved_medians(cands, args.rounds, args.warmup, args.settle_ms)
         print(f"\n### FlexDiT-{args.body}/2 body, latent {args.latent} ({args.latent * 8} px), batch 2, {threads} thread(s), "
               f"{args.rounds} interleaved rounds: median ms per step (speed-up vs ORT fp32 | vs PyTorch eager)")
         print("| stage (s) | PyTorch eager | " + " | ".join(f"ORT {p}" for p in PRECISIONS) + " |")

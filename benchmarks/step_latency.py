@@ -12,31 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from flexdit_export.export import export_onnx
 from flexdit_export.model import SIZES, ModelConfig, build_model
 from flexdit_export.schedule import equal_stages, paper4_grids
 from flexdit_export.stages import INPUT_NAMES, OUTPUT_NAMES, StageModule
-
-# 12-block bodies: 1 Poolingformer, 2 SDTMs of [1,2,1,1], 1 top block.
-FLEX_LAYOUT = dict(num_poolingformer=1, num_dumbbell=2, dumbbell_group=[1, 2, 1, 1], num_normal_block=1)
-
-
-def random_weights(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != "pos_embed":
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    return model.eval()
-
+from flexdit_runtime.engines import make_session
+from timing import FLEX_LAYOUT, interleaved_medians, random_weights
 
 def build(body: str, latent: int = 32):
     C, h, depth = SIZES[body]
@@ -46,21 +32,13 @@ def build(body: str, latent: int = 32):
     return dit, flex
 
 
-def ort_session(path, threads):
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bodies", nargs="+", default=["S", "B"])
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--settle-ms", type=float, default=50.0, help="pause before each timed call (see timing.py)")
     ap.add_argument("--json", help="write raw medians here")
     args = ap.parse_args()
     results = []
@@ -82,18 +60,10 @@ def main():
             torch.set_num_threads(threads)
             cands = {"torch dense DiT": lambda: dit(x, t, y)}
             for s, p in paths.items():
-                sess = ort_session(p, threads)
+                sess = make_session(p, ["CPUExecutionProvider"], threads)
                 cands[f"torch FlexDiT s={s}"] = (lambda s=s: flex(x, t, y, s))
                 cands[f"ORT FlexDiT s={s}"] = (lambda sess=sess: sess.run(None, feeds))
-            times = {k: [] for k in cands}
-            with torch.no_grad():
-                for r in range(args.warmup + args.rounds):
-                    for name, fn in cands.items():
-                        t0 = time.perf_counter()
-                        fn()
-                        if r >= args.warmup:
-                            times[name].append(time.perf_counter() - t0)
-            med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            med = interleaved_medians(cands, args.rounds, args.warmup, args.settle_ms)
             results.append({"body": f"DiT-{body}/2", "threads": threads, "median_ms": med})
             dense = med["torch dense DiT"]
             print(f"\n### DiT-{body}/2 body, latent 32, batch 2, {threads} thread(s), {args.rounds} interleaved rounds")

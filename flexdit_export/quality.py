@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     except (UserError, BundleError) as e:
         print(f"quality: error: {e}", file=sys.stderr)
         return 2
-    print(f"| policy | class accuracy | FD | accuracy drop (points) | FD ratio | bar | verdict |")
+    print("| policy | class accuracy | FD | accuracy drop (points) | FD ratio | bar | verdict |")
     print("|---|---|---|---|---|---|---|")
     print(f"| fp32 | {r['fp32']['class_accuracy']:.3f} | {r['fp32']['fd']:.2f} | | | | |")
     for name, p in r["policies"].items():

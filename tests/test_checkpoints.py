@@ -1,12 +1,11 @@
 """Every checkpoint format, layout inference, DiT -> FlexDiT initialisation, safe loading."""
 
 import os
-import pickle
 
 import pytest
 import torch
 
-from factories import TINY_DIT, TINY_FLEX, random_model, save_reference_training, save_state_dict
+from factories import TINY_DIT, random_model, save_reference_training, save_state_dict
 from flexdit_export.checkpoints import init_flexdit_from_dit, load_checkpoint, parse_layout, save_checkpoint
 from flexdit_export.errors import UserError
 from flexdit_export.model import ModelConfig

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from factories import TINY_FLEX, random_model
 from flexdit_export.reference_sampler import reference_sample
 from flexdit_runtime import Pipeline
 from flexdit_runtime.diffusion import Diffusion, linear_betas, space_timesteps

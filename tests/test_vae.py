@@ -3,7 +3,6 @@ that carries it."""
 
 import json
 
-import numpy as np
 import pytest
 import torch
 

@@ -373,7 +373,7 @@ def write_training_md(out: Path, cfg: ModelConfig, training: dict, extra: dict, 
         f"(MSE part {training['final_mse']}) |",
         f"| wall time | {training['wall_time_s'] / 60:.1f} min, torch threads {training['threads']} "
         f"(torch {training['torch']}) |",
-        f"| loss | improved-DDPM hybrid: MSE(eps) + VLB(learned range, stop-grad mean), T = 1000 linear betas |",
+        "| loss | improved-DDPM hybrid: MSE(eps) + VLB(learned range, stop-grad mean), T = 1000 linear betas |",
         f"| label dropout | 0.1 (null class {cfg.num_classes} for CFG) |", "",
         f"Runtime defaults stored in config.json: {json.dumps(extra['sampling'])}.", "",
         "Convert and sample:", "",
