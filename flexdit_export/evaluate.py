@@ -304,25 +304,54 @@ def _schedule_text(stages) -> str:
     return ",".join(f"{lo}:{'dense' if s is None else s}" for lo, _, s in stages)
 
 
+_TIMER = """
+import json, sys, time
+from flexdit_runtime import Pipeline
+from flexdit_runtime.engines import share_thread_pool
+a = json.loads(sys.argv[1])
+share_thread_pool(a["threads"])
+pipe = Pipeline.from_bundle(a["bundle"], providers=["cpu"], threads=a["threads"])
+times = []
+for r in range(2):  # the first pass warms the sessions up and is discarded
+    t0 = time.perf_counter()
+    pipe(a["labels"], steps=a["steps"], cfg_scale=a["cfg_scale"], seed=a["seed"])
+    times.append(time.perf_counter() - t0)
+print(json.dumps({"seconds": times[-1]}))
+"""
+
+
+def _time_in_runtime_process(bundle, labels, steps, cfg_scale, threads, seed) -> float:
+    """Seconds to sample ``labels`` in a fresh process set up as flexdit-run sets itself up (one
+    intra-op pool shared by the stage sessions), not inside this compiler process."""
+    import json
+    import subprocess
+    import sys
+
+    arg = json.dumps({"bundle": str(bundle), "labels": [int(v) for v in labels], "steps": steps,
+                      "cfg_scale": cfg_scale, "threads": threads, "seed": seed})
+    p = subprocess.run([sys.executable, "-c", _TIMER, arg], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise UserError(f"timing {bundle} failed: {(p.stderr.strip().splitlines() or ['?'])[-1][:300]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])["seconds"]
+
+
 def compare_latency(bundle_a, bundle_b, *, n_images: int = 8, steps: int = 20, cfg_scale=None, repeats: int = 3,
                     threads=None, seed: int = 0) -> dict:
-    """Per-image sampling latency of two bundles (same prompts, steps and noise), measured
-    interleaved a, b, a, b, ... so machine load hits both alike; medians and the b/a ratio."""
-    from flexdit_runtime import Pipeline
+    """Per-image sampling latency of two bundles (same prompts, steps and noise), each timed in
+    its own runtime process, interleaved a, b, a, b, ... so machine load hits both alike;
+    medians and the b/a ratio."""
+    from flexdit_runtime import load_bundle
 
-    pipes = [Pipeline.from_bundle(p, providers=["cpu"], threads=threads) for p in (bundle_a, bundle_b)]
+    bundles = [load_bundle(p) for p in (bundle_a, bundle_b)]
     labels = np.arange(n_images) % len(FASHION_CLASSES)
     times = [[], []]
-    for r in range(repeats + 1):  # the first round warms up the sessions and is discarded
-        for i, pipe in enumerate(pipes):
-            res, _, _ = sample_bundle(None, labels, steps=steps, cfg_scale=cfg_scale, seed=seed,
-                                      pipeline=pipe)
-            if r:
-                times[i].append(res.seconds / n_images)
+    for _ in range(repeats):
+        for i, path in enumerate((bundle_a, bundle_b)):
+            times[i].append(_time_in_runtime_process(path, labels, steps, cfg_scale, threads, seed) / n_images)
     med = [float(np.median(t)) for t in times]
-    macs = [sum(s["macs"] for s in p.bundle.manifest["stages"]) / len(p.bundle.manifest["stages"]) for p in pipes]
+    macs = [sum(s["macs"] for s in b.manifest["stages"]) / len(b.manifest["stages"]) for b in bundles]
     return {"a": str(bundle_a), "b": str(bundle_b), "n_images": n_images, "steps": steps, "repeats": repeats,
-            "seconds_per_image": med, "ratio_b_over_a": med[1] / med[0],
+            "threads": threads, "seconds_per_image": med, "ratio_b_over_a": med[1] / med[0],
             "mean_stage_macs": macs, "macs_ratio_b_over_a": macs[1] / macs[0] if macs[0] else None}
 
 

@@ -145,6 +145,23 @@ def test_runtime_never_imports_torch(flex_bundle):
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr
 
 
+def test_shared_thread_pool_gives_the_same_samples(flex_bundle, tmp_path):
+    """flexdit-run's process-wide pool (all stage sessions share it) changes timing only."""
+    out = tmp_path / "shared.npy"
+    code = (
+        "import numpy as np\n"
+        "from flexdit_runtime import Pipeline, engines\n"
+        "assert engines.share_thread_pool(1)\n"
+        f"pipe = Pipeline.from_bundle({str(flex_bundle)!r}, providers=['cpu'])\n"
+        "assert not any(s._sess_options.use_per_session_threads for s in pipe.runner.sessions)\n"
+        f"np.save({str(out)!r}, pipe([0, 1, 2], steps=6, seed=5).samples)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    own = Pipeline.from_bundle(flex_bundle, providers=["cpu"])([0, 1, 2], steps=6, seed=5).samples
+    np.testing.assert_allclose(np.load(out), own, rtol=1e-5, atol=1e-5)
+
+
 def test_images_do_not_depend_on_batching(flex_bundle):
     pipe = Pipeline.from_bundle(flex_bundle)
     a = pipe([0, 1, 2], steps=5, seed=3, batch=1)

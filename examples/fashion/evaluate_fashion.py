@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     kw = dict(per_class=a.per_class, seed=a.seed, threads=a.threads, log=print)
     report = evaluate_bundle(a.bundle, reference_ckpt=a.ckpt, **kw)
     dense = evaluate_bundle(a.dense_bundle, **kw)
-    latency = [compare_latency(flex, dense_dir, n_images=max(8, batch), cfg_scale=report["cfg_scale"],
+    latency = [compare_latency(flex, dense_dir, n_images=16, steps=report["steps"], cfg_scale=report["cfg_scale"],
                                threads=a.threads, seed=a.seed) | {"graph_batch": batch}
                for flex, dense_dir, batch in pairs]
     summary = {

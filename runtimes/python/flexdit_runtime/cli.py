@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .engines import share_thread_pool
 from .images import grid, save_png
 from .manifest import BundleError
 from .pipeline import Pipeline
@@ -106,6 +107,7 @@ def _run(args) -> int:
         except (OSError, ValueError) as e:
             raise BundleError(f"cannot read --init-noise {args.init_noise}: {e}") from None
     providers = args.providers.split(",") if args.providers else None
+    share_thread_pool(args.threads)  # this process makes all its sessions through the runtime
     pipe = Pipeline.from_bundle(args.bundle, providers, args.threads, args.precision, backend=args.backend)
     ids = [pipe.classes.resolve(p, f"{args.prompts}: ") for p in prompts]
     out = Path(args.out)
