@@ -11,6 +11,6 @@ if ! python3 -c "import flexdit_export, torch, onnx" 2>/dev/null; then
   python3 -m pip install -q torch==2.13.0          # the CPU wheel; any torch>=2.4 works
   python3 -m pip install -q -e ".[compiler]"
 fi
-flexdit-export convert models/fashion-flexdit -o "$BUNDLE" --force
-flexdit-run examples/fashion/prompts.txt --bundle "$BUNDLE" -o "$OUT" ${STEPS:+--steps "$STEPS"}
+python3 -m flexdit_export.cli convert models/fashion-flexdit -o "$BUNDLE" --force
+python3 -m flexdit_runtime.cli examples/fashion/prompts.txt --bundle "$BUNDLE" -o "$OUT" ${STEPS:+--steps "$STEPS"}
 echo "images: $OUT/ (grid: $OUT/grid.png)"
