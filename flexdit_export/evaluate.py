@@ -400,7 +400,8 @@ def main(argv=None) -> int:
         report = evaluate_bundle(a.bundle, reference_ckpt=a.reference_ckpt, schedule_override=a.schedule_override, **kw)
         if a.dense_bundle:
             dense = evaluate_bundle(a.dense_bundle, **kw)
-            lat = compare_latency(a.bundle, a.dense_bundle, cfg_scale=report["cfg_scale"], threads=a.threads)
+            lat = compare_latency(a.bundle, a.dense_bundle, n_images=16, steps=report["steps"],
+                                  cfg_scale=report["cfg_scale"], threads=a.threads, seed=a.seed)
             report["dense"] = {"bundle_result": dense["bundle_result"], "latency": lat}
             print(f"dense bundle: class acc {dense['bundle_result']['class_accuracy']:.3f}, "
                   f"FD {dense['bundle_result']['fd']:.3f}; per-image latency dense / FlexDiT = "

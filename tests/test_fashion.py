@@ -137,3 +137,16 @@ def test_training_runs_end_to_end_and_resumes_exactly(tmp_path):
     assert meta["class_names"] == FASHION_CLASSES and meta["schedule"] == "750:4,500:5,250:6,0:7"
     log = [json.loads(line) for line in (tmp_path / "wb" / "loss_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in log)
+
+
+def test_latency_comparison_of_flexdit_and_dense_bundles(tmp_path):
+    """The dense-vs-FlexDiT latency report (each bundle sampled in its own runtime process)."""
+    from flexdit_export.convert import ConvertOptions, convert
+    from flexdit_export.evaluate import compare_latency
+
+    schedule = json.loads((MODEL_DIR / "config.json").read_text())["schedule"]
+    convert(MODEL_DIR, tmp_path / "flex", ConvertOptions(schedule=schedule), log=lambda m: None)
+    convert(MODEL_DIR, tmp_path / "dense", ConvertOptions(schedule="dense"), log=lambda m: None)
+    r = compare_latency(tmp_path / "flex", tmp_path / "dense", n_images=2, steps=4, repeats=1, threads=1)
+    assert all(s > 0 for s in r["seconds_per_image"]) and r["ratio_b_over_a"] > 0
+    assert r["macs_ratio_b_over_a"] == pytest.approx(1.265, abs=0.01)  # 64 dense tokens vs 16..49
