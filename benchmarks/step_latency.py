@@ -24,6 +24,7 @@ from flexdit_export.stages import INPUT_NAMES, OUTPUT_NAMES, StageModule
 from flexdit_runtime.engines import make_session
 from timing import FLEX_LAYOUT, interleaved_medians, random_weights
 
+
 def build(body: str, latent: int = 32):
     C, h, depth = SIZES[body]
     common = dict(hidden_size=C, num_heads=h, depth=depth, patch_size=2, input_size=latent, num_classes=1000)

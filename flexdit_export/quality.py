@@ -11,8 +11,6 @@ both: class accuracy and the classifier-feature FD against the 10k test images. 
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import numpy as np
 
 from .errors import UserError
@@ -40,16 +38,6 @@ def judge(fp32: dict, policy: dict, precisions) -> dict:
                f"FD {policy['fd']:.3f} vs fp32 {fp32['fd']:.3f} (ratio {ratio:.3f}, max {bar['max_fd_ratio']})")
     return {"bar": key, **bar, "accuracy_drop": drop, "fd_ratio": ratio, "passed": bool(ok_acc and ok_fd),
             "verdict": verdict}
-
-
-@lru_cache(maxsize=1)
-def _test_features() -> np.ndarray:
-    """Classifier features of the 10k Fashion-MNIST test images (the FD reference), once per process."""
-    from .datasets import load_model_split
-    from .evaluate import features, load_classifier
-
-    x_test, _ = load_model_split("test")
-    return features(x_test, load_classifier()[0])
 
 
 def _scores(images, labels, classifier, test_feats) -> dict:
@@ -81,13 +69,13 @@ def compare_policies(bundle, policies: dict, per_class: int, seed: int = 0, step
     from flexdit_runtime.precision import describe
 
     from .datasets import FASHION_CLASSES
-    from .evaluate import load_classifier, sample_bundle
+    from .evaluate import _test_reference, load_classifier, sample_bundle
 
     _check_model(bundle)
     if per_class < 1:
         raise UserError(f"the end-to-end gate needs at least 1 image per class, got {per_class}")
     classifier, _ = load_classifier()
-    test_feats = _test_features()
+    test_feats = _test_reference(None, None)[0]  # cached per process
     labels = np.repeat(np.arange(len(FASHION_CLASSES)), per_class)
     report = {"per_class": per_class, "images": int(len(labels)), "seed": seed, "policies": {}}
     fp32 = None

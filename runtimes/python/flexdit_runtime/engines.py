@@ -46,7 +46,7 @@ def _gpu_present() -> bool:
 # while the next stage's workers want the same cores: on the 2-core machine the 4-stage Fashion
 # bundle sampled at ~200 ms/image against ~120 for its 1-session dense twin. One process-wide
 # pool shared by every session removes that contention (~105-110 ms/image).
-_shared_pool: dict = {}
+_shared_pool = False  # set by share_thread_pool()
 
 
 def share_thread_pool(threads: int | None = None) -> bool:
@@ -60,8 +60,9 @@ def share_thread_pool(threads: int | None = None) -> bool:
     setter = getattr(C, "set_global_thread_pool_sizes", None)
     if setter is None:
         return False
+    global _shared_pool
     setter(int(threads or 0), 1)
-    _shared_pool["threads"] = int(threads or 0)
+    _shared_pool = True
     return True
 
 
@@ -71,7 +72,7 @@ def make_session(path, providers, threads: int | None = None):
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
-    if _shared_pool:  # the pool's size was fixed by share_thread_pool()
+    if _shared_pool:  # its size was fixed by share_thread_pool()
         so.use_per_session_threads = False
     elif threads:
         so.intra_op_num_threads = threads
