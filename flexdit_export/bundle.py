@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from flexdit_runtime.manifest import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, Bundle, BundleError, sha256_file,
+from flexdit_bundle.manifest import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, Bundle, BundleError, sha256_file,
                                      validate_manifest)
 
 from .errors import UserError

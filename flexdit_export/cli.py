@@ -135,7 +135,7 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from flexdit_runtime.manifest import BundleError
+    from flexdit_bundle.manifest import BundleError
     from flexdit_runtime.prompts import PromptError
 
     from .errors import UserError

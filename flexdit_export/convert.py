@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from flexdit_runtime.precision import describe as describe_policy
+from flexdit_bundle.precision import describe as describe_policy
 
 from .bundle import BundleWriter
 from .checkpoints import load_checkpoint
@@ -87,7 +87,7 @@ def _versions() -> dict:
 def _plan_precisions(opts: ConvertOptions, n_stages: int) -> tuple[dict, dict]:
     """-> (policy {stage id: precision the runtime loads}, build {stage id: precisions to build,
     fp32 first})."""
-    from flexdit_runtime.precision import PRECISIONS, PrecisionError, canonical, parse_policy
+    from flexdit_bundle.precision import PRECISIONS, PrecisionError, canonical, parse_policy
 
     try:
         policy = parse_policy(opts.precision, n_stages, opts.backend)
@@ -102,7 +102,7 @@ def _plan_precisions(opts: ConvertOptions, n_stages: int) -> tuple[dict, dict]:
 
 
 def _error_tols(opts: ConvertOptions) -> dict:
-    from flexdit_runtime.precision import PrecisionError, canonical
+    from flexdit_bundle.precision import PrecisionError, canonical
 
     tols = dict(DEFAULT_ERROR_TOL)
     for k, v in opts.error_tol.items():

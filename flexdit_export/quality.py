@@ -66,7 +66,7 @@ def compare_policies(bundle, policies: dict, per_class: int, seed: int = 0, step
     """Sample fp32 once and every policy ({name: precision spec or None for the bundle's
     default}) from the same noise; score and judge each against fp32."""
     from flexdit_runtime import Pipeline
-    from flexdit_runtime.precision import describe
+    from flexdit_bundle.precision import describe
 
     from .datasets import FASHION_CLASSES
     from .evaluate import _test_reference, load_classifier, sample_bundle
@@ -102,7 +102,7 @@ def compare_policies(bundle, policies: dict, per_class: int, seed: int = 0, step
 def end_to_end(bundle, per_class: int, seed: int = 0, steps=None, threads=None, log=print) -> dict:
     """The conversion's gate: the bundle's default policy against fp32. ``bundle``: a
     ``flexdit_runtime.Bundle`` (the one being written). -> report with ``passed`` and ``verdict``."""
-    from flexdit_runtime.precision import describe
+    from flexdit_bundle.precision import describe
 
     _check_model(bundle)
     policy = {st["id"]: st.get("default_precision", "fp32") for st in bundle.stages}
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     import sys
 
     from flexdit_runtime import load_bundle
-    from flexdit_runtime.manifest import BundleError
+    from flexdit_bundle.manifest import BundleError
 
     ap = argparse.ArgumentParser(prog="python -m flexdit_export.quality", description=__doc__.splitlines()[0])
     ap.add_argument("bundle", help="a bundle holding the precisions the policies name (convert --extra-precisions)")

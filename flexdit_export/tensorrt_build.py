@@ -29,9 +29,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from flexdit_runtime.manifest import BundleError, load_bundle
-from flexdit_runtime.precision import PrecisionError, parse_policy
-from flexdit_runtime.tensorrt_engine import NOT_INSTALLED, environment, read_header, write_engine
+from flexdit_bundle.manifest import BundleError, load_bundle
+from flexdit_bundle.precision import PrecisionError, parse_policy
+from flexdit_bundle.engine_header import NOT_INSTALLED, read_header, write_engine
+from flexdit_runtime.tensorrt_engine import environment
 
 from .errors import UserError
 

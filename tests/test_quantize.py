@@ -18,8 +18,8 @@ from flexdit_export.quality import judge
 from flexdit_export.schedule import Stage
 from flexdit_export.stages import StageModule
 from flexdit_runtime import Pipeline, load_bundle
-from flexdit_runtime.manifest import BundleError, schema
-from flexdit_runtime.precision import PrecisionError, describe, parse_policy
+from flexdit_bundle.manifest import BundleError, schema
+from flexdit_bundle.precision import PrecisionError, describe, parse_policy
 
 pytest_plugins = ["quant_fixtures"]  # the quant_bundle fixture, shared with test_tensorrt.py
 

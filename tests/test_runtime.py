@@ -13,7 +13,7 @@ import torch
 from flexdit_export.reference_sampler import reference_sample
 from flexdit_runtime import Pipeline
 from flexdit_runtime.diffusion import Diffusion, linear_betas, space_timesteps
-from flexdit_runtime.manifest import BundleError, schema, validate_manifest
+from flexdit_bundle.manifest import BundleError, schema, validate_manifest
 from flexdit_runtime.prompts import ClassIndex, PromptError, read_prompts
 from flexdit_runtime.samplers import guide, sample
 

@@ -11,8 +11,9 @@ from conftest import run_cli
 from flexdit_export.errors import UserError
 from flexdit_export.tensorrt_build import cache_key, engines_command, require_tensorrt, strongly_typed
 from flexdit_runtime import Pipeline, load_bundle
-from flexdit_runtime.manifest import BundleError
-from flexdit_runtime.tensorrt_engine import check_engine, open_engine, read_header, write_engine
+from flexdit_bundle.manifest import BundleError
+from flexdit_bundle.engine_header import check_engine, read_header, write_engine
+from flexdit_runtime.tensorrt_engine import open_engine
 
 pytest_plugins = ["quant_fixtures"]  # the quant_bundle fixture, shared with test_quantize.py
 

@@ -1,6 +1,6 @@
 """flexdit-run: the torch-free runtime for flexdit-export bundles (numpy + onnxruntime + Pillow)."""
 
-from .manifest import Bundle, BundleError, load_bundle
+from flexdit_bundle.manifest import Bundle, BundleError, load_bundle
 from .pipeline import Pipeline, Result
 
 __all__ = ["Bundle", "BundleError", "load_bundle", "Pipeline", "Result"]

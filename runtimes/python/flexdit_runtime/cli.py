@@ -19,7 +19,7 @@ import numpy as np
 
 from .engines import share_thread_pool
 from .images import grid, save_png
-from .manifest import BundleError
+from flexdit_bundle.manifest import BundleError
 from .pipeline import Pipeline
 from .prompts import PromptError, read_prompts
 from .samplers import SAMPLERS

@@ -11,8 +11,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from .manifest import Bundle, BundleError
-from .precision import PrecisionError, canonical, parse_policy
+from flexdit_bundle.manifest import Bundle, BundleError
+from flexdit_bundle.precision import PrecisionError, canonical, parse_policy
 
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                     "tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider"}

@@ -14,7 +14,7 @@ import numpy as np
 from .diffusion import Diffusion, linear_betas, space_timesteps
 from .engines import Decoder, StageRunner, precision_overrides
 from .images import to_uint8
-from .manifest import BundleError, load_bundle
+from flexdit_bundle.manifest import BundleError, load_bundle
 from .prompts import ClassIndex
 from .samplers import SAMPLERS, guide, sample
 
