@@ -6,16 +6,19 @@ same schema, and every runtime path goes through ``load_bundle``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from . import schema_check
+from .files import OutsideError, resolve_inside, sha256_file
 
 FORMAT_NAME, FORMAT_VERSION = "flexdit-bundle", 1
 MANIFEST = "manifest.json"
+
+# What a runtime samples with when neither the bundle nor the caller says otherwise.
+SAMPLING_DEFAULTS = {"sampler": "ddpm", "steps": 250, "cfg_scale": 4.0, "eta": 0.0, "clip_denoised": False}
 
 
 class BundleError(Exception):
@@ -50,12 +53,12 @@ def validate_manifest(m: dict) -> None:
         raise BundleError("stage ids must be 0..n-1")
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def stage_for(stages: list, t: int) -> dict:
+    """The stage entry whose [t_min, t_max] holds original timestep ``t``."""
+    for st in stages:
+        if st["t_min"] <= t <= st["t_max"]:
+            return st
+    raise BundleError(f"no stage serves timestep {t}")
 
 
 @dataclass
@@ -94,7 +97,19 @@ class Bundle:
         raise BundleError(f"bundle has no {want} artifact for {what} (it has: {have}){hint}")
 
     def path(self, artifact: dict) -> Path:
-        return self.root / artifact["path"]
+        """The file of an artifact (or of any manifest entry with a ``path``), confined to the bundle."""
+        try:
+            return resolve_inside(self.root, artifact["path"])
+        except OutsideError as e:
+            raise BundleError(f"{e}; refusing to read it") from None
+
+    def stage_for(self, t: int) -> dict:
+        """The stage that serves original timestep ``t``."""
+        return stage_for(self.stages, t)
+
+    @property
+    def sampling_defaults(self) -> dict:
+        return {**SAMPLING_DEFAULTS, **self.diffusion.get("defaults", {})}
 
     def all_files(self):
         for entry in self.stages + ([self.decoder] if self.decoder else []):
@@ -121,7 +136,7 @@ def load_bundle(path, verify_checksums: bool = True) -> Bundle:
     bundle = Bundle(root, m)
     if verify_checksums:
         for a in bundle.all_files():
-            f = root / a["path"]
+            f = bundle.path(a)
             if not f.is_file():
                 raise BundleError(f"bundle file missing: {a['path']} (the bundle is incomplete; re-run flexdit-export convert)")
             if sha256_file(f) != a["sha256"]:
