@@ -14,7 +14,12 @@ from pathlib import Path
 from . import schema_check
 from .files import OutsideError, resolve_inside, sha256_file
 
-FORMAT_NAME, FORMAT_VERSION = "flexdit-bundle", 1
+FORMAT_NAME, FORMAT_VERSION = "flexdit-bundle", 2
+# Migration rule: a v1 bundle (every graph self-contained, no ``weights``) is a valid v2 bundle
+# with no shared weight files, so it loads unchanged. Anything newer is refused.
+READABLE_VERSIONS = (1, 2)
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "int32": 4, "int64": 8, "bool": 1}
 MANIFEST = "manifest.json"
 
 # What a runtime samples with when neither the bundle nor the caller says otherwise.
@@ -36,9 +41,14 @@ def validate_manifest(m: dict) -> None:
     except schema_check.SchemaError as e:
         where = "/".join(str(p) for p in e.path) or "(top)"
         raise BundleError(f"manifest does not match the schema at {where}: {e.message[:200]}") from None
-    if m["format"]["version"] > FORMAT_VERSION:
-        raise BundleError(f"bundle format version {m['format']['version']} is newer than this runtime "
-                          f"supports ({FORMAT_VERSION}); upgrade flexdit-export")
+    version = m["format"]["version"]
+    if version > FORMAT_VERSION:
+        raise BundleError(f"bundle format version {version} is newer than this runtime supports "
+                          f"({FORMAT_VERSION}); upgrade flexdit-export")
+    if version not in READABLE_VERSIONS:
+        raise BundleError(f"bundle format version {version} is no longer supported; re-convert the checkpoint "
+                          "with flexdit-export convert")
+    _validate_weights(m)
     T = m["diffusion"]["num_timesteps"]
     seen = [0] * T
     for st in m["stages"]:
@@ -51,6 +61,37 @@ def validate_manifest(m: dict) -> None:
         raise BundleError(f"stages do not cover timesteps 0..{T - 1} exactly once (timestep {bad})")
     if sorted(s["id"] for s in m["stages"]) != list(range(len(m["stages"]))):
         raise BundleError("stage ids must be 0..n-1")
+
+
+def _validate_weights(m: dict) -> None:
+    """Shared weight files: unique ids, tensors inside their file with the bytes their dtype and
+    shape need, and every artifact binding pointing at a tensor that exists."""
+    files = {}
+    for w in m.get("weights") or []:
+        if m["format"]["version"] < 2:
+            raise BundleError("a format v1 manifest cannot have shared weight files")
+        if w["id"] in files:
+            raise BundleError(f"weight file id {w['id']!r} appears twice")
+        files[w["id"]] = w
+        align = w.get("alignment", 1)
+        for i, t in enumerate(w["tensors"]):
+            n = DTYPE_BYTES[t["dtype"]]
+            for d in t["shape"]:
+                n *= d
+            if n != t["bytes"] or t["offset"] + t["bytes"] > w["bytes"] or t["offset"] % align:
+                raise BundleError(f"weight file {w['path']}: tensor {i} ({t['dtype']} {t['shape']} at {t['offset']}, "
+                                  f"{t['bytes']} bytes) does not fit the file; re-run flexdit-export convert")
+    for entry in m["stages"] + ([m["decoder"]] if m.get("decoder") else []):
+        for a in entry["artifacts"]:
+            ref = a.get("weights")
+            if ref is None:
+                continue
+            w = files.get(ref["file"])
+            if w is None:
+                raise BundleError(f"{a['path']} uses weight file {ref['file']!r}, which the manifest does not list")
+            bad = [k for k, i in ref["bindings"].items() if i >= len(w["tensors"])]
+            if bad:
+                raise BundleError(f"{a['path']} binds {bad[0]!r} to a tensor that {w['path']} does not have")
 
 
 def stage_for(stages: list, t: int) -> dict:
@@ -111,7 +152,14 @@ class Bundle:
     def sampling_defaults(self) -> dict:
         return {**SAMPLING_DEFAULTS, **self.diffusion.get("defaults", {})}
 
+    @property
+    def weight_files(self) -> dict:
+        """Shared weight files by id (format v2; empty for self-contained graphs)."""
+        return {w["id"]: w for w in self.manifest.get("weights") or []}
+
     def all_files(self):
+        """Every file entry the manifest checksums: shared weight files, graphs, external data."""
+        yield from self.manifest.get("weights") or []
         for entry in self.stages + ([self.decoder] if self.decoder else []):
             for a in entry["artifacts"]:
                 yield a
@@ -119,7 +167,10 @@ class Bundle:
                     yield a["external_data"]
 
 
-def load_bundle(path, verify_checksums: bool = True) -> Bundle:
+def load_bundle(path, verify_checksums: bool = True, defer_weights: bool = False) -> Bundle:
+    """Read, validate and (by default) checksum a bundle. ``defer_weights``: check only the size
+    of shared weight files here, because the caller hashes the bytes it reads from them
+    (``flexdit_runtime.weights``: one read, one hash, no window between check and use)."""
     root = Path(path)
     mf = root / MANIFEST
     if not root.is_dir():
@@ -135,10 +186,16 @@ def load_bundle(path, verify_checksums: bool = True) -> Bundle:
     validate_manifest(m)
     bundle = Bundle(root, m)
     if verify_checksums:
+        deferred = {id(w) for w in bundle.manifest.get("weights") or []} if defer_weights else set()
         for a in bundle.all_files():
             f = bundle.path(a)
             if not f.is_file():
                 raise BundleError(f"bundle file missing: {a['path']} (the bundle is incomplete; re-run flexdit-export convert)")
+            if id(a) in deferred:
+                if f.stat().st_size != a["bytes"]:
+                    raise BundleError(f"checksum mismatch for {a['path']}: the bundle was modified or truncated; "
+                                      "re-run flexdit-export convert")
+                continue
             if sha256_file(f) != a["sha256"]:
                 raise BundleError(f"checksum mismatch for {a['path']}: the bundle was modified or truncated; "
                                   "re-run flexdit-export convert")

@@ -1,18 +1,18 @@
-"""Write a bundle atomically: everything goes into a temporary sibling directory, the
-manifest is validated against the runtime's schema, then one rename publishes it. A failed
-conversion leaves nothing behind."""
+"""Write a bundle atomically: everything goes into a temporary sibling directory, the stage
+graphs' weights are stored once per precision (``share_weights``), the manifest is validated
+against the contract's schema, then one rename publishes it. A failed conversion leaves
+nothing behind."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
-from flexdit_bundle.manifest import (FORMAT_NAME, FORMAT_VERSION, MANIFEST, Bundle, BundleError, sha256_file,
-                                     validate_manifest)
+from flexdit_bundle.files import StagingDirectory, sha256_file
+from flexdit_bundle.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST, Bundle, BundleError, validate_manifest
 
 from .errors import UserError
+from .share_weights import share_weights
 
 
 class BundleWriter:
@@ -22,8 +22,8 @@ class BundleWriter:
             raise UserError(f"{self.target} already exists (use --force to replace it)")
         if self.target.exists() and not (self.target / MANIFEST).exists() and any(self.target.iterdir()):
             raise UserError(f"{self.target} exists and is not a bundle; refusing to replace it")
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        self.staging = StagingDirectory(self.target)
+        self.tmp = self.staging.path
 
     @classmethod
     def updating(cls, target) -> "BundleWriter":
@@ -38,7 +38,7 @@ class BundleWriter:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.staging.discard()
         return False
 
     def path(self, rel: str) -> Path:
@@ -57,7 +57,7 @@ class BundleWriter:
         return a
 
     def _complete(self, manifest: dict) -> dict:
-        manifest = {"format": {"name": FORMAT_NAME, "version": FORMAT_VERSION}, **manifest}
+        manifest = share_weights(self.tmp, {"format": {"name": FORMAT_NAME, "version": FORMAT_VERSION}, **manifest})
         try:
             validate_manifest(manifest)
         except BundleError as e:
@@ -74,11 +74,4 @@ class BundleWriter:
 
         manifest = self._complete(manifest)
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        old = None
-        if self.target.exists():
-            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
-            os.replace(self.target, old)
-        os.replace(self.tmp, self.target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return self.target
+        return self.staging.publish()

@@ -47,7 +47,7 @@ class Pipeline:
 
     @classmethod
     def from_bundle(cls, path, providers=None, threads=None, precision=None, verify_checksums=True, backend="onnx"):
-        return cls(load_bundle(path, verify_checksums), providers, threads, precision, backend)
+        return cls(load_bundle(path, verify_checksums, defer_weights=True), providers, threads, precision, backend)
 
     def diffusion(self, steps: int, spacing: str = "sections") -> Diffusion:
         d = self.bundle.diffusion

@@ -1,0 +1,99 @@
+"""A bundle's shared weight files, read once and handed to every stage session.
+
+Format v2 stores each precision's weights once (``stages/weights.<precision>.bin``); every
+stage graph references them as ONNX external data, and the manifest binds each graph
+initializer to a tensor of the file. Left to itself, ONNX Runtime would read the file again for
+every session (four stages: four copies in memory). Instead the runtime reads each file once,
+checks its sha256 on the bytes it actually read, and gives every session the same buffers
+through ``SessionOptions.add_initializer`` (ONNX Runtime uses a user-supplied initializer in
+place, without copying it, and keeps it out of constant folding).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+
+import numpy as np
+
+from flexdit_bundle.manifest import Bundle, BundleError
+from flexdit_bundle.onnx_scan import ScanError, initializers
+
+# numpy dtypes of the tensor table; bfloat16 has none in numpy, so such tensors are left to
+# ONNX Runtime's own external-data loader (correct, just not shared in memory).
+NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8, "uint8": np.uint8,
+                "int32": np.int32, "int64": np.int64, "bool": np.bool_}
+
+
+class SharedWeights:
+    """Lazily reads each weight file of ``bundle`` the first time a graph needs it; thread-safe
+    (stage sessions may be created in parallel). Must outlive every session it was bound to."""
+
+    def __init__(self, bundle: Bundle):
+        self.bundle = bundle
+        self._values: dict[str, list] = {}
+        self._lock = threading.Lock()
+
+    def _load(self, file_id: str) -> list:
+        with self._lock:
+            if file_id in self._values:
+                return self._values[file_id]
+            import onnxruntime as ort
+
+            entry = self.bundle.weight_files[file_id]
+            path = self.bundle.path(entry)
+            try:
+                buf = np.fromfile(path, dtype=np.uint8)
+            except OSError as e:
+                raise BundleError(f"cannot read weight file {entry['path']}: {e}") from None
+            if buf.size != entry["bytes"] or hashlib.sha256(buf).hexdigest() != entry["sha256"]:
+                raise BundleError(f"checksum mismatch for {entry['path']}: the bundle was modified or truncated; "
+                                  "re-run flexdit-export convert")
+            values = []
+            for t in entry["tensors"]:
+                dtype = NUMPY_DTYPES.get(t["dtype"])
+                if dtype is None:
+                    values.append(None)
+                    continue
+                arr = buf[t["offset"]:t["offset"] + t["bytes"]].view(dtype).reshape(t["shape"])
+                values.append(ort.OrtValue.ortvalue_from_numpy(arr))
+            self._values[file_id] = values
+            return values
+
+    def check_bindings(self, artifact: dict) -> None:
+        """Every binding of the manifest must name an initializer of the graph that references
+        the same bytes of the same weight file with the same element type and shape (ONNX
+        Runtime itself would accept a mismatched buffer and compute garbage)."""
+        ref = artifact["weights"]
+        entry = self.bundle.weight_files[ref["file"]]
+        path = self.bundle.path(artifact)
+        try:
+            graph = initializers(path)
+        except ScanError as e:
+            raise BundleError(f"cannot read graph {artifact['path']}: {e}") from None
+        location = entry["path"].rsplit("/", 1)[-1]
+        for name, index in ref["bindings"].items():
+            t, g = entry["tensors"][index], graph.get(name)
+            if (g is None or g.dtype != t["dtype"] or g.dims != t["shape"] or g.external.get("location") != location
+                    or int(g.external.get("offset", 0)) != t["offset"] or int(g.external.get("length", -1)) != t["bytes"]):
+                raise BundleError(f"{artifact['path']}: the manifest binds initializer {name[:80]!r} to tensor {index} of "
+                                  f"{entry['path']}, which is not what the graph references; re-run flexdit-export convert")
+
+    def bind(self, session_options, artifact: dict) -> int:
+        """Add the shared tensors an artifact's graph uses to its session options; -> how many."""
+        ref = artifact.get("weights")
+        if not ref:
+            return 0
+        self.check_bindings(artifact)
+        values = self._load(ref["file"])
+        n = 0
+        for name, index in ref["bindings"].items():
+            if values[index] is not None:
+                session_options.add_initializer(name, values[index])
+                n += 1
+        return n
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of weight files read so far (each once, whatever the number of stages)."""
+        return sum(self.bundle.weight_files[f]["bytes"] for f in self._values)
