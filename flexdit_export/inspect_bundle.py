@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flexdit_runtime import load_bundle
+from flexdit_bundle.manifest import MANIFEST, load_bundle
 
 
 def summarise(bundle_path, verify_checksums: bool = True) -> dict:
@@ -19,22 +19,50 @@ def summarise(bundle_path, verify_checksums: bool = True) -> dict:
             "default_precision": st.get("default_precision"),
             "artifacts": [{"backend": a["backend"], "precision": a["precision"], "path": a["path"],
                            "bytes": a.get("bytes", 0) + a.get("external_data", {}).get("bytes", 0),
+                           "shared_bytes": _bound_bytes(b, a), "weight_file": a.get("weights", {}).get("file"),
                            **{k: a[k] for k in ("optimization", "error", "check", "quantization", "fp32_islands",
                                                 "tensorrt") if k in a}}
                           for a in st["artifacts"]],
             "parity": st.get("parity", {}),
         })
-    total = sum(a["bytes"] for s in stages for a in s["artifacts"])
     dec = m["decoder"]
-    if dec:
-        total += sum(a.get("bytes", 0) for a in dec["artifacts"])
+    weights, sizes = _weights_summary(b)
     return {"bundle": str(bundle_path), "format": m["format"], "created_by": m["created_by"],
             "model": {k: m["model"][k] for k in ("family", "name", "num_classes")} | {"config": cfg},
             "diffusion": m["diffusion"], "stages": stages,
             "decoder": None if not dec else {"kind": dec["kind"], "scale_factor": dec["scale_factor"],
                                              "parity": dec.get("parity", {})},
-            "output": m["output"], "total_bytes": total, "calibration": _calib_brief(m.get("calibration")),
+            "output": m["output"], "weights": weights, "sizes": sizes, "total_bytes": sizes["total"],
+            "calibration": _calib_brief(m.get("calibration")),
             "quality": m.get("quality")}
+
+
+def _bound_bytes(b, a) -> int:
+    """Bytes of shared weight tensors a graph uses (stored once, in its precision's weight file)."""
+    ref = a.get("weights")
+    if not ref:
+        return 0
+    tensors = b.weight_files[ref["file"]]["tensors"]
+    return sum(tensors[i]["bytes"] for i in set(ref["bindings"].values()))
+
+
+def _weights_summary(b) -> tuple[list, dict]:
+    """Shared weight files (who uses them) and the bundle's bytes split into shared weights,
+    per-stage graph files, decoder and manifest."""
+    users = {}
+    for st in b.stages:
+        for a in st["artifacts"]:
+            if a.get("weights"):
+                users.setdefault(a["weights"]["file"], set()).add(st["id"])
+    weights = [{"id": w["id"], "path": w["path"], "bytes": w["bytes"], "tensors": len(w["tensors"]),
+                "sha256": w["sha256"], "stages": sorted(users.get(w["id"], ()))} for w in b.manifest.get("weights") or []]
+    def files(entries):
+        return sum(a.get("bytes", 0) + a.get("external_data", {}).get("bytes", 0) for e in entries for a in e["artifacts"])
+    sizes = {"shared_weights": sum(w["bytes"] for w in weights), "per_stage": files(b.stages),
+             "decoder": files([b.decoder]) if b.decoder else 0,
+             "manifest": (b.root / MANIFEST).stat().st_size if (b.root / MANIFEST).exists() else 0}
+    sizes["total"] = sum(sizes.values())
+    return weights, sizes
 
 
 def _calib_brief(c):
@@ -56,7 +84,8 @@ def render(s: dict) -> str:
              f"{'artifacts':<30} {'parity (max rel)'}"]
     for st in s["stages"]:
         arts = ", ".join(f"{a['backend']}/{a['precision']}{'*' if a['precision'] == st.get('default_precision') else ''} "
-                         f"{mb(a['bytes'])}" for a in st["artifacts"])
+                         f"{mb(a['bytes'])}" + (f" (+{mb(a['shared_bytes'])} shared)" if a["shared_bytes"] else "")
+                         for a in st["artifacts"])
         par = ", ".join(f"{k} {v['max_rel']:.1e}" for k, v in st["parity"].items())
         grid = "dense" if st["sparse_grid"] is None else f"s={st['sparse_grid']}"
         lines.append(f"{st['id']:>5} {st['t_max']:>5}..{st['t_min']:<4} {grid:>6} {st['tokens']:>4}/{st['dense_tokens']:<4} "
@@ -93,7 +122,14 @@ def render(s: dict) -> str:
     lines.append("decoder: none (output written in model space: " + s["output"]["space"] + ")" if not d else
                  f"decoder: {d['kind']} scale {d['scale_factor']}, parity "
                  + ", ".join(f"{k} {v['max_rel']:.1e}" for k, v in d["parity"].items()))
-    lines.append(f"total size: {mb(s['total_bytes'])}")
+    for w in s["weights"]:
+        users = ", ".join(map(str, w["stages"]))
+        lines.append(f"shared weights {w['id']}: {w['path']} {mb(w['bytes'])}, {w['tensors']} tensors, stored once, "
+                     f"used by stages {users or '(none)'}")
+    z = s["sizes"]
+    lines.append(f"total size: {mb(z['total'])} = {mb(z['shared_weights'])} shared weights + {mb(z['per_stage'])} "
+                 f"per-stage files" + (f" + {mb(z['decoder'])} decoder" if z["decoder"] else "")
+                 + f" + {z['manifest'] / 1e3:.0f} kB manifest")
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from flexdit_runtime import Pipeline, load_bundle
+from flexdit_runtime.weights import SharedWeights
 
 from .checkpoints import load_checkpoint
 from .errors import UserError
@@ -28,11 +29,30 @@ def psnr(a: np.ndarray, b: np.ndarray, value_range=(-1.0, 1.0)) -> float:
     return 300.0 if mse < 1e-30 else min(300.0, 10 * np.log10(1.0 / mse))  # capped: JSON has no inf
 
 
+def _check_shared_weights(bundle) -> dict:
+    """Every graph's weight bindings against the graph itself (raises BundleError on a mismatch)."""
+    sw = SharedWeights(bundle)
+    graphs = bindings = 0
+    for entry in bundle.stages:
+        for a in entry["artifacts"]:
+            if a.get("weights"):
+                sw.check_bindings(a)
+                graphs += 1
+                bindings += len(a["weights"]["bindings"])
+    files = bundle.manifest.get("weights") or []
+    return {"files": len(files), "bytes": sum(w["bytes"] for w in files), "graphs": graphs, "bindings": bindings}
+
+
 def verify(bundle_path, ckpt=None, steps: int = 8, num_images: int = 2, sampler: str = "ddim", seed: int = 0,
            num_heads=None, init_from_dit=None, log=print) -> dict:
     bundle = load_bundle(bundle_path)  # schema + checksums, raises BundleError
     report = {"bundle": str(bundle_path), "checksums": "ok", "schema": "ok", "stages": [], "ok": True}
     log(f"checksums: ok ({sum(1 for _ in bundle.all_files())} files); schema: ok")
+    report["shared_weights"] = _check_shared_weights(bundle)
+    if report["shared_weights"]["files"]:
+        sw = report["shared_weights"]
+        log(f"shared weights: ok ({sw['files']} file(s), {sw['bytes'] / 1e6:.1f} MB stored once; {sw['bindings']} bindings "
+            f"of {sw['graphs']} graphs match what the graphs reference)")
     if ckpt is None:
         return report
     m = bundle.manifest

@@ -1,0 +1,142 @@
+"""Bundle v2 footprint: bytes on disk, peak RSS and load time of a multi-stage bundle against
+the one-stage (dense) bundle of the same model. Not part of the test suite.
+
+For each model (the shipped Fashion-MNIST FlexDiT with its trained 4-stage schedule, and
+random-weight DiT-S/2- and DiT-B/2-sized FlexDiTs with ``paper4``) this converts a multi-stage
+and a dense bundle with the real CLI, then:
+- size: all bytes of the bundle directory / the fp32 parameter bytes of one dense model;
+- RSS: each bundle is loaded by the runtime in a fresh process (``Pipeline.from_bundle``, the
+  flexdit-run settings: one shared thread pool) and sampled for a 8-step DDIM trajectory with
+  CFG, which passes through every stage; peak RSS (ru_maxrss) at the end;
+- load: wall time of ``Pipeline.from_bundle`` in that process (after imports), i.e. reading the
+  manifest, checksums, weights and building every stage session.
+Processes of the two bundles alternate (interleaved rounds); medians and ratios are reported.
+
+    python benchmarks/bundle_footprint.py --models fashion S B --rounds 5 --json benchmarks/results/bundle_footprint.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FASHION = ROOT / "models" / "fashion-flexdit"
+
+PROBE = r"""
+import json, resource, sys, time
+t0 = time.perf_counter()
+from flexdit_runtime import Pipeline
+from flexdit_runtime.engines import share_thread_pool
+share_thread_pool(int(sys.argv[2]))
+t1 = time.perf_counter()
+pipe = Pipeline.from_bundle(sys.argv[1])
+t2 = time.perf_counter()
+res = pipe([0], steps=8, sampler="ddim", cfg_scale=4.0, seed=0)
+stages = sorted(res.stage_seconds)
+print(json.dumps({"load_s": t2 - t1, "import_s": t1 - t0, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "stages_run": stages}))
+"""
+
+
+def _cli(*args):
+    cmd = [sys.executable, "-m", "flexdit_export.cli", *map(str, args)]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr}")
+
+
+def _random_checkpoint(body: str, path: Path) -> tuple[Path, list]:
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from timing import FLEX_LAYOUT, random_weights
+
+    from flexdit_export.model import SIZES, ModelConfig, build_model
+
+    C, h, depth = SIZES[body]
+    model = random_weights(build_model(ModelConfig(family="flexdit", hidden_size=C, num_heads=h, depth=depth,
+                                                   patch_size=2, input_size=32, num_classes=1000, **FLEX_LAYOUT)), 1)
+    torch.save(model.state_dict(), path)
+    return path, ["--num-heads", str(h)]
+
+
+def _param_bytes(ckpt: Path) -> int:
+    """fp32 bytes of every parameter of the dense model (what one copy of the weights costs)."""
+    if ckpt.is_dir():
+        from safetensors import safe_open
+
+        with safe_open(str(ckpt / "model.safetensors"), "np") as f:
+            return sum(f.get_tensor(k).size * 4 for k in f.keys())
+    import torch
+
+    return sum(v.numel() * 4 for v in torch.load(ckpt, weights_only=True).values())
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _probe(bundle: Path, threads: int) -> dict:
+    p = subprocess.run([sys.executable, "-c", PROBE, str(bundle), str(threads)], capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(f"probe of {bundle} failed:\n{p.stderr}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def measure(name: str, work: Path, rounds: int, threads: int) -> dict:
+    if name == "fashion":
+        ckpt, extra, multi = FASHION, [], []  # the checkpoint's own trained 4-stage schedule
+    else:
+        ckpt, extra = _random_checkpoint(name, work / f"flex{name}.pt")
+        multi = ["--schedule", "paper4"]
+    flex, dense = work / f"{name}-stages", work / f"{name}-dense"
+    _cli("convert", ckpt, "-o", flex, *multi, *extra, "--force")
+    _cli("convert", ckpt, "-o", dense, "--schedule", "dense", *extra, "--force")
+    weights = _param_bytes(ckpt)
+    runs = {"stages": [], "dense": []}
+    for _ in range(rounds):
+        for key, b in (("dense", dense), ("stages", flex)):
+            runs[key].append(_probe(b, threads))
+    med = {k: {m: statistics.median(r[m] for r in v) for m in ("load_s", "rss_mb")} for k, v in runs.items()}
+    n_stages = len(json.loads((flex / "manifest.json").read_text())["stages"])
+    return {"model": name, "stages": n_stages, "param_bytes": weights,
+            "bundle_bytes": _dir_bytes(flex), "dense_bundle_bytes": _dir_bytes(dense),
+            "size_ratio": _dir_bytes(flex) / weights, "dense_size_ratio": _dir_bytes(dense) / weights,
+            "rss_mb": med["stages"]["rss_mb"], "dense_rss_mb": med["dense"]["rss_mb"],
+            "rss_ratio": med["stages"]["rss_mb"] / med["dense"]["rss_mb"],
+            "load_s": med["stages"]["load_s"], "dense_load_s": med["dense"]["load_s"],
+            "load_ratio": med["stages"]["load_s"] / med["dense"]["load_s"],
+            "stages_run": runs["stages"][0]["stages_run"], "rounds": rounds, "threads": threads}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=["fashion", "S", "B"], help="fashion and/or DiT body sizes S, B")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="flexdit-footprint-") as tmp:
+        for name in args.models:
+            rows.append(measure(name, Path(tmp), args.rounds, args.threads))
+            r = rows[-1]
+            print(f"{name}: {r['stages']} stages; size {r['bundle_bytes'] / 1e6:.1f} MB = {r['size_ratio']:.3f}x params "
+                  f"(dense bundle {r['dense_size_ratio']:.3f}x); peak RSS {r['rss_mb']:.0f} vs {r['dense_rss_mb']:.0f} MB "
+                  f"= {r['rss_ratio']:.2f}x; load {r['load_s'] * 1e3:.0f} vs {r['dense_load_s'] * 1e3:.0f} ms = "
+                  f"{r['load_ratio']:.2f}x", flush=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"machine": os.uname().machine, "cpus": os.cpu_count(), "rows": rows},
+                                              indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

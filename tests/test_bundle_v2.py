@@ -1,0 +1,182 @@
+"""Bundle format v2: one copy of each precision's weights on disk and in memory, the binding
+check, inspect/verify reporting, and the v1 migration rule."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import run_cli
+from flexdit_bundle import FORMAT_VERSION, load_bundle
+from flexdit_bundle.manifest import BundleError
+from flexdit_runtime import Pipeline
+from flexdit_runtime.weights import SharedWeights
+
+ROOT = Path(__file__).resolve().parent.parent
+FASHION = ROOT / "models" / "fashion-flexdit"
+
+
+def _param_bytes(ckpt_dir: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt_dir / "model.safetensors"), "np") as f:
+        return sum(f.get_tensor(k).size * 4 for k in f.keys())
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+@pytest.fixture(scope="module")
+def fashion_bundle(tmp_path_factory):
+    """The shipped Fashion-MNIST FlexDiT with its trained 4-stage schedule, via the real CLI."""
+    out = tmp_path_factory.mktemp("v2") / "fashion"
+    run_cli("flexdit-export", "convert", FASHION, "-o", out)
+    return out
+
+
+def test_four_stage_bundle_stores_the_weights_once(fashion_bundle):
+    """The design target, deterministic: bundle bytes <= 1.05x one dense model's fp32 weights."""
+    m = json.loads((fashion_bundle / "manifest.json").read_text())
+    assert m["format"]["version"] == FORMAT_VERSION == 2 and len(m["stages"]) == 4
+    ratio = _dir_bytes(fashion_bundle) / _param_bytes(FASHION)
+    assert ratio <= 1.05, f"bundle is {ratio:.3f}x the weights"
+    (w,) = m["weights"]
+    assert w["path"] == "stages/weights.fp32.bin" and w["bytes"] >= 0.99 * _param_bytes(FASHION)
+    # every stage graph binds the same tensors (by index) for every shared initializer it names
+    bindings = [st["artifacts"][0]["weights"]["bindings"] for st in m["stages"]]
+    shared = set.intersection(*(set(b) for b in bindings))
+    assert len(shared) > 50 and all(len({b[n] for b in bindings}) == 1 for n in shared)
+    # stage-specific pooling tables stay in their own graph
+    for st, b in zip(m["stages"], bindings):
+        inits = {t.name for t in onnx.load(str(fashion_bundle / st["artifacts"][0]["path"]),
+                                           load_external_data=False).graph.initializer}
+        assert "rs.pool" in inits and "rs.pool" not in b
+
+
+def test_graphs_stay_standalone_onnx_models(fashion_bundle):
+    """Each stage graph resolves its weights through ONNX external data (any ONNX tool can load it)."""
+    st = json.loads((fashion_bundle / "manifest.json").read_text())["stages"][2]
+    model = onnx.load(str(fashion_bundle / st["artifacts"][0]["path"]))  # loads the external data
+    onnx.checker.check_model(model, full_check=True)
+    w = {t.name: t for t in model.graph.initializer}
+    assert onnx.numpy_helper.to_array(w["model.x_embedder.proj.weight"]).shape == (128, 1, 4, 4)
+
+
+def test_runtime_reads_each_weight_file_once(fashion_bundle):
+    b = load_bundle(fashion_bundle, defer_weights=True)
+    sw = SharedWeights(b)
+    pipe = Pipeline(b, providers=["cpu"])
+    assert pipe.runner.weights.resident_bytes == b.manifest["weights"][0]["bytes"]
+    res = pipe([3, 7], steps=8, sampler="ddim", cfg_scale=4.0, seed=0)
+    assert sorted(res.stage_seconds) == [0, 1, 2, 3] and np.isfinite(res.samples).all()
+    assert sw.resident_bytes == 0  # nothing read until a graph asks
+
+
+def test_inspect_and_verify_report_shared_weights(fashion_bundle):
+    s = json.loads(run_cli("flexdit-export", "inspect", fashion_bundle, "--json").stdout)
+    (w,) = s["weights"]
+    assert w["stages"] == [0, 1, 2, 3] and s["sizes"]["shared_weights"] == w["bytes"]
+    assert s["sizes"]["per_stage"] < 0.1 * w["bytes"] and s["total_bytes"] == _dir_bytes(fashion_bundle)
+    assert all(a["shared_bytes"] > 0.9 * w["bytes"] for st in s["stages"] for a in st["artifacts"])
+    text = run_cli("flexdit-export", "inspect", fashion_bundle).stdout
+    assert "shared weights fp32: stages/weights.fp32.bin" in text and "stored once" in text
+    p = run_cli("flexdit-export", "verify", fashion_bundle, "--ckpt", FASHION, "--steps", "4")
+    assert "shared weights: ok" in p.stderr and "512 bindings of 4 graphs" in p.stderr
+
+
+def _copy(src, tmp_path, name="b"):
+    dst = tmp_path / name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _one_line_error(p, needle, progress_lines=False):
+    """Exit 2, no traceback, one error line (verify logs its progress on stderr before it)."""
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert (progress_lines or len(lines) == 1) and needle in lines[-1] and "error:" in lines[-1], p.stderr
+
+
+def test_tampered_weight_file_and_bindings_are_refused(fashion_bundle, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Sneaker\n")
+    b = _copy(fashion_bundle, tmp_path, "flip")
+    wf = b / "stages" / "weights.fp32.bin"
+    data = bytearray(wf.read_bytes())
+    data[1000] ^= 1
+    wf.write_bytes(bytes(data))
+    _one_line_error(run_cli("flexdit-run", prompts, "--bundle", b, "-o", tmp_path / "o1", "--steps", "2", check=False),
+                    "checksum mismatch for stages/weights.fp32.bin")
+    _one_line_error(run_cli("flexdit-export", "verify", b, check=False), "checksum mismatch", True)
+    b = _copy(fashion_bundle, tmp_path, "swap")
+    m = json.loads((b / "manifest.json").read_text())
+    bind = m["stages"][1]["artifacts"][0]["weights"]["bindings"]
+    k0, k1 = "model.x_embedder.proj.weight", "model.final_layer.adaLN_modulation.1.weight"
+    bind[k0], bind[k1] = bind[k1], bind[k0]
+    (b / "manifest.json").write_text(json.dumps(m))
+    _one_line_error(run_cli("flexdit-run", prompts, "--bundle", b, "-o", tmp_path / "o2", "--steps", "2", check=False),
+                    "is not what the graph references")
+    _one_line_error(run_cli("flexdit-export", "verify", b, check=False), "is not what the graph references", True)
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_weight_file_outside_the_bundle_is_refused(fashion_bundle, tmp_path):
+    b = _copy(fashion_bundle, tmp_path, "link")
+    wf = b / "stages" / "weights.fp32.bin"
+    outside = tmp_path / "elsewhere.bin"
+    shutil.move(wf, outside)
+    wf.symlink_to(outside)
+    with pytest.raises(BundleError, match="outside the bundle"):
+        load_bundle(b)
+
+
+def _to_v1(v2: Path, dst: Path) -> Path:
+    """The same bundle as format v1 wrote it: every stage graph self-contained, no weights."""
+    shutil.copytree(v2, dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    from flexdit_bundle.files import sha256_file
+
+    for st in m["stages"]:
+        for a in st["artifacts"]:
+            path = dst / a["path"]
+            model = onnx.load(str(path))  # external data read in
+            onnx.save(model, str(path))
+            a.pop("weights")
+            a["sha256"], a["bytes"] = sha256_file(path), path.stat().st_size
+    for w in m.pop("weights"):
+        (dst / w["path"]).unlink()
+    m["format"]["version"] = 1
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return dst
+
+
+def test_v1_bundles_still_load_and_sample_the_same(fashion_bundle, tmp_path):
+    v1 = _to_v1(fashion_bundle, tmp_path / "v1")
+    assert not list(v1.rglob("weights.*.bin"))
+    kw = dict(steps=6, sampler="ddpm", cfg_scale=4.0, seed=3)
+    a = Pipeline.from_bundle(v1, providers=["cpu"])([1, 5], **kw).samples
+    b = Pipeline.from_bundle(fashion_bundle, providers=["cpu"])([1, 5], **kw).samples
+    # v2 runs unpacked GEMMs (no per-session pre-packed copies): same function, float32 rounding apart
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * float(np.abs(a).max()))
+
+
+def test_newer_or_retired_format_versions_fail_with_one_line(fashion_bundle, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Sneaker\n")
+    for version, needle in ((3, "newer than this runtime supports"), (0, "schema")):
+        b = _copy(fashion_bundle, tmp_path, f"v{version}")
+        m = json.loads((b / "manifest.json").read_text())
+        m["format"]["version"] = version
+        (b / "manifest.json").write_text(json.dumps(m))
+        _one_line_error(run_cli("flexdit-run", prompts, "--bundle", b, "-o", tmp_path / "o", "--steps", "2",
+                                check=False), needle)
+    v1 = _copy(fashion_bundle, tmp_path, "v1-with-weights")
+    m = json.loads((v1 / "manifest.json").read_text())
+    m["format"]["version"] = 1
+    (v1 / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="v1 manifest cannot have shared weight files"):
+        load_bundle(v1)
