@@ -4,6 +4,8 @@ import copy
 import json
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
 import numpy as np
@@ -146,20 +148,44 @@ def test_runtime_never_imports_torch(flex_bundle):
 
 
 def test_shared_thread_pool_gives_the_same_samples(flex_bundle, tmp_path):
-    """flexdit-run's process-wide pool (all stage sessions share it) changes timing only."""
+    """flexdit-run's process-wide pool (all stage sessions share it) changes timing only; the
+    process-wide choice is made once, and a contradicting request later is one clear error."""
     out = tmp_path / "shared.npy"
     code = (
         "import numpy as np\n"
-        "from flexdit_runtime import Pipeline, engines\n"
-        "assert engines.share_thread_pool(1)\n"
-        f"pipe = Pipeline.from_bundle({str(flex_bundle)!r}, providers=['cpu'])\n"
-        "assert not any(s._sess_options.use_per_session_threads for s in pipe.runner.sessions)\n"
+        "from flexdit_bundle.manifest import BundleError\n"
+        "from flexdit_runtime import Pipeline, RuntimeSettings\n"
+        "s = RuntimeSettings(providers=('cpu',), threads=1, shared_thread_pool=True)\n"
+        f"pipe = Pipeline.from_bundle({str(flex_bundle)!r}, settings=s)\n"
+        "assert not any(e.session._sess_options.use_per_session_threads for e in pipe.runner.engines)\n"
         f"np.save({str(out)!r}, pipe([0, 1, 2], steps=6, seed=5).samples)\n"
+        "for bad in (RuntimeSettings(threads=2, shared_thread_pool=True), RuntimeSettings(shared_thread_pool=False)):\n"
+        "    try:\n"
+        "        bad.apply()\n"
+        "    except BundleError as e:\n"
+        "        print('refused:', e)\n"
+        "assert RuntimeSettings(threads=1).apply() and RuntimeSettings().apply()  # None follows the process\n"
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
+    refusals = p.stdout.strip().splitlines()
+    assert len(refusals) == 2 and "cannot be resized to 2" in refusals[0] and "refuses sessions with their own" in refusals[1]
     own = Pipeline.from_bundle(flex_bundle, providers=["cpu"])([0, 1, 2], steps=6, seed=5).samples
     np.testing.assert_allclose(np.load(out), own, rtol=1e-5, atol=1e-5)
+
+
+def test_legacy_share_thread_pool_still_shares(flex_bundle):
+    """Scripts that call engines.share_thread_pool() before loading keep one pool for all sessions."""
+    code = (
+        "from flexdit_runtime import Pipeline, engines\n"
+        "assert engines.share_thread_pool(1)\n"
+        f"pipe = Pipeline.from_bundle({str(flex_bundle)!r})\n"
+        "assert not any(e.session._sess_options.use_per_session_threads for e in pipe.runner.engines)\n"
+        "s = engines.make_session(pipe.bundle.path(pipe.runner.engines[0].artifact), ['CPUExecutionProvider'], 1)\n"
+        "assert not s._sess_options.use_per_session_threads\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
 
 
 def test_images_do_not_depend_on_batching(flex_bundle):
@@ -177,8 +203,134 @@ def test_pipeline_trajectory_matches_reference_through_stage_switches(flex_bundl
     z = np.random.default_rng(9).standard_normal((2, 4, 16, 16)).astype(np.float32)
     stages = [(s["t_min"], s["t_max"], s["sparse_grid"]) for s in pipe.bundle.stages]
     assert stages == STAGES
-    got = pipe([4, 5], steps=12, sampler="ddim", cfg_scale=1.5, init_noise=z).samples
+    res = pipe([4, 5], steps=12, sampler="ddim", cfg_scale=1.5, init_noise=z)
+    got = res.samples
     ref = reference_sample(tiny_flex_model, stages, z, np.array([4, 5]), steps=12, sampler="ddim", cfg_scale=1.5)
     assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4
     # every stage served some of the 12 steps
-    assert set(pipe.runner.calls_per_stage) == {0, 1, 2}
+    assert set(res.stage_seconds) == {0, 1, 2}
+
+
+# ---- the model/request split: concurrency, step-wise sampling, engines bound by manifest names ----
+
+def test_one_pipeline_serves_concurrent_requests_bit_for_bit(flex_bundle):
+    """Threads share one loaded pipeline; each thread's images equal the single-threaded ones
+    exactly, and each result's stage timings are its own."""
+    pipe = Pipeline.from_bundle(flex_bundle, providers=["cpu"])
+    jobs = [dict(seed=s, steps=5, sampler=("ddpm", "ddim")[s % 2], cfg_scale=(4.0, 1.0, 2.5)[s % 3], eta=0.3 * (s % 2))
+            for s in range(6)]
+    alone = [pipe([s % 10, (3 * s) % 10, 7], **kw) for s, kw in enumerate(jobs)]
+    barrier = threading.Barrier(len(jobs))
+
+    def work(i):
+        barrier.wait()
+        return pipe([i % 10, (3 * i) % 10, 7], **jobs[i])
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        together = list(pool.map(work, range(len(jobs))))
+    for a, b in zip(alone, together):
+        np.testing.assert_array_equal(a.samples, b.samples)
+        np.testing.assert_array_equal(a.images, b.images)
+        assert set(b.stage_seconds) == {0, 1, 2} and sum(b.stage_seconds.values()) < b.seconds
+
+
+def test_step_api_packs_requests_without_changing_them(flex_bundle):
+    """model.step advances several requests at once, rows of the same stage in shared calls
+    (different seeds, guidance, samplers and timesteps); each request ends exactly as alone."""
+    model = Pipeline.from_bundle(flex_bundle, providers=["cpu"]).model
+    specs = [dict(prompts=[1, 2, 3], seed=0, steps=6), dict(prompts=[4], seed=1, steps=6, cfg_scale=1.0),
+             dict(prompts=[5, 6], seed=2, steps=9, sampler="ddim", eta=0.5),
+             dict(prompts=[7], seed=3, steps=4, init_noise=np.ones((4, 16, 16), np.float32))]
+
+    def start(spec):
+        spec = dict(spec)
+        return model.start(spec.pop("prompts"), **spec)
+
+    alone = [model.finish(model.run(start(s))) for s in specs]
+    reqs = [start(s) for s in specs]
+    packed_calls = 0
+    while not all(r.done for r in reqs):
+        stages = [model.runner.stage_for(r.timestep) for r in reqs if not r.done]
+        packed_calls += len(stages) - len(set(stages))
+        model.step(reqs)
+    assert packed_calls > 0  # some steps really shared engine calls
+    for a, r in zip(alone, reqs):
+        b = model.finish(r)
+        np.testing.assert_array_equal(a.samples, b.samples)
+        assert b.class_ids == r.class_ids
+    with pytest.raises(BundleError, match="finished"):
+        model.finish(start(specs[0]))
+
+
+def test_pipeline_keeps_noise_fn_meaning(flex_bundle):
+    """noise_fn(k, idx) gets each group's image indices in the prompt list."""
+    pipe = Pipeline.from_bundle(flex_bundle, providers=["cpu"])
+    calls = []
+
+    def noise(k, idx):
+        calls.append(list(idx))
+        return np.stack([np.random.default_rng([k, i]).standard_normal((4, 16, 16), dtype=np.float32) for i in idx])
+
+    a = pipe([1, 2, 3], steps=3, batch=2, noise_fn=noise).samples
+    assert {tuple(c) for c in calls} == {(0, 1), (2,)}
+    np.testing.assert_array_equal(a, pipe([1, 2, 3], steps=3, batch=3, noise_fn=noise).samples)
+
+
+def _rename_graph_io(bundle_dir, names):
+    """Rename the stage graphs' inputs/outputs (old -> new) in the ONNX files and the manifest,
+    keeping checksums consistent: a valid bundle whose tensors are not called x, t, y, out."""
+    import onnx
+
+    from flexdit_bundle.files import sha256_file
+
+    mf = bundle_dir / "manifest.json"
+    m = json.loads(mf.read_text())
+    for st in m["stages"]:
+        for e in st["inputs"] + st["outputs"]:
+            e["name"] = names.get(e["name"], e["name"])
+        for a in st["artifacts"]:
+            if a["backend"] != "onnx":
+                continue
+            f = bundle_dir / a["path"]
+            g = onnx.load(str(f), load_external_data=False)
+            for v in list(g.graph.input) + list(g.graph.output):
+                v.name = names.get(v.name, v.name)
+            for node in g.graph.node:
+                node.input[:] = [names.get(n, n) for n in node.input]
+                node.output[:] = [names.get(n, n) for n in node.output]
+            onnx.save(g, str(f))
+            a["sha256"], a["bytes"] = sha256_file(f), f.stat().st_size
+    mf.write_text(json.dumps(m))
+    return m
+
+
+def test_engines_bind_by_manifest_names(flex_bundle, tmp_path):
+    import shutil
+
+    b = tmp_path / "renamed"
+    shutil.copytree(flex_bundle, b)
+    _rename_graph_io(b, {"x": "latent", "t": "timestep", "y": "label", "out": "model_output"})
+    pipe = Pipeline.from_bundle(b, providers=["cpu"])
+    assert pipe.runner.engines[0].describe()["inputs"] == ["latent", "timestep", "label"]
+    assert pipe.runner.engines[0].describe()["output"] == "model_output"
+    want = Pipeline.from_bundle(flex_bundle, providers=["cpu"])([1, 8], steps=4, seed=2).samples
+    np.testing.assert_array_equal(pipe([1, 8], steps=4, seed=2).samples, want)
+    # the manifest renamed, the graph not: refused at load, naming both sides
+    m = json.loads((flex_bundle / "manifest.json").read_text())
+    m["stages"][1]["inputs"][0]["name"] = "latent"
+    c = tmp_path / "mismatch"
+    shutil.copytree(flex_bundle, c)
+    (c / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=r"stage 1\): the manifest names the inputs \['latent', 't', 'y'\] but the graph "
+                                          r"has \['t', 'x', 'y'\]"):
+        Pipeline.from_bundle(c)
+
+
+def test_engine_kinds_are_a_registry():
+    from flexdit_runtime.stage_engine import ENGINE_KINDS, StageEngine, engine_kind
+
+    assert set(ENGINE_KINDS) >= {"onnx", "tensorrt"}
+    backend, cls = engine_kind("onnx")
+    assert backend == "onnx" and issubclass(cls, StageEngine)
+    with pytest.raises(BundleError, match="unknown backend 'nope'"):
+        engine_kind("nope")

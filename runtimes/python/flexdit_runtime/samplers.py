@@ -49,6 +49,18 @@ def ddim_step(d: Diffusion, x, out, k, cin, noise, eta: float = 0.0, clip=False)
     return (mean + sigma * noise).astype(np.float32)
 
 
+def needs_noise(sampler: str, k: int, eta: float) -> bool:
+    """Whether step k draws fresh noise (DDPM except at k = 0; DDIM only with eta > 0)."""
+    return k > 0 and (sampler == "ddpm" or eta > 0)
+
+
+def step(d: Diffusion, sampler: str, x, out, k, cin, noise, eta: float = 0.0, clip=False):
+    """One step of ``sampler`` from x at kept step k, given the (guided) model output."""
+    if sampler == "ddpm":
+        return ddpm_step(d, x, out, k, cin, noise, clip)
+    return ddim_step(d, x, out, k, cin, noise, eta, clip)
+
+
 def sample(d: Diffusion, denoise: Callable, x: np.ndarray, *, cin: int, sampler: str = "ddpm", eta: float = 0.0,
            noise_fn: Callable[[int], np.ndarray] | None = None, on_step: Callable | None = None,
            clip_denoised: bool = False) -> np.ndarray:
@@ -61,12 +73,8 @@ def sample(d: Diffusion, denoise: Callable, x: np.ndarray, *, cin: int, sampler:
     for k in range(d.num_steps - 1, -1, -1):
         t = int(d.timestep_map[k])
         out = denoise(x, t)
-        needs_noise = k > 0 and (sampler == "ddpm" or eta > 0)
-        noise = noise_fn(k) if needs_noise else None
-        if sampler == "ddpm":
-            x = ddpm_step(d, x, out, k, cin, noise, clip_denoised)
-        else:
-            x = ddim_step(d, x, out, k, cin, noise, eta, clip_denoised)
+        noise = noise_fn(k) if needs_noise(sampler, k, eta) else None
+        x = step(d, sampler, x, out, k, cin, noise, eta, clip_denoised)
         if on_step:
             on_step(k, t)
     return x

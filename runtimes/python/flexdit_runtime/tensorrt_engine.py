@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import numpy as np
 
 from flexdit_bundle.engine_header import NOT_INSTALLED, check_engine, read_header
-from flexdit_bundle.manifest import BundleError
+from flexdit_bundle.manifest import Bundle, BundleError
+
+from .settings import RuntimeSettings
+from .stage_engine import StageEngine
 
 
 def tensorrt_version() -> str | None:
@@ -81,6 +85,7 @@ class TensorRTSession:
         self.context = self.engine.create_execution_context()
         self.stream = _ok(cudart.cudaStreamCreate())
         self.buffers = {}
+        self.io = ({}, {})  # ({input name: (dtype, shape)}, {output name: (dtype, shape)})
         for i in range(self.engine.num_io_tensors):
             name = self.engine.get_tensor_name(i)
             shape = tuple(self.engine.get_tensor_shape(name))
@@ -90,6 +95,7 @@ class TensorRTSession:
             ptr = _ok(cudart.cudaMalloc(nbytes))
             self.context.set_tensor_address(name, ptr)
             self.buffers[name] = (ptr, shape, dtype, nbytes, is_input)
+            self.io[0 if is_input else 1][name] = (dtype.name, list(shape))
 
     def run(self, names, feeds: dict):
         cudart = self._cudart
@@ -116,3 +122,24 @@ def open_engine(path, where: str, bundle="BUNDLE", env: dict | None = None) -> T
     header, offset = read_header(path)
     check_engine(header, env if env is not None else environment(), where, bundle)
     return TensorRTSession(path, offset)
+
+
+class TensorRTStageEngine(StageEngine):
+    """A stage's TensorRT engine (unverified, like ``TensorRTSession``). One execution context
+    and one set of device buffers per engine, so calls are serialised."""
+
+    kind = "tensorrt"
+
+    def __init__(self, stage: dict, artifact: dict, session: TensorRTSession):
+        super().__init__(stage, artifact)
+        self.session = session
+        self._lock = threading.Lock()
+        self.check_graph_io(*session.io)
+
+    @classmethod
+    def open(cls, bundle: Bundle, stage: dict, artifact: dict, settings: RuntimeSettings, weights) -> "TensorRTStageEngine":
+        return cls(stage, artifact, open_engine(bundle.path(artifact), artifact["path"], bundle.root))
+
+    def _run(self, feeds: dict) -> np.ndarray:
+        with self._lock:
+            return self.session.run([self.output_name], feeds)[0]

@@ -1,0 +1,101 @@
+"""What a request asks for (steps, sampler, guidance, eta, spacing, seed, initial noise), checked
+once: ``flexdit-run`` and the Python API share this path, so a value either is refused with one
+line that names it or is something the sampler handles correctly. Nothing here is lenient on
+purpose: NaN guidance, a negative seed or complex initial noise would otherwise yield garbage
+images or a traceback deep in numpy."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from flexdit_bundle.manifest import BundleError
+
+from .samplers import SAMPLERS
+
+SPACINGS = ("sections", "ddim")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    steps: int
+    sampler: str
+    cfg_scale: float
+    eta: float
+    spacing: str
+    clip_denoised: bool
+
+    @property
+    def guided(self) -> bool:
+        """Classifier-free guidance is on (a scale <= 1 turns it off)."""
+        return self.cfg_scale > 1
+
+
+def _integer(name: str, value, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise BundleError(f"--{name} must be an integer, got {value!r}")
+    value = int(value)
+    if value < lo or (hi is not None and value > hi):
+        bound = f"in {lo}..{hi}" if hi is not None else f"at least {lo}"
+        raise BundleError(f"--{name} must be {bound}, got {value}")
+    return value
+
+
+def _real(name: str, value, lo: float, hi: float | None = None) -> float:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise BundleError(f"--{name} must be a number, got {value!r}") from None
+    if isinstance(value, (bool, complex, str)) or not math.isfinite(f):
+        raise BundleError(f"--{name} must be a finite number, got {value!r}")
+    if f < lo or (hi is not None and f > hi):
+        bound = f"in [{lo:g}, {hi:g}]" if hi is not None else f"at least {lo:g}"
+        raise BundleError(f"--{name} must be {bound}, got {f:g}")
+    return f
+
+
+def resolve_params(defaults: dict, num_timesteps: int, *, steps=None, sampler=None, cfg_scale=None, eta=None,
+                   spacing="sections", clip_denoised=None) -> SamplingParams:
+    """Fill what the caller left None from the bundle's ``defaults`` and check every value."""
+    sampler = defaults["sampler"] if sampler is None else sampler
+    if sampler not in SAMPLERS:
+        raise BundleError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
+    if spacing not in SPACINGS:
+        raise BundleError(f"unknown spacing {spacing!r} (choose from {', '.join(SPACINGS)})")
+    clip = defaults["clip_denoised"] if clip_denoised is None else clip_denoised
+    if not isinstance(clip, (bool, np.bool_)):
+        raise BundleError(f"clip_denoised must be True or False, got {clip!r}")
+    return SamplingParams(
+        steps=_integer("steps", defaults["steps"] if steps is None else steps, 1, num_timesteps),
+        sampler=sampler,
+        cfg_scale=_real("cfg-scale", defaults["cfg_scale"] if cfg_scale is None else cfg_scale, 0.0),
+        # eta > 1 asks for more noise than the step removes: sqrt of a negative number, NaN images
+        eta=_real("eta", defaults["eta"] if eta is None else eta, 0.0, 1.0),
+        spacing=spacing, clip_denoised=bool(clip))
+
+
+def check_seed(seed) -> int:
+    """numpy seeds are non-negative integers (image i uses ``default_rng([seed, i])``)."""
+    return _integer("seed", seed, 0)
+
+
+def check_batch(batch) -> int | None:
+    return None if batch is None else _integer("batch", batch, 1)
+
+
+def check_init_noise(init_noise, n: int, shape: tuple) -> np.ndarray:
+    """x_T for n images: (n, C, H, W) or one (C, H, W) for all; real floating point and finite
+    (ints, booleans or complex values are not noise a sampler can start from)."""
+    x = np.asarray(init_noise)
+    if x.dtype.kind != "f":
+        raise BundleError(f"initial noise must hold real floating-point values, got dtype {x.dtype}")
+    if x.shape == shape:
+        x = np.broadcast_to(x, (n,) + shape)
+    if x.shape != (n,) + shape:
+        raise BundleError(f"initial noise has shape {x.shape}; expected {(n,) + shape} or {shape}")
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+        raise BundleError("initial noise holds NaN or infinite values (after conversion to float32)")
+    return x
