@@ -7,6 +7,7 @@ same schema, and every runtime path goes through ``load_bundle``.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -49,6 +50,11 @@ def validate_manifest(m: dict) -> None:
         raise BundleError(f"bundle format version {version} is no longer supported; re-convert the checkpoint "
                           "with flexdit-export convert")
     _validate_weights(m)
+    _validate_model(m["model"])
+    for st in m["stages"]:
+        _validate_stage_io(st, m["model"]["config"])
+    if m["decoder"] and (len(m["decoder"]["inputs"]) != 1 or len(m["decoder"]["outputs"]) != 1):
+        raise BundleError("the decoder must declare exactly one input and one output")
     T = m["diffusion"]["num_timesteps"]
     seen = [0] * T
     for st in m["stages"]:
@@ -61,6 +67,39 @@ def validate_manifest(m: dict) -> None:
         raise BundleError(f"stages do not cover timesteps 0..{T - 1} exactly once (timestep {bad})")
     if sorted(s["id"] for s in m["stages"]) != list(range(len(m["stages"]))):
         raise BundleError("stage ids must be 0..n-1")
+
+
+def _validate_model(model: dict) -> None:
+    """Class ids the runtime will feed the graph: 0..num_classes-1 and the null class."""
+    n = model["num_classes"]
+    if model["config"]["num_classes"] != n:
+        raise BundleError(f"model num_classes {n} disagrees with its config ({model['config']['num_classes']})")
+    if not 0 <= model["null_class"] <= n:
+        raise BundleError(f"null class {model['null_class']} is outside 0..{n} (the model has {n} classes)")
+    names = model["class_names"]
+    if names is not None and len(names) != n:
+        raise BundleError(f"the manifest lists {len(names)} class names for {n} classes")
+
+
+def _validate_stage_io(st: dict, cfg: dict) -> None:
+    """A stage graph takes (latent x, timestep t, class label y) and returns the model output,
+    all with the stage's static batch as the leading dimension; the runtime pads every call to
+    that batch, so it must be the graph's (a wrong batch would size its buffers)."""
+    where = f"stage {st['id']}"
+    ins, outs = st["inputs"], st["outputs"]
+    if len(ins) != 3 or len(outs) < 1:
+        raise BundleError(f"{where} must declare 3 inputs (latent, timestep, class label) and an output, "
+                          f"not {len(ins)} and {len(outs)}")
+    names = [e["name"] for e in ins + outs]
+    if len(set(names)) != len(names):
+        raise BundleError(f"{where} declares a tensor name twice: {names}")
+    B, C, H = st["batch"], cfg["in_channels"], cfg["input_size"]
+    cout = 2 * C if cfg["learn_sigma"] else C
+    expect = [(ins[0], [B, C, H, H]), (ins[1], [B]), (ins[2], [B]), (outs[0], [B, cout, H, H])]
+    for e, shape in expect:
+        if list(e["shape"]) != shape:
+            raise BundleError(f"{where} declares {e['name']!r} with shape {e['shape']}, but batch {B} and the model "
+                              f"config make it {shape}")
 
 
 def _validate_weights(m: dict) -> None:
@@ -167,6 +206,27 @@ class Bundle:
                     yield a["external_data"]
 
 
+def _finite(text: str) -> float:
+    f = float(text)
+    if not math.isfinite(f):
+        raise ValueError(f"the number {text[:40]} is out of range (a manifest holds finite numbers)")
+    return f
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON (a manifest holds finite numbers)")
+
+
+def parse_manifest(text: str) -> dict:
+    """JSON text -> manifest. Stricter than ``json.loads``: NaN, Infinity and numbers that
+    overflow to infinity are refused (Python's json accepts them, other languages' do not), and
+    a document nested too deeply for the parser is one error, not a RecursionError."""
+    try:
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+    except RecursionError:
+        raise ValueError("it is nested too deeply to be a manifest") from None
+
+
 def load_bundle(path, verify_checksums: bool = True, defer_weights: bool = False) -> Bundle:
     """Read, validate and (by default) checksum a bundle. ``defer_weights``: check only the size
     of shared weight files here, because the caller hashes the bytes it reads from them
@@ -178,8 +238,8 @@ def load_bundle(path, verify_checksums: bool = True, defer_weights: bool = False
     if not mf.is_file():
         raise BundleError(f"{root} is not a bundle: {MANIFEST} is missing")
     try:
-        m = json.loads(mf.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        m = parse_manifest(mf.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
         raise BundleError(f"cannot read {mf}: {e}") from None
     if not isinstance(m, dict) or m.get("format", {}).get("name") != FORMAT_NAME:
         raise BundleError(f"{mf} is not a {FORMAT_NAME} manifest")
