@@ -17,12 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .engines import share_thread_pool
-from .images import grid, save_png
 from flexdit_bundle.manifest import BundleError
+
+from .images import grid, save_png
 from .pipeline import Pipeline
 from .prompts import PromptError, read_prompts
 from .samplers import SAMPLERS
+from .settings import RuntimeSettings
 
 
 class Progress:
@@ -50,8 +51,15 @@ class Progress:
                              f"{time.perf_counter() - self.start:.1f}s\n")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors in the same one-line form as every other failure."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="flexdit-run", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="flexdit-run", description=__doc__.splitlines()[0])
     p.add_argument("prompts", help="text file: one class name or class id per line; '#' comments")
     p.add_argument("--bundle", required=True, help="bundle directory written by flexdit-export convert")
     p.add_argument("-o", "--out", default="out", help="output directory (default: out)")
@@ -85,6 +93,9 @@ def main(argv=None) -> int:
     except (BundleError, PromptError) as e:
         print(f"flexdit-run: error: {e}", file=sys.stderr)
         return 2
+    except MemoryError:
+        print("flexdit-run: error: out of memory (try a smaller --batch)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("flexdit-run: interrupted", file=sys.stderr)
         return 130
@@ -94,35 +105,30 @@ def _safe(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", label).strip("_")[:40] or "class"
 
 
-def _run(args) -> int:
-    prompts = read_prompts(args.prompts)
-    if args.batch is not None and args.batch < 1:
-        raise BundleError(f"--batch must be at least 1, got {args.batch}")
-    if args.steps is not None and args.steps < 1:
-        raise BundleError(f"--steps must be at least 1, got {args.steps}")
-    init = None
-    if args.init_noise:
-        try:
-            init = np.load(args.init_noise)
-        except (OSError, ValueError) as e:
-            raise BundleError(f"cannot read --init-noise {args.init_noise}: {e}") from None
-    providers = args.providers.split(",") if args.providers else None
-    share_thread_pool(args.threads)  # this process makes all its sessions through the runtime
-    pipe = Pipeline.from_bundle(args.bundle, providers, args.threads, args.precision, backend=args.backend)
-    ids = [pipe.classes.resolve(p, f"{args.prompts}: ") for p in prompts]
-    out = Path(args.out)
+def check_output_dir(out: Path) -> None:
+    """Refuse, before any work, an output path we could not write: it must be a directory or
+    not exist, and its nearest existing ancestor must take a new directory (probed with an
+    empty one, removed at once: permission bits do not tell, e.g. root in /proc)."""
     if out.exists() and not out.is_dir():
         raise BundleError(f"output path {out} exists and is not a directory")
-    steps = args.steps or pipe.defaults["steps"]
-    bar = Progress(steps * len(ids) // max(1, args.batch or pipe.capacity(args.cfg_scale or pipe.defaults["cfg_scale"])),
-                   "sampling", not args.quiet)
-    res = pipe(ids, steps=steps, sampler=args.sampler, cfg_scale=args.cfg_scale, eta=args.eta, seed=args.seed,
-               init_noise=init, batch=args.batch, spacing=args.spacing, progress=bar,
-               clip_denoised=args.clip_denoised)
-    bar.close()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".flexdit-run-", dir=out.parent))
+    parent = next((a for a in [out.absolute(), *out.absolute().parents] if a.exists()), None)
+    if parent is None or not parent.is_dir():
+        raise BundleError(f"cannot write the output directory {out}: {parent} is not a directory")
     try:
+        os.rmdir(tempfile.mkdtemp(prefix=".flexdit-run-probe-", dir=parent))
+    except OSError as e:
+        raise BundleError(f"cannot write the output directory {out}: cannot create anything in {parent} "
+                          f"({e.strerror or e})") from None
+
+
+def write_outputs(out: Path, res, save_npy: bool) -> None:
+    """PNGs, grid and samples into a staging directory beside ``out``, then moved in; on any
+    failure nothing is left behind, not even the parent directories this call created."""
+    created = [a for a in [out.absolute(), *out.absolute().parents] if not a.exists()]
+    tmp = None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".flexdit-run-", dir=out.parent))
         names = []
         for i, (img, label) in enumerate(zip(res.images, res.labels)):
             name = f"{i:03d}_{_safe(label)}.png"
@@ -130,14 +136,48 @@ def _run(args) -> int:
             names.append(name)
         save_png(grid(res.images), tmp / "grid.png")
         names.append("grid.png")
-        if args.save_npy:
+        if save_npy:
             np.save(tmp / "samples.npy", res.samples)
             names.append("samples.npy")
         out.mkdir(parents=True, exist_ok=True)
         for name in names:
             os.replace(tmp / name, out / name)
+    except OSError as e:
+        for d in created:  # deepest first; only directories this call made, and only if empty
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        raise BundleError(f"cannot write the output directory {out}: {e.strerror or e}") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run(args) -> int:
+    prompts = read_prompts(args.prompts)
+    out = Path(args.out)
+    check_output_dir(out)
+    init = None
+    if args.init_noise:
+        try:
+            init = np.load(args.init_noise)  # no pickles: an object array is refused here
+        except (OSError, ValueError) as e:
+            raise BundleError(f"cannot read --init-noise {args.init_noise}: {e}") from None
+    # this process makes all its sessions through the runtime: they share one thread pool
+    settings = RuntimeSettings(providers=args.providers, threads=args.threads, shared_thread_pool=True)
+    pipe = Pipeline.from_bundle(args.bundle, precision=args.precision, backend=args.backend, settings=settings)
+    ids = [pipe.classes.resolve(p, f"{args.prompts}: ") for p in prompts]
+    # the checks Pipeline makes anyway, before the progress bar
+    params = pipe.model.params(steps=args.steps, sampler=args.sampler, cfg_scale=args.cfg_scale, eta=args.eta,
+                               spacing=args.spacing, clip_denoised=args.clip_denoised)
+    groups = -(-len(ids) // (args.batch if args.batch and args.batch > 0 else pipe.capacity(params.cfg_scale)))
+    bar = Progress(params.steps * groups, "sampling", not args.quiet)
+    res = pipe(ids, steps=params.steps, sampler=params.sampler, cfg_scale=params.cfg_scale, eta=params.eta,
+               seed=args.seed, init_noise=init, batch=args.batch, spacing=params.spacing, progress=bar,
+               clip_denoised=params.clip_denoised)
+    bar.close()
+    write_outputs(out, res, args.save_npy)
     if not args.quiet:
         total = res.seconds
         shares = ", ".join(f"stage {sid}: {sec / total:.0%}" for sid, sec in sorted(res.stage_seconds.items()))
