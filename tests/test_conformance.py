@@ -241,6 +241,24 @@ def test_generator_reproduces_tables_and_timesteps(tmp_path):
         assert (tmp_path / rel).read_bytes() == (ROOT / rel).read_bytes(), rel
 
 
+def test_generator_reproduces_step_vectors(tmp_path):
+    """The step vectors' inputs regenerate byte for byte and their expected outputs are still what
+    the PyTorch reference sampler computes (within the vectors' tolerance: another torch may
+    differ in an ulp of exp)."""
+    _generator().write_steps(tmp_path)
+    new_dir, old_dir = tmp_path / "vectors" / "steps", VEC / "steps"
+    assert sorted(p.name for p in new_dir.iterdir()) == sorted(p.name for p in old_dir.iterdir())
+    assert (new_dir / "steps.json").read_bytes() == (old_dir / "steps.json").read_bytes()
+    expected = {STEPS["guide"]["model_out"]: False} | {f: False for f in STEPS["step_inputs"].values()}
+    expected |= {c["expected"]: True for c in STEPS["guide"]["cases"] + STEPS["steps"]}
+    for name, is_output in expected.items():
+        new, old = np.load(new_dir / name), np.load(old_dir / name)
+        if is_output:
+            _within(new, old, STEPS["tolerance"]["max_abs_over_max_ref"])
+        else:
+            assert (new_dir / name).read_bytes() == (old_dir / name).read_bytes(), name
+
+
 def test_importing_the_contract_never_imports_torch():
     code = "import sys, flexdit_bundle, flexdit_bundle.manifest; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
