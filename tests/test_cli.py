@@ -195,6 +195,17 @@ def test_run_bad_input(flex_bundle, tmp_path, prompt_text, extra, match):
     assert not out.exists() and _leftovers(tmp_path) == []
 
 
+def test_run_usage_errors_are_one_line(flex_bundle, tmp_path):
+    """argparse's own refusals follow the same one-line form (no usage block)."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("1\n")
+    for bad in (["--seed", "abc"], ["--sampler", "euler"], ["--no-such-flag"]):
+        p = run_cli("flexdit-run", prompts, "--bundle", flex_bundle, "-o", tmp_path / "o", *bad, check=False)
+        assert p.returncode == 2 and len(p.stderr.splitlines()) == 1, p.stderr
+        assert p.stderr.startswith("flexdit-run: error: ") and "(see --help)" in p.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_unknown_class_name_suggests_close_matches(tmp_path, tiny_flex_model):
     from flexdit_export.checkpoints import save_checkpoint
     names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
