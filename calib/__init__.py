@@ -2,9 +2,13 @@
 
 Trajectory capture (``capture``: the PyTorch model sampled with the bundle's sampler, every
 network call filed under its stage), per-stage sample sets on disk with a content hash
-(``store``), and readers for ONNX Runtime's static quantiser and for TensorRT (``readers``).
-``store`` and ``readers`` need only numpy (and onnxruntime / tensorrt for their readers);
-``capture`` needs torch.
+(``store``), and the batch readers the quantiser and the error gates use (``readers``).
+``store`` and ``readers`` need only numpy (and onnxruntime for its reader); ``capture`` needs
+torch.
+
+Dependencies run one way: the compiler (``flexdit_export``) uses calib; calib imports only
+the bundle contract (``flexdit_bundle``) and the runtime's respacing rule, never the compiler
+(the sampler it records through is passed in). ``tests/test_imports.py`` holds that.
 """
 
 from .store import CalibError, CalibSet, content_hash, write_set

@@ -1,15 +1,17 @@
 """Capture the real inputs of every stage graph from real denoising trajectories.
 
 The PyTorch model samples seeded images (classes cycled over all labels, seeded noise) with
-the bundle's sampler, step count, guidance scale and schedule, through the same reference
-sampler that ``verify`` uses. Every network call is recorded as the stage graph would see
+the bundle's sampler, step count, guidance scale and schedule, through the sampling function
+the caller passes (the compiler passes its PyTorch reference sampler, the one ``verify`` uses:
+calib itself never imports the compiler). Every network call is recorded as the stage graph would see
 it: the rows (x_t, t, y) of the batch, conditional and unconditional rows alike when guidance
 is on, and the call is filed under the one stage whose timestep range holds its t. A stage
 therefore holds only its own timesteps.
 
 Memory is bounded: the number of calls and rows each stage will see is known before sampling
 (the respaced timestep map), so a seeded choice of at most ``max_rows`` row indices per stage
-is made up front and only those rows are kept. Images are sampled in chunks of
+is made up front and only those rows are kept. The visited timesteps are the runtime's own
+respacing (``flexdit_runtime.diffusion.space_timesteps``). Images are sampled in chunks of
 ``chunk_images``. Calibration and held-out rows come from different images (different seeds).
 """
 
@@ -22,9 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flexdit_export.reference_sampler import ReferenceDiffusion, reference_sample
+from flexdit_bundle.manifest import stage_for
+from flexdit_runtime.diffusion import space_timesteps
 
-from .store import CalibSet, write_set
+from .store import CalibError, CalibSet, write_set
 
 SPLIT_SALT = {"calib": 1, "holdout": 2}
 
@@ -88,8 +91,8 @@ def _labels(n: int, num_classes: int, seed: int, split: str) -> np.ndarray:
 
 
 class _Recorder:
-    """Stands in for the model inside the reference sampler: files each call's rows under its
-    stage (keeping only the pre-chosen row indices) and returns the model's output."""
+    """Stands in for the model inside the sampler: files each call's rows under its stage
+    (keeping only the pre-chosen row indices) and returns the model's output."""
 
     def __init__(self, model, stages, keep: dict):
         self.model, self.cfg, self.stages = model, model.cfg, stages
@@ -97,16 +100,10 @@ class _Recorder:
         self.seen = {st["id"]: 0 for st in stages}
         self.rows = {st["id"]: [] for st in stages}
 
-    def stage_of(self, t: float) -> int:
-        for st in self.stages:
-            if st["t_min"] <= t <= st["t_max"]:
-                return st["id"]
-        raise ValueError(f"no stage serves timestep {t}")
-
     def __call__(self, x, t, y, sparse_grid):
         ts = {float(v) for v in t}
         assert len(ts) == 1, "a sampler call has one timestep"
-        sid = self.stage_of(ts.pop())
+        sid = stage_for(self.stages, ts.pop())["id"]
         n, lo = x.shape[0], self.seen[sid]
         k = self.keep[sid]
         sel = k[(k >= lo) & (k < lo + n)] - lo
@@ -118,11 +115,14 @@ class _Recorder:
 
 
 def _calls_per_stage(stages, num_timesteps, s: CaptureSettings) -> dict:
-    tmap = ReferenceDiffusion(num_timesteps, s.steps, s.spacing).map
+    try:
+        tmap = space_timesteps(num_timesteps, f"ddim{s.steps}" if s.spacing == "ddim" else str(s.steps))
+    except ValueError as e:
+        raise CalibError(f"calibration settings: {e}") from None
     return {st["id"]: sum(1 for t in tmap if st["t_min"] <= t <= st["t_max"]) for st in stages}
 
 
-def _capture_split(model, stages, s: CaptureSettings, split: str, num_timesteps: int, cfg_channels: str, log):
+def _capture_split(model, stages, s: CaptureSettings, split: str, sample, num_timesteps: int, cfg_channels: str, log):
     cfg = model.cfg
     n_img = s.images if split == "calib" else s.holdout_images
     cap = s.max_rows if split == "calib" else s.max_holdout_rows
@@ -147,7 +147,7 @@ def _capture_split(model, stages, s: CaptureSettings, split: str, num_timesteps:
             return np.stack([np.random.default_rng([s.seed, SPLIT_SALT[split], 2, int(i), int(k)])
                              .standard_normal(shape, dtype=np.float32) for i in idx])
 
-        reference_sample(rec, tuples, z, labels[idx], steps=s.steps, sampler=s.sampler, eta=s.eta,
+        sample(rec, tuples, z, labels[idx], steps=s.steps, sampler=s.sampler, eta=s.eta,
                          cfg_scale=s.cfg_scale, cfg_channels=cfg_channels, spacing=s.spacing,
                          num_timesteps=num_timesteps, noise_fn=noise, clip_denoised=s.clip_denoised)
         log(f"calibration capture ({split}): {idx[-1] + 1}/{n_img} images")
@@ -161,17 +161,19 @@ def _capture_split(model, stages, s: CaptureSettings, split: str, num_timesteps:
     return out
 
 
-def capture(model, stages: list[dict], settings: CaptureSettings, out, *, num_timesteps: int, cfg_channels: str,
-            replace: bool = False, log=print) -> CalibSet:
+def capture(model, stages: list[dict], settings: CaptureSettings, out, *, sample, num_timesteps: int,
+            cfg_channels: str, replace: bool = False, log=print) -> CalibSet:
     """Sample, record per stage, and write the set to ``out`` (atomically). ``stages``:
-    [{id, t_min, t_max, sparse_grid}] of the bundle."""
+    [{id, t_min, t_max, sparse_grid}] of the bundle; ``sample``: a sampling function with the
+    signature of ``flexdit_export.reference_sampler.reference_sample``."""
     meta = settings_record(model, settings, num_timesteps, cfg_channels)
     arrays = {}
     flush = torch.set_flush_denormal(True)  # trained weights drive CPU arithmetic into denormals: ~15x slower
     try:
         with torch.no_grad():
             for split in ("calib", "holdout"):
-                for sid, a in _capture_split(model, stages, settings, split, num_timesteps, cfg_channels, log).items():
+                rows = _capture_split(model, stages, settings, split, sample, num_timesteps, cfg_channels, log)
+                for sid, a in rows.items():
                     arrays[(sid, split)] = a
     finally:
         if flush:
@@ -187,11 +189,11 @@ def settings_record(model, settings: CaptureSettings, num_timesteps: int, cfg_ch
             "labels": "seeded permutation of (image index mod num_classes)"}
 
 
-def capture_or_reuse(model, stages: list[dict], settings: CaptureSettings, out, *, num_timesteps: int,
+def capture_or_reuse(model, stages: list[dict], settings: CaptureSettings, out, *, sample, num_timesteps: int,
                      cfg_channels: str, log=print) -> CalibSet:
     """The set at ``out`` if it was captured with exactly these settings (same weights, schedule,
     sampler, seeds, counts), else a fresh capture that replaces it."""
-    from .store import CalibError, INDEX
+    from .store import INDEX
 
     want = settings_record(model, settings, num_timesteps, cfg_channels)
     out = Path(out)
@@ -207,5 +209,5 @@ def capture_or_reuse(model, stages: list[dict], settings: CaptureSettings, out, 
             pass
     log(f"calibration: capturing {settings.images} + {settings.holdout_images} held-out trajectories "
         f"({settings.sampler}, {settings.steps} steps, cfg {settings.cfg_scale}) into {out}")
-    return capture(model, stages, settings, out, num_timesteps=num_timesteps, cfg_channels=cfg_channels,
-                   replace=True, log=log)
+    return capture(model, stages, settings, out, sample=sample, num_timesteps=num_timesteps,
+                   cfg_channels=cfg_channels, replace=True, log=log)

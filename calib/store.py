@@ -6,20 +6,20 @@
 
 The hash covers the settings and every array file, so it changes whenever anything that made
 the set changes (model weights, schedule, sampler, steps, guidance, seeds, counts). A set is
-written into a temporary sibling directory and renamed into place: never half-written.
+written into a staging sibling directory and renamed into place (``flexdit_bundle.files.
+StagingDirectory``, the bundle writer's rule): never half-written.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from flexdit_bundle.files import StagingDirectory, sha256_file
 
 FORMAT = "flexdit-calib"
 VERSION = 1
@@ -29,14 +29,6 @@ SPLITS = ("calib", "holdout")
 
 class CalibError(Exception):
     """The calibration set is missing, incomplete, modified or made for another model/schedule."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def canonical_json(obj) -> str:
@@ -57,9 +49,8 @@ def write_set(out, settings: dict, stages: list[dict], arrays: dict, replace: bo
         raise CalibError(f"{out} already exists")
     if out.exists() and not (out / INDEX).is_file() and any(out.iterdir()):
         raise CalibError(f"{out} exists and is not a calibration set; refusing to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with StagingDirectory(out) as staging:
+        tmp = staging.path
         entries, hashes = [], []
         for st in stages:
             e = {k: st[k] for k in ("id", "t_min", "t_max", "sparse_grid")}
@@ -68,7 +59,7 @@ def write_set(out, settings: dict, stages: list[dict], arrays: dict, replace: bo
                 name = f"stage{st['id']}.{split}.npz"
                 np.savez(tmp / name, x=np.ascontiguousarray(x, np.float32), t=np.asarray(t, np.float32),
                          y=np.asarray(y, np.int64))
-                fh = _sha256(tmp / name)
+                fh = sha256_file(tmp / name)
                 hashes.append(fh)
                 e[split] = {"file": name, "rows": int(len(t)), "sha256": fh,
                             "t_values": sorted({int(v) for v in np.asarray(t)})}
@@ -76,16 +67,7 @@ def write_set(out, settings: dict, stages: list[dict], arrays: dict, replace: bo
         index = {"format": FORMAT, "version": VERSION, "sha256": content_hash(settings, hashes),
                  "settings": settings, "stages": entries}
         (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        staging.publish()
     return CalibSet.open(out)
 
 
@@ -118,7 +100,7 @@ class CalibSet:
                     p = root / e["file"]
                     if not p.is_file():
                         raise CalibError(f"calibration set {root} is incomplete: {e['file']} is missing; recapture it")
-                    fh = _sha256(p)
+                    fh = sha256_file(p)
                     if fh != e["sha256"]:
                         raise CalibError(f"calibration set {root} was modified: {e['file']} does not match its "
                                          "sha256; recapture it")

@@ -11,7 +11,6 @@ import ast
 import contextlib
 import io
 import logging
-import os
 import warnings
 from pathlib import Path
 
@@ -180,7 +179,3 @@ def parity_torchscript(path, module, make_inputs, trials: int = 2) -> dict:
             stats.append(error_stats(ts(*inputs).numpy(), module(*inputs).numpy()))
         rows += inputs[0].shape[0]
     return merge_stats(stats, rows)
-
-
-def file_size(path) -> int:
-    return os.path.getsize(path)

@@ -7,9 +7,9 @@ import pytest
 
 from calib import CalibError, CalibSet
 from calib.capture import CaptureSettings, capture
-from calib.readers import CalibratorCore, HostDevice, OrtCalibrationReader, StageBatches
+from calib.readers import OrtCalibrationReader, StageBatches
 from conftest import run_cli
-from flexdit_export.reference_sampler import ReferenceDiffusion
+from flexdit_export.reference_sampler import ReferenceDiffusion, reference_sample
 
 STAGES = [{"id": 0, "t_min": 600, "t_max": 999, "sparse_grid": 2},
           {"id": 1, "t_min": 300, "t_max": 599, "sparse_grid": 3},
@@ -20,7 +20,8 @@ SETTINGS = CaptureSettings(sampler="ddpm", steps=10, cfg_scale=4.0, images=4, ho
 
 def _capture(model, path, **changes):
     s = CaptureSettings(**{**SETTINGS.__dict__, **changes})
-    return capture(model, STAGES, s, path, num_timesteps=1000, cfg_channels="first3", log=lambda *a: None)
+    return capture(model, STAGES, s, path, sample=reference_sample, num_timesteps=1000, cfg_channels="first3",
+                   log=lambda *a: None)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +106,7 @@ def test_tampering_and_mismatches_are_refused(tmp_path, calib_set):
         calib_set.check_matches(calib_set.settings["model_sha256"], other, 1000)
 
 
-def test_ort_reader_and_tensorrt_calibrator_feed_the_same_batches(tmp_path, calib_set):
+def test_ort_reader_feeds_the_stored_rows_in_strides(calib_set):
     reader = OrtCalibrationReader(calib_set, 1, 2)
     n = len(reader)
     assert n == calib_set.rows(1) // 2
@@ -120,18 +121,6 @@ def test_ort_reader_and_tensorrt_calibrator_feed_the_same_batches(tmp_path, cali
     np.testing.assert_array_equal(np.concatenate([f["y"] for f in ort_feeds]), y)
     assert all(f["t"].dtype == np.float32 and f["y"].dtype == np.int64 and f["x"].shape[0] == 2 for f in ort_feeds)
 
-    dev = HostDevice()
-    core = CalibratorCore(calib_set, 1, 2, tmp_path / "trt.cache", dev)
-    assert core.get_batch_size() == 2
-    for f in ort_feeds:
-        ptrs = core.get_batch(["x", "t", "y"])
-        assert len(ptrs) == 3 and all(isinstance(p, int) and p for p in ptrs)
-        for name in ("x", "t", "y"):
-            np.testing.assert_array_equal(dev.buffers[name], f[name])
-    assert core.get_batch(["x", "t", "y"]) is None  # end of data
-    assert core.read_calibration_cache() is None
-    core.write_calibration_cache(b"TRT-cache")
-    assert CalibratorCore(calib_set, 1, 2, tmp_path / "trt.cache").read_calibration_cache() == b"TRT-cache"
     assert len(StageBatches(calib_set, 1, 5)) == calib_set.rows(1) // 5
 
 
