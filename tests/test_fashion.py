@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from flexdit_export.checkpoints import load_checkpoint
-from flexdit_export.datasets import FASHION_CLASSES, default_dir, load_split, read_idx
 from flexdit_export.errors import UserError
-from flexdit_export.evaluate import (DEFAULT_CLASSIFIER_DIR, CLASSIFIER_METRICS, class_accuracy, features,
-                                     frechet_distance, load_classifier)
 from flexdit_export.schedule import parse_schedule
+from flexdit_fashion.datasets import FASHION_CLASSES, default_dir, load_split, read_idx
+from flexdit_fashion.evaluate import (CLASSIFIER_METRICS, class_accuracy, features, find_classifier_dir,
+                                      frechet_distance, load_classifier)
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / "models" / "fashion-flexdit"
@@ -67,7 +67,7 @@ def test_frechet_distance_of_a_set_with_itself_is_zero():
 
 @needs_data
 def test_classifier_reproduces_its_recorded_test_accuracy():
-    meta = json.loads((DEFAULT_CLASSIFIER_DIR / CLASSIFIER_METRICS).read_text())
+    meta = json.loads((find_classifier_dir() / CLASSIFIER_METRICS).read_text())
     model, _ = load_classifier()
     images, labels = load_split("test")
     acc = class_accuracy(images, labels, model)  # all 10k test images, uint8 28x28 path
@@ -142,7 +142,7 @@ def test_training_runs_end_to_end_and_resumes_exactly(tmp_path):
 def test_latency_comparison_of_flexdit_and_dense_bundles(tmp_path):
     """The dense-vs-FlexDiT latency report (each bundle sampled in its own runtime process)."""
     from flexdit_export.convert import ConvertOptions, convert
-    from flexdit_export.evaluate import compare_latency
+    from flexdit_fashion.evaluate import compare_latency
 
     schedule = json.loads((MODEL_DIR / "config.json").read_text())["schedule"]
     convert(MODEL_DIR, tmp_path / "flex", ConvertOptions(schedule=schedule), log=lambda m: None)
@@ -150,3 +150,18 @@ def test_latency_comparison_of_flexdit_and_dense_bundles(tmp_path):
     r = compare_latency(tmp_path / "flex", tmp_path / "dense", n_images=2, steps=4, repeats=1, threads=1)
     assert all(s > 0 for s in r["seconds_per_image"]) and r["ratio_b_over_a"] > 0
     assert r["macs_ratio_b_over_a"] == pytest.approx(1.265, abs=0.01)  # 64 dense tokens vs 16..49
+
+
+# ---------------------------------------------------------------- end-to-end gate bars
+def test_end_to_end_bars():
+    from flexdit_fashion.quality import judge
+
+    fp32 = {"class_accuracy": 0.80, "fd": 10.0}
+    ok = judge(fp32, {"class_accuracy": 0.785, "fd": 11.4}, ["int8-dynamic", "fp16"])
+    assert ok["passed"] and ok["bar"] == "int8"
+    assert not judge(fp32, {"class_accuracy": 0.775, "fd": 10.0}, ["int8-static"])["passed"]  # 2.5 points
+    assert not judge(fp32, {"class_accuracy": 0.80, "fd": 11.6}, ["fp8"])["passed"]  # 1.16x
+    assert judge(fp32, {"class_accuracy": 0.791, "fd": 10.4}, ["fp16", "fp32"])["passed"]
+    r = judge(fp32, {"class_accuracy": 0.789, "fd": 10.0}, ["fp16"])
+    assert not r["passed"] and r["bar"] == "fp16" and "FAILED" in r["verdict"]
+    assert not judge(fp32, {"class_accuracy": 0.80, "fd": 10.6}, ["fp16"])["passed"]

@@ -14,7 +14,6 @@ from calib import CalibSet
 from calib.readers import StageBatches
 from conftest import run_cli
 from flexdit_export.export import error_stats, layer_of, onnx_session
-from flexdit_export.quality import judge
 from flexdit_export.schedule import Stage
 from flexdit_export.stages import StageModule
 from flexdit_runtime import Pipeline, load_bundle
@@ -259,18 +258,6 @@ def test_a_failed_quality_gate_publishes_nothing(ref_ckpt, tmp_path):
     left = sorted(x.name for x in tmp_path.iterdir())
     assert left == ["b.calib"]  # only the (complete, reusable) calibration set; no bundle, no temp dir
     CalibSet.open(tmp_path / "b.calib")
-
-
-def test_end_to_end_bars():
-    fp32 = {"class_accuracy": 0.80, "fd": 10.0}
-    ok = judge(fp32, {"class_accuracy": 0.785, "fd": 11.4}, ["int8-dynamic", "fp16"])
-    assert ok["passed"] and ok["bar"] == "int8"
-    assert not judge(fp32, {"class_accuracy": 0.775, "fd": 10.0}, ["int8-static"])["passed"]  # 2.5 points
-    assert not judge(fp32, {"class_accuracy": 0.80, "fd": 11.6}, ["fp8"])["passed"]  # 1.16x
-    assert judge(fp32, {"class_accuracy": 0.791, "fd": 10.4}, ["fp16", "fp32"])["passed"]
-    r = judge(fp32, {"class_accuracy": 0.789, "fd": 10.0}, ["fp16"])
-    assert not r["passed"] and r["bar"] == "fp16" and "FAILED" in r["verdict"]
-    assert not judge(fp32, {"class_accuracy": 0.80, "fd": 10.6}, ["fp16"])["passed"]
 
 
 def test_derived_graphs_need_their_fp32_source(quant_bundle, tmp_path):

@@ -8,15 +8,15 @@ import pytest
 from conftest import run_cli
 from factories import random_model
 from flexdit_export.checkpoints import save_checkpoint
-from flexdit_export.datasets import FASHION_CLASSES, default_dir
-from flexdit_export.evaluate import DEFAULT_CLASSIFIER_DIR
+from flexdit_fashion.datasets import FASHION_CLASSES, default_dir
+from flexdit_fashion.evaluate import find_classifier_dir
 
 TINY_FASHION = dict(family="flexdit", hidden_size=32, num_heads=2, patch_size=4, input_size=32, in_channels=1,
                     num_classes=10, depth=1 + 2 * 4 + 1, num_poolingformer=1, num_dumbbell=2,
                     dumbbell_group=[1, 1, 1, 1], num_normal_block=1, semantic_size=4)
 
 pytestmark = pytest.mark.skipif(
-    not (default_dir() / "t10k-images-idx3-ubyte.gz").exists() or not (DEFAULT_CLASSIFIER_DIR / "classifier.safetensors").exists(),
+    not (default_dir() / "t10k-images-idx3-ubyte.gz").exists() or not (find_classifier_dir() / "classifier.safetensors").exists(),
     reason="needs the Fashion-MNIST test set (dataset-fashion-mnist) and the shipped classifier")
 
 
@@ -38,7 +38,7 @@ def test_quality_gate_records_both_runs(tmp_path, capsys):
     assert q["fd_ratio"] == pytest.approx(q["policy_result"]["fd"] / q["fp32"]["fd"])
     assert q["passed"] == (q["accuracy_drop"] <= 0.02 and q["fd_ratio"] <= 1.15)
     # the gate's fp32 run is the evaluator's run of the same bundle in fp32: same noise, same scores
-    from flexdit_export.quality import compare_policies
+    from flexdit_fashion.quality import compare_policies
     from flexdit_runtime import load_bundle
     r = compare_policies(load_bundle(out), {"half": "fp16"}, per_class=2, log=lambda *a: None)
     assert r["fp32"]["fd"] == pytest.approx(q["fp32"]["fd"]) and r["fp32"]["class_accuracy"] == q["fp32"]["class_accuracy"]

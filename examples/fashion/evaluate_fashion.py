@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from flexdit_export.convert import ConvertOptions, convert
-from flexdit_export.evaluate import compare_latency, evaluate_bundle
+from flexdit_fashion.evaluate import compare_latency, evaluate_bundle
 
 
 def main(argv=None) -> int:

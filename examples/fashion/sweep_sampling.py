@@ -22,10 +22,10 @@ import torch
 from flexdit_runtime.images import to_uint8
 
 from flexdit_export.checkpoints import load_checkpoint
-from flexdit_export.evaluate import (_initial_noise, _noise_source, _test_reference, class_accuracy, features,
-                                     frechet_distance, load_classifier, real_baseline)
 from flexdit_export.reference_sampler import reference_sample
 from flexdit_export.schedule import parse_schedule
+from flexdit_fashion.evaluate import (_initial_noise, _noise_source, _test_reference, class_accuracy, features,
+                                      frechet_distance, load_classifier, real_baseline)
 
 
 def main(argv=None) -> int:

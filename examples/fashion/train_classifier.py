@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""Train the Fashion-MNIST classifier that judges generated images (flexdit_export.evaluate).
+"""Train the Fashion-MNIST classifier that judges generated images (flexdit_fashion.evaluate).
 
 It sees exactly what the generator produces: 1 x 32 x 32 in [-1, 1], the 28 x 28 image
 padded with background. Augmentation: random horizontal flips and shifts of up to 2 px.
 Writes ``classifier.safetensors`` and ``metrics.json`` (test accuracy on all 10,000 test
 images, measured with the same code path the evaluator uses) into ``--out``.
 
-    python examples/fashion/train_classifier.py --out models/fashion-classifier
+    python examples/fashion/train_classifier.py --out examples/fashion/flexdit_fashion/classifier
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from flexdit_export.datasets import FASHION_CLASSES, load_model_split
 from flexdit_export.errors import UserError
-from flexdit_export.evaluate import CLASSIFIER_METRICS, CLASSIFIER_WEIGHTS, FashionClassifier, class_accuracy
+from flexdit_fashion.datasets import FASHION_CLASSES, load_model_split
+from flexdit_fashion.evaluate import (CLASSIFIER_METRICS, CLASSIFIER_WEIGHTS, PACKAGED_CLASSIFIER_DIR,
+                                      FashionClassifier, class_accuracy)
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -36,7 +37,8 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="models/fashion-classifier")
+    ap.add_argument("--out", default=str(PACKAGED_CLASSIFIER_DIR),
+                    help="default: the classifier shipped with flexdit_fashion (package data)")
     ap.add_argument("--data-dir")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--batch", type=int, default=128)
@@ -100,9 +102,9 @@ def main(argv=None) -> int:
     (out / CLASSIFIER_METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
     (out / "README.md").write_text(
         "# fashion-classifier: the judge of generated Fashion-MNIST images\n\n"
-        "A small CNN (3 conv blocks -> 128-d features -> 10 logits, `flexdit_export.evaluate.FashionClassifier`) on "
+        "A small CNN (3 conv blocks -> 128-d features -> 10 logits, `flexdit_fashion.evaluate.FashionClassifier`) on "
         "the 1x32x32 [-1, 1] representation the generator uses (28x28 padded by 2 px of background). "
-        "`flexdit_export.evaluate` uses its predictions for class accuracy and its 128-d penultimate features for "
+        "`flexdit_fashion.evaluate` uses its predictions for class accuracy and its 128-d penultimate features for "
         "the Frechet distance (FD; not Inception FID).\n\n"
         f"Test accuracy: **{test_acc:.4f}** on all {len(y_test)} Fashion-MNIST test images "
         f"(per class in metrics.json).\n\n"

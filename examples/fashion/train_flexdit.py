@@ -34,10 +34,10 @@ import numpy as np
 import torch
 
 from flexdit_export.checkpoints import parse_layout, save_checkpoint
-from flexdit_export.datasets import FASHION_CLASSES, load_model_split
 from flexdit_export.errors import UserError
 from flexdit_export.model import ModelConfig, build_model
 from flexdit_export.schedule import describe, parse_schedule
+from flexdit_fashion.datasets import FASHION_CLASSES, load_model_split
 
 T = 1000
 

@@ -1,7 +1,7 @@
 """Sample quality of the Fashion-MNIST demo model: class accuracy and a classifier-feature FD.
 
 A small CNN trained on Fashion-MNIST (``examples/fashion/train_classifier.py``; weights and
-test accuracy shipped in ``models/fashion-classifier/``) judges generated 32 x 32 images:
+test accuracy shipped as this package's data in ``classifier/``) judges generated 32 x 32 images:
 
 - **class accuracy**: the share of images the classifier assigns to the class they were
   generated for;
@@ -19,14 +19,14 @@ differ only by what the export changed. ``compare_latency`` times two bundles (e
 FlexDiT schedule against the same checkpoint converted with ``--schedule dense``)
 interleaved on the same prompts.
 
-    python -m flexdit_export.evaluate /tmp/fashion-bundle --reference-ckpt models/fashion-flexdit \\
-        --dense-bundle /tmp/fashion-dense --per-class 50
+The classifier is found without the source tree: an explicit directory, else
+``$FLEXDIT_FASHION_CLASSIFIER``, else the package's own ``classifier/``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import sys
 import time
 from functools import lru_cache
@@ -36,10 +36,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .datasets import FASHION_CLASSES, load_model_split, to_model
-from .errors import UserError
+from flexdit_export.errors import UserError
 
-DEFAULT_CLASSIFIER_DIR = Path(__file__).resolve().parent.parent / "models" / "fashion-classifier"
+from .datasets import FASHION_CLASSES, load_model_split, to_model
+
+PACKAGED_CLASSIFIER_DIR = Path(__file__).resolve().parent / "classifier"  # package data, installed with the package
+ENV_CLASSIFIER = "FLEXDIT_FASHION_CLASSIFIER"  # overrides the packaged classifier when set
 CLASSIFIER_WEIGHTS, CLASSIFIER_METRICS = "classifier.safetensors", "metrics.json"
 FEATURE_DIM = 128
 FD_NOTE = ("FD = Frechet distance of the Fashion-MNIST classifier's 128-d penultimate features, "
@@ -71,10 +73,15 @@ class FashionClassifier(nn.Module):
         return self.head(self.drop(self.features(x)))
 
 
+def find_classifier_dir(explicit=None) -> Path:
+    """The classifier directory: ``explicit``, else ``$FLEXDIT_FASHION_CLASSIFIER``, else the
+    packaged copy."""
+    return Path(explicit or os.environ.get(ENV_CLASSIFIER) or PACKAGED_CLASSIFIER_DIR)
+
+
 def load_classifier(classifier_dir=None) -> tuple[FashionClassifier, dict]:
     """-> (classifier in eval mode, its metrics.json). Missing/corrupt files -> UserError."""
-    d = Path(classifier_dir) if classifier_dir else DEFAULT_CLASSIFIER_DIR
-    return _load_classifier_cached(str(d.resolve()))
+    return _load_classifier_cached(str(find_classifier_dir(classifier_dir).resolve()))
 
 
 @lru_cache(maxsize=4)
@@ -84,8 +91,8 @@ def _load_classifier_cached(d: str):
     d = Path(d)
     weights, metrics = d / CLASSIFIER_WEIGHTS, d / CLASSIFIER_METRICS
     if not weights.is_file():
-        raise UserError(f"classifier weights not found: {weights} "
-                        "(train them with examples/fashion/train_classifier.py)")
+        raise UserError(f"classifier weights not found: {weights} (pass the classifier directory, set "
+                        f"{ENV_CLASSIFIER}, or train one with examples/fashion/train_classifier.py)")
     try:
         meta = json.loads(metrics.read_text()) if metrics.is_file() else {}
         sd = load_file(str(weights))
@@ -215,8 +222,8 @@ def sample_reference(ckpt, bundle_manifest: dict, labels, stages, *, steps, samp
     """The same model in PyTorch (reference_sample) from the same noise; -> (uint8 images, samples, seconds)."""
     from flexdit_runtime.images import to_uint8
 
-    from .checkpoints import load_checkpoint
-    from .reference_sampler import reference_sample
+    from flexdit_export.checkpoints import load_checkpoint
+    from flexdit_export.reference_sampler import reference_sample
 
     mcfg = bundle_manifest["model"]["config"]
     ck = load_checkpoint(ckpt, mcfg["num_heads"], mcfg.get("semantic_size"))
@@ -255,7 +262,7 @@ def evaluate_bundle(bundle_path, per_class: int = 50, steps=None, sampler=None, 
     top-level keys (class_accuracy, fd, real_fd, ...); the summary table goes to ``log``
     (default: stderr, so stdout stays free for JSON).
     """
-    from .schedule import parse_schedule
+    from flexdit_export.schedule import parse_schedule
 
     if per_class < 1:
         raise UserError(f"per_class must be at least 1, got {per_class}")
@@ -373,49 +380,3 @@ def render(report: dict) -> str:
     row(f"real train ({r['real_baseline']['n']}) vs test"[:24], r["real_baseline"])
     lines.append(f"  ({r['fd_note']}; classifier test accuracy {r['classifier_test_accuracy']:.4f})")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- CLI
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m flexdit_export.evaluate", description=__doc__.splitlines()[0])
-    ap.add_argument("bundle")
-    ap.add_argument("--per-class", type=int, default=50)
-    ap.add_argument("--steps", type=int)
-    ap.add_argument("--sampler", choices=("ddpm", "ddim"))
-    ap.add_argument("--cfg-scale", type=float)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--classifier-dir")
-    ap.add_argument("--data-dir")
-    ap.add_argument("--reference-ckpt", help="checkpoint of the bundle: also sample it in PyTorch from the same noise")
-    ap.add_argument("--schedule-override", help="schedule for the PyTorch run instead of the bundle's (e.g. dense)")
-    ap.add_argument("--dense-bundle", help="the same checkpoint converted with --schedule dense: score it with the "
-                                           "same noise and compare per-image latency")
-    ap.add_argument("--threads", type=int, help="ONNX Runtime / torch threads")
-    ap.add_argument("--json", help="write the report to this JSON file")
-    a = ap.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    try:
-        kw = dict(per_class=a.per_class, steps=a.steps, sampler=a.sampler, cfg_scale=a.cfg_scale, seed=a.seed,
-                  classifier_dir=a.classifier_dir, data_dir=a.data_dir, threads=a.threads)
-        report = evaluate_bundle(a.bundle, reference_ckpt=a.reference_ckpt, schedule_override=a.schedule_override, **kw)
-        if a.dense_bundle:
-            dense = evaluate_bundle(a.dense_bundle, **kw)
-            lat = compare_latency(a.bundle, a.dense_bundle, n_images=16, steps=report["steps"],
-                                  cfg_scale=report["cfg_scale"], threads=a.threads, seed=a.seed)
-            report["dense"] = {"bundle_result": dense["bundle_result"], "latency": lat}
-            print(f"dense bundle: class acc {dense['bundle_result']['class_accuracy']:.3f}, "
-                  f"FD {dense['bundle_result']['fd']:.3f}; per-image latency dense / FlexDiT = "
-                  f"{lat['ratio_b_over_a']:.2f} ({lat['seconds_per_image'][1] * 1e3:.1f} ms vs "
-                  f"{lat['seconds_per_image'][0] * 1e3:.1f} ms, {lat['steps']} steps, {lat['n_images']} images); "
-                  f"MACs ratio {lat['macs_ratio_b_over_a']:.2f}")
-    except UserError as e:
-        print(f"evaluate: error: {e}", file=sys.stderr)
-        return 2
-    if a.json:
-        Path(a.json).write_text(json.dumps(report, indent=2) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from flexdit_export.errors import UserError
 
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
 ENV_DIR = "FASHION_MNIST_DIR"  # overrides the default directory when set
@@ -39,7 +39,7 @@ def _find(directory: Path, stem: str) -> Path:
         if p.is_file():
             return p
     raise UserError(f"Fashion-MNIST file {stem}.gz not found in {directory} "
-                    "(install the Debian package dataset-fashion-mnist or pass another directory)")
+                    f"(install the Debian package dataset-fashion-mnist, set {ENV_DIR} or pass --data-dir)")
 
 
 def read_idx(path) -> np.ndarray:
@@ -77,7 +77,7 @@ def load_split(split: str = "train", directory=None) -> tuple[np.ndarray, np.nda
     directory = Path(directory) if directory else default_dir()
     if not directory.is_dir():
         raise UserError(f"Fashion-MNIST directory not found: {directory} "
-                        "(install the Debian package dataset-fashion-mnist or pass another directory)")
+                        f"(install the Debian package dataset-fashion-mnist, set {ENV_DIR} or pass --data-dir)")
     images = read_idx(_find(directory, FILES[(split, "images")]))
     labels = read_idx(_find(directory, FILES[(split, "labels")]))
     if images.ndim != 3 or images.shape[1:] != (28, 28):

@@ -1,8 +1,10 @@
 """End-to-end quality gate at conversion, on the Fashion-MNIST demo model.
 
-The bundle being written is sampled twice through the torch-free runtime from the same seeded
+``FashionMnistGate`` is the plug-in that ``flexdit-export convert --quality-gate PER_CLASS``
+loads (``flexdit_export.quality_gates``); ``compare_policies`` also backs ``flexdit-fashion
+compare``. The bundle being written is sampled twice through the torch-free runtime from the same seeded
 noise: once with every stage in fp32, once with the bundle's precision policy (what
-``flexdit-run`` loads by default). The shipped classifier (``flexdit_export.evaluate``) scores
+``flexdit-run`` loads by default). The shipped classifier (``flexdit_fashion.evaluate``) scores
 both: class accuracy and the classifier-feature FD against the 10k test images. Bars (issue 4):
 
     int8 / fp8 in the policy:  accuracy within 2 points of fp32, FD within 1.15x of fp32
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import UserError
+from flexdit_export.errors import UserError
 
 BARS = {"int8": {"max_accuracy_drop": 0.02, "max_fd_ratio": 1.15},
         "fp16": {"max_accuracy_drop": 0.01, "max_fd_ratio": 1.05}}
@@ -62,7 +64,7 @@ def _check_model(bundle) -> None:
 
 
 def compare_policies(bundle, policies: dict, per_class: int, seed: int = 0, steps=None, threads=None,
-                     log=print) -> dict:
+                     log=print, classifier_dir=None, data_dir=None) -> dict:
     """Sample fp32 once and every policy ({name: precision spec or None for the bundle's
     default}) from the same noise; score and judge each against fp32."""
     from flexdit_runtime import Pipeline
@@ -74,8 +76,8 @@ def compare_policies(bundle, policies: dict, per_class: int, seed: int = 0, step
     _check_model(bundle)
     if per_class < 1:
         raise UserError(f"the end-to-end gate needs at least 1 image per class, got {per_class}")
-    classifier, _ = load_classifier()
-    test_feats = _test_reference(None, None)[0]  # cached per process
+    classifier, _ = load_classifier(classifier_dir)
+    test_feats = _test_reference(str(classifier_dir) if classifier_dir else None, data_dir)[0]  # cached per process
     labels = np.repeat(np.arange(len(FASHION_CLASSES)), per_class)
     report = {"per_class": per_class, "images": int(len(labels)), "seed": seed, "policies": {}}
     fp32 = None
@@ -116,41 +118,19 @@ def end_to_end(bundle, per_class: int, seed: int = 0, steps=None, threads=None, 
                              "verdict")}}
 
 
-def main(argv=None) -> int:
-    """python -m flexdit_export.quality BUNDLE --policies fp16 int8 'int8:stages=0-2,fp16:stages=3'"""
-    import argparse
-    import json
-    import sys
+class FashionMnistGate:
+    """The conversion's end-to-end gate as a ``flexdit_export.quality_gates.QualityGate``:
+    ``per_class`` images of every class, the bundle's default policy against fp32."""
 
-    from flexdit_runtime import load_bundle
-    from flexdit_bundle.manifest import BundleError
+    name = "fashion-mnist"
 
-    ap = argparse.ArgumentParser(prog="python -m flexdit_export.quality", description=__doc__.splitlines()[0])
-    ap.add_argument("bundle", help="a bundle holding the precisions the policies name (convert --extra-precisions)")
-    ap.add_argument("--policies", nargs="+", required=True, help="precision specs, e.g. fp16 int8 'int8:stages=0-2,fp16:stages=3'")
-    ap.add_argument("--per-class", type=int, default=100)
-    ap.add_argument("--steps", type=int)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int)
-    ap.add_argument("--json", help="write the report here")
-    a = ap.parse_args(argv)
-    try:
-        r = compare_policies(load_bundle(a.bundle), {p: p for p in a.policies}, a.per_class, a.seed, a.steps, a.threads,
-                             log=lambda m: print(m, file=sys.stderr, flush=True))
-    except (UserError, BundleError) as e:
-        print(f"quality: error: {e}", file=sys.stderr)
-        return 2
-    print("| policy | class accuracy | FD | accuracy drop (points) | FD ratio | bar | verdict |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| fp32 | {r['fp32']['class_accuracy']:.3f} | {r['fp32']['fd']:.2f} | | | | |")
-    for name, p in r["policies"].items():
-        print(f"| {name} | {p['class_accuracy']:.3f} | {p['fd']:.2f} | {p.get('accuracy_drop', 0) * 100:+.1f} | "
-              f"{p.get('fd_ratio', 1):.3f} | {p.get('bar', '')} | {'pass' if p['passed'] else 'FAIL'} |")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(r, f, indent=2)
-    return 0
+    def __init__(self, per_class: int, steps=None, threads=None):
+        if per_class < 1:
+            raise UserError(f"--quality-gate needs at least 1 image per class, got {per_class}")
+        self.per_class, self.steps, self.threads = per_class, steps, threads
 
+    def check_model(self, cfg) -> None:
+        check_gate_model(cfg.num_classes, cfg.in_channels, cfg.input_size)
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+    def run(self, bundle, *, seed: int = 0, log=print) -> dict:
+        return end_to_end(bundle, self.per_class, seed=seed, steps=self.steps, threads=self.threads, log=log)
