@@ -1,4 +1,4 @@
-"""flexdit-export: convert | inspect | verify.
+"""flexdit-export: convert | inspect | verify | calibrate | engines.
 
 Every failure a user can cause prints one line on stderr and exits with status 2.
 """
@@ -54,8 +54,8 @@ def _convert_args(p):
     g.add_argument("--error-tol", default="", help="per-precision gate on the relative RMS error vs the fp32 graph "
                    "on held-out calibration rows, e.g. int8-static=0.15,fp16=0.02")
     g.add_argument("--quality-gate", type=int, default=0, metavar="PER_CLASS",
-                   help="end-to-end gate (Fashion-MNIST model): sample PER_CLASS images per class with the policy "
-                        "and with fp32, compare class accuracy and FD")
+                   help="end-to-end gate (Fashion-MNIST model, needs the optional flexdit_fashion package): sample "
+                        "PER_CLASS images per class with the policy and with fp32, compare class accuracy and FD")
     g.add_argument("--backend", choices=("onnx", "tensorrt"), default="onnx",
                    help="tensorrt: also build one TensorRT engine per stage (needs TensorRT and a GPU)")
     g.add_argument("--engine-cache", help="TensorRT engine cache directory (default ~/.cache/flexdit-export/tensorrt)")
@@ -100,17 +100,6 @@ def build_parser():
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
     p.add_argument("--init-from-dit", metavar="LAYOUT", help="as given to convert")
     p.add_argument("--json", action="store_true")
-    p = sub.add_parser("eval", help="sample N images per class through a bundle and score them with the shipped "
-                                    "Fashion-MNIST classifier: class accuracy and classifier-feature FD")
-    p.add_argument("bundle")
-    p.add_argument("--per-class", type=int, default=100, help="images per class (default 100)")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the bundle's)")
-    p.add_argument("--sampler", choices=("ddim", "ddpm"), help="default: the bundle's")
-    p.add_argument("--cfg-scale", type=float, help="default: the bundle's")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--classifier", help="classifier directory (default: models/fashion-classifier)")
-    p.add_argument("--ckpt", help="also sample this checkpoint in PyTorch with the same noise and compare")
-    p.add_argument("--json", action="store_true")
     p = sub.add_parser("calibrate", help="capture a per-stage calibration set from real sampling trajectories")
     p.add_argument("ckpt")
     p.add_argument("-o", "--out", required=True, help="calibration set directory to write")
@@ -141,7 +130,7 @@ def main(argv=None) -> int:
     from .errors import UserError
 
     try:
-        return {"convert": _convert, "inspect": _inspect, "verify": _verify, "eval": _eval, "calibrate": _calibrate,
+        return {"convert": _convert, "inspect": _inspect, "verify": _verify, "calibrate": _calibrate,
                 "engines": _engines}[args.cmd](args)
     except (UserError, BundleError, PromptError) as e:
         print(f"flexdit-export {args.cmd}: error: {e}", file=sys.stderr)
@@ -176,9 +165,13 @@ def _convert(args) -> int:
                           quant_include=tuple(_split(args.quant_include)),
                           quant_exclude=tuple(_split(args.quant_exclude)) or ("none",),
                           calib=args.calib, calib_settings=_calib_settings(args), calib_method=args.calib_method,
-                          error_tol=_pairs(args.error_tol, "--error-tol"), quality_gate=args.quality_gate,
+                          error_tol=_pairs(args.error_tol, "--error-tol"),
                           backend=args.backend, engine_cache=args.engine_cache, timing_cache=args.timing_cache)
-    out = convert(args.ckpt, args.out, opts, log=_log(False))
+    gates = []
+    if args.quality_gate:
+        from .quality_gates import load_gate
+        gates.append(load_gate("fashion-mnist", per_class=args.quality_gate))
+    out = convert(args.ckpt, args.out, opts, log=_log(False), gates=gates)
     s = summarise(out, verify_checksums=False)
     print(json.dumps(s, indent=2) if args.json else render(s))
     return 0
@@ -250,24 +243,6 @@ def _verify(args) -> int:
         if not args.json:
             print("flexdit-export verify: error: the bundle does not match the checkpoint (see above)", file=sys.stderr)
         return 1
-    return 0
-
-
-def _eval(args) -> int:
-    from .errors import UserError
-    from .evaluate import evaluate_bundle
-
-    if args.per_class < 1:
-        raise UserError(f"--per-class must be at least 1, got {args.per_class}")
-    report = evaluate_bundle(args.bundle, per_class=args.per_class, steps=args.steps, sampler=args.sampler,
-                             cfg_scale=args.cfg_scale, seed=args.seed, classifier_dir=args.classifier,
-                             reference_ckpt=args.ckpt)
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        for key, value in report.items():
-            if isinstance(value, (int, float, str)):
-                print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
     return 0
 
 

@@ -132,6 +132,25 @@ def _engine_precision(st: dict, want: str) -> str:
     return want
 
 
+def copy_engine(w, what: str, src: dict, precision: str, env: dict, cache_dir=None, timing_cache=None, log=print,
+                build=build_plan) -> Path:
+    """The engine of the bundle graph ``src`` (an onnx artifact of the bundle being written by
+    ``w``), built or taken from the cache, copied next to it; -> its path in the bundle."""
+    if "external_data" in src:
+        raise UserError(f"{what}: building engines from graphs with external weights is not supported")
+    cached = engine_for(w.tmp / src["path"], src["sha256"], precision, env, cache_dir, timing_cache, log, build)
+    dst = w.path(f"{Path(src['path']).parent.as_posix()}/{Path(src['path']).name.split('.')[0]}.{precision}.engine")
+    shutil.copyfile(cached, dst)
+    return dst
+
+
+def engine_artifact(w, engine: Path, precision: str, src: dict) -> dict:
+    header, _ = read_header(engine)
+    return w.artifact([engine], "tensorrt", precision, source_sha256=src["sha256"],
+                      tensorrt={k: header[k] for k in ("tensorrt_version", "compute_capability", "cache_key",
+                                                       "strongly_typed")})
+
+
 def add_engines(w, manifest: dict, policy: dict, env: dict, cache_dir=None, timing_cache=None, log=print,
                 build=build_plan) -> None:
     """Build (or take from the cache) one engine per stage at its policy precision and add it to
@@ -139,17 +158,9 @@ def add_engines(w, manifest: dict, policy: dict, env: dict, cache_dir=None, timi
     for st in manifest["stages"]:
         prec = _engine_precision(st, policy[st["id"]])
         src = next(a for a in st["artifacts"] if a["backend"] == "onnx" and a["precision"] == prec)
-        if "external_data" in src:
-            raise UserError(f"stage {st['id']}: building engines from graphs with external weights is not supported")
-        cached = engine_for(w.tmp / src["path"], src["sha256"], prec, env, cache_dir, timing_cache, log, build)
-        rel = f"stages/{Path(src['path']).name.split('.')[0]}.{prec}.engine"
+        dst = copy_engine(w, f"stage {st['id']}", src, prec, env, cache_dir, timing_cache, log, build)
         st["artifacts"] = [a for a in st["artifacts"] if not (a["backend"] == "tensorrt" and a["precision"] == prec)]
-        dst = w.path(rel)
-        shutil.copyfile(cached, dst)
-        header, _ = read_header(dst)
-        st["artifacts"].append(w.artifact([dst], "tensorrt", prec, source_sha256=src["sha256"],
-                                          tensorrt={k: header[k] for k in ("tensorrt_version", "compute_capability",
-                                                                           "cache_key", "strongly_typed")}))
+        st["artifacts"].append(engine_artifact(w, dst, prec, src))
 
 
 def engines_command(bundle_path, precision_spec=None, cache_dir=None, timing_cache=None, force=False, log=print,

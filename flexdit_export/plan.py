@@ -1,0 +1,247 @@
+"""Options -> plan: every choice of a conversion resolved and checked once, before anything is
+exported or captured. A bad option ends here, as one ``UserError`` line, with nothing written;
+the builders then only read the plan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import MappingProxyType
+
+import torch
+
+from flexdit_bundle.manifest import SAMPLING_DEFAULTS
+from flexdit_bundle.precision import PRECISIONS, PrecisionError, canonical, parse_policy
+
+from .builders import builder_for
+from .checkpoints import Checkpoint, load_checkpoint
+from .classnames import choose_class_names
+from .errors import UserError
+from .export import check_opset
+from .optimize import LEVELS
+from .options import ConvertOptions
+from .quantize import (CALIB_METHODS, DEFAULT_ERROR_TOL, check_layer_patterns, island_layer_patterns, layer_matches,
+                       parse_islands, resolve_exclude)
+from .schedule import Stage, parse_schedule
+
+FORMATS = ("onnx", "torchscript")
+BACKENDS = ("onnx", "tensorrt")
+
+
+@dataclass(frozen=True)
+class QuantSelection:
+    """Which layers the lower-precision graphs touch, resolved against the model."""
+    op_types: tuple
+    include: tuple
+    exclude: tuple  # default patterns (where the model has such layers) + the user's own
+    islands: tuple  # what fp16 graphs keep in fp32
+    calib_method: str
+
+
+@dataclass(frozen=True)
+class CalibrationChoice:
+    """Where the stage calibration rows come from: an existing set (opened and matched to this
+    model and schedule), or a capture with these settings into ``target`` (reused when a set
+    made with exactly the same settings is there)."""
+    existing: object | None  # calib.CalibSet
+    settings: object | None  # calib.capture.CaptureSettings
+    target: Path
+
+
+@dataclass(frozen=True)
+class ConvertPlan:
+    ckpt_path: Path
+    out: Path
+    force: bool
+    checkpoint: Checkpoint
+    model: torch.nn.Module
+    class_names: list | None
+    stages: tuple  # schedule.Stage, in stage-id order
+    batch: int
+    opset: int
+    seed: int
+    parity_tol: float
+    parity_trials: int
+    num_timesteps: int
+    cfg_channels: str
+    sampling_defaults: MappingProxyType
+    policy: MappingProxyType  # stage id -> precision the runtime loads by default
+    builds: MappingProxyType  # stage id -> ((backend, precision), ...) in build order
+    optimize: bool
+    optimize_level: str
+    onnxsim: bool
+    quant: QuantSelection
+    error_tols: MappingProxyType  # precision -> max relative RMS error vs the fp32 graph (held out)
+    calibration: CalibrationChoice | None  # None: every stage is fp32 only
+    decoder: torch.nn.Module | None  # the VAE decoder, or None (pixel space / latents out)
+    backend: str
+    tensorrt_env: MappingProxyType | None
+    engine_cache: str | None
+    timing_cache: str | None
+    gates: tuple  # quality_gates.QualityGate
+
+    @property
+    def cfg(self):
+        return self.checkpoint.config
+
+    @property
+    def stage_dicts(self) -> list[dict]:
+        return [{"id": sid, **st.to_dict()} for sid, st in enumerate(self.stages)]
+
+
+def default_cfg_channels(cfg) -> str:
+    """Guidance on the first 3 channels for latent models (the DiT reference), else on all eps channels."""
+    return "first3" if cfg.in_channels >= 4 else "eps"
+
+
+def sampling_defaults(ck, overrides: dict) -> dict:
+    """The sampler settings a bundle records (and calibration trajectories use by default)."""
+    return {**SAMPLING_DEFAULTS, **ck.sampling_defaults, **overrides}
+
+
+def resolve_schedule(ck, spec: str | None, num_timesteps: int) -> list[Stage]:
+    cfg = ck.config
+    return parse_schedule(spec or ck.trained_schedule or "released", T=num_timesteps, grid=cfg.grid, family=cfg.family,
+                          semantic_size=cfg.semantic_size)
+
+
+def resolve_plan(ckpt_path, out, opts: ConvertOptions, gates=()) -> ConvertPlan:
+    if opts.batch < 1 or opts.batch > 4096:
+        raise UserError(f"--batch must be between 1 and 4096, got {opts.batch}")
+    bad = [f for f in opts.formats if f not in FORMATS]
+    if bad or not opts.formats:
+        raise UserError(f"unknown format(s) {', '.join(bad) or '(none)'}; choose from {', '.join(FORMATS)}")
+    if "onnx" not in opts.formats:
+        raise UserError("the bundle needs the onnx format (the runtimes execute it); add it to --formats")
+    check_opset(opts.opset)
+    if Path(out).exists() and not opts.force:
+        raise UserError(f"{out} already exists (use --force to replace it)")
+    if opts.num_timesteps < 2:
+        raise UserError(f"--num-timesteps must be at least 2, got {opts.num_timesteps}")
+    if opts.backend not in BACKENDS:
+        raise UserError(f"unknown backend {opts.backend!r} (choose from {', '.join(BACKENDS)})")
+    trt_env = None
+    if opts.backend == "tensorrt":
+        from .tensorrt_build import require_tensorrt
+        trt_env = MappingProxyType(dict(require_tensorrt()))
+    if opts.onnxsim and not opts.optimize:
+        raise UserError("--onnxsim is part of --optimize; add --optimize")
+    tols = _error_tols(opts)
+    ck = load_checkpoint(ckpt_path, opts.num_heads, opts.semantic_size, opts.init_from_dit)
+    cfg = ck.config
+    names = choose_class_names(cfg.num_classes, opts.class_names, ck.class_names)
+    stages = resolve_schedule(ck, opts.schedule, opts.num_timesteps)
+    policy, precisions = _precisions(opts, len(stages))
+    for gate in gates:
+        gate.check_model(cfg)
+    vae = _decoder(opts.vae, cfg)
+    model = ck.build()
+    quant = _quant_selection(opts, model)
+    defaults = sampling_defaults(ck, opts.defaults)
+    cfg_channels = opts.cfg_channels or default_cfg_channels(cfg)
+    builds = {sid: _build_list(opts, precisions[sid], policy[sid]) for sid in policy}
+    plan = ConvertPlan(
+        ckpt_path=Path(ckpt_path), out=Path(out), force=opts.force, checkpoint=ck, model=model, class_names=names,
+        stages=tuple(stages), batch=opts.batch, opset=opts.opset, seed=opts.seed, parity_tol=opts.parity_tol,
+        parity_trials=opts.parity_trials, num_timesteps=opts.num_timesteps, cfg_channels=cfg_channels,
+        sampling_defaults=MappingProxyType(defaults), policy=MappingProxyType(policy),
+        builds=MappingProxyType(builds), optimize=opts.optimize, optimize_level=opts.optimize_level,
+        onnxsim=opts.onnxsim, quant=quant, error_tols=MappingProxyType(tols), calibration=None, decoder=vae,
+        backend=opts.backend, tensorrt_env=trt_env, engine_cache=opts.engine_cache, timing_cache=opts.timing_cache,
+        gates=tuple(gates))
+    if any(len(p) > 1 for p in precisions.values()):
+        plan = replace(plan, calibration=_calibration_choice(plan, opts))
+    return plan
+
+
+def _error_tols(opts: ConvertOptions) -> dict:
+    tols = dict(DEFAULT_ERROR_TOL)
+    for k, v in opts.error_tol.items():
+        try:
+            tols[canonical(k)] = float(v)
+        except (PrecisionError, ValueError):
+            raise UserError(f"--error-tol: {k}={v} is not PRECISION=NUMBER") from None
+    return tols
+
+
+def _precisions(opts: ConvertOptions, n_stages: int) -> tuple[dict, dict]:
+    """-> (policy {stage id: precision the runtime loads}, {stage id: ONNX precisions to build,
+    fp32 first})."""
+    try:
+        policy = parse_policy(opts.precision, n_stages, opts.backend)
+        extras = {canonical(p, opts.backend) for p in opts.extra_precisions}
+    except PrecisionError as e:
+        raise UserError(str(e)) from None
+    build = {sid: ["fp32"] + sorted(({policy[sid]} | extras) - {"fp32"}, key=PRECISIONS.index) for sid in policy}
+    if opts.backend == "tensorrt" and any("int8-dynamic" in b for b in build.values()):
+        raise UserError("int8-dynamic graphs use ONNX Runtime-only operators; TensorRT needs int8-static (QDQ): "
+                        "use int8 or int8-static with --backend tensorrt")
+    return policy, build
+
+
+def _build_list(opts: ConvertOptions, onnx_precisions: list, policy_precision: str) -> tuple:
+    """The artifacts of one stage, in build order: the fp32 exports (each later one derives from
+    or is checked against them), the lower-precision graphs, then the engines."""
+    keys = [("onnx", "fp32")] + [(f, "fp32") for f in FORMATS[1:] if f in opts.formats]
+    keys += [("onnx", p) for p in onnx_precisions[1:]]
+    if opts.backend != "onnx":
+        keys.append((opts.backend, policy_precision))
+    for key in keys:
+        builder_for(*key)  # an unknown (backend, precision) is refused here, before any export
+    return tuple(keys)
+
+
+def _decoder(path, cfg):
+    if not path:
+        return None
+    from .vae import load_vae_decoder
+    vae = load_vae_decoder(path)
+    if vae.latent_channels != cfg.in_channels:
+        raise UserError(f"VAE has {vae.latent_channels} latent channels but the model has {cfg.in_channels}")
+    return vae
+
+
+def _quant_selection(opts: ConvertOptions, model) -> QuantSelection:
+    """User errors in the precision options, found before anything is exported."""
+    islands = parse_islands(opts.fp32_islands)
+    if opts.calib_method not in CALIB_METHODS:
+        raise UserError(f"unknown calibration method {opts.calib_method!r} (choose from {', '.join(CALIB_METHODS)})")
+    if not opts.quant_ops:
+        raise UserError("--quant-ops names no operator type")
+    if opts.optimize_level not in LEVELS:
+        raise UserError(f"unknown optimisation level {opts.optimize_level!r} (choose from {', '.join(LEVELS)})")
+    modules = [n for n, _ in model.named_modules()]
+    check_layer_patterns(opts.quant_include, modules, "--quant-include")
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    for p in opts.quant_include:
+        if not any(layer_matches(n, p) for n in linears):
+            raise UserError(f"--quant-include: {p!r} holds no linear layer "
+                            "(nothing there is a MatMul/Gemm to quantise)")
+    exclude, mine = resolve_exclude(opts.quant_exclude, modules)
+    check_layer_patterns(mine, modules, "--quant-exclude")
+    if "op:" in islands:
+        raise UserError("--fp32-islands: 'op:' needs an operator type, e.g. op:Softmax")
+    check_layer_patterns(island_layer_patterns(islands), modules, "--fp32-islands")
+    return QuantSelection(op_types=tuple(opts.quant_ops), include=tuple(opts.quant_include), exclude=tuple(exclude),
+                          islands=tuple(islands), calib_method=opts.calib_method)
+
+
+def _calibration_choice(plan: ConvertPlan, opts: ConvertOptions) -> CalibrationChoice:
+    """``--calib DIR`` must exist and fit this model and schedule; else the capture settings
+    (bundle defaults + overrides) must be valid."""
+    from calib import CalibError, CalibSet
+    from calib.capture import CaptureSettings, model_sha256
+
+    target = Path(str(plan.out).rstrip("/") + ".calib")
+    if opts.calib:
+        try:
+            cs = CalibSet.open(opts.calib)
+            cs.check_matches(model_sha256(plan.model), plan.stage_dicts, plan.num_timesteps)
+        except CalibError as e:
+            raise UserError(str(e)) from None
+        return CalibrationChoice(existing=cs, settings=None, target=target)
+    try:
+        settings = CaptureSettings.from_defaults(dict(plan.sampling_defaults), plan.batch, opts.calib_settings)
+    except ValueError as e:
+        raise UserError(f"calibration settings: {e}") from None
+    return CalibrationChoice(existing=None, settings=settings, target=target)
