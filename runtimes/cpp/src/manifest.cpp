@@ -1,0 +1,298 @@
+#include "manifest.hpp"
+
+#include <algorithm>
+#include <map>
+#include <set>
+
+#include "error.hpp"
+#include "files.hpp"
+#include "schema_check.hpp"
+
+namespace fs = std::filesystem;
+
+namespace flexdit {
+namespace {
+
+[[noreturn]] void bundle_error(const std::string& msg) { fail(ErrorKind::Bundle, msg); }
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+std::vector<TensorDecl> tensors(const json& arr) {
+  std::vector<TensorDecl> out;
+  for (auto& e : arr) out.push_back({e.at("name").get<std::string>(), e.at("dtype").get<std::string>(),
+                                     e.at("shape").get<std::vector<int64_t>>()});
+  return out;
+}
+
+FileEntry file_entry(const json& e) {
+  FileEntry f;
+  f.path = e.at("path").get<std::string>();
+  f.sha256 = e.at("sha256").get<std::string>();
+  f.bytes = e.contains("bytes") ? e["bytes"].get<uint64_t>() : 0;
+  return f;
+}
+
+std::vector<Artifact> artifacts(const json& arr) {
+  std::vector<Artifact> out;
+  for (auto& a : arr) {
+    Artifact art;
+    static_cast<FileEntry&>(art) = file_entry(a);
+    art.backend = a.at("backend").get<std::string>();
+    art.precision = a.at("precision").get<std::string>();
+    if (a.contains("weights") && a["weights"].is_object()) {
+      WeightBindings wb;
+      wb.file = a["weights"].at("file").get<std::string>();
+      for (auto it = a["weights"].at("bindings").begin(); it != a["weights"]["bindings"].end(); ++it)
+        wb.bindings.emplace_back(it.key(), it.value().get<size_t>());
+      art.weights = wb;
+    }
+    if (a.contains("external_data") && a["external_data"].is_object()) art.external_data = file_entry(a["external_data"]);
+    out.push_back(std::move(art));
+  }
+  return out;
+}
+
+void check_stage_io(const Stage& st, const Manifest& m) {
+  std::string where = "stage " + std::to_string(st.id);
+  if (st.inputs.size() != 3 || st.outputs.empty())
+    bundle_error(where + " must declare 3 inputs (latent, timestep, class label) and an output, not " +
+                 std::to_string(st.inputs.size()) + " and " + std::to_string(st.outputs.size()));
+  std::set<std::string> names;
+  size_t count = 0;
+  for (auto* list : {&st.inputs, &st.outputs})
+    for (auto& e : *list) names.insert(e.name), ++count;
+  if (names.size() != count) bundle_error(where + " declares a tensor name twice");
+  int64_t B = st.batch, C = m.in_channels, H = m.input_size, cout = m.learn_sigma ? 2 * C : C;
+  std::pair<const TensorDecl*, std::vector<int64_t>> expect[] = {
+      {&st.inputs[0], {B, C, H, H}}, {&st.inputs[1], {B}}, {&st.inputs[2], {B}}, {&st.outputs[0], {B, cout, H, H}}};
+  for (auto& [e, shape] : expect)
+    if (e->shape != shape)
+      bundle_error(where + " declares '" + e->name + "' with shape " + shape_str(e->shape) + ", but batch " +
+                   std::to_string(B) + " and the model config make it " + shape_str(shape));
+}
+
+void check_weights(const Manifest& m) {
+  std::set<std::string> ids;
+  for (auto& w : m.weights) {
+    if (m.version < 2) bundle_error("a format v1 manifest cannot have shared weight files");
+    if (!ids.insert(w.id).second) bundle_error("weight file id '" + w.id + "' appears twice");
+    for (size_t i = 0; i < w.tensors.size(); ++i) {
+      auto& t = w.tensors[i];
+      uint64_t n = dtype_bytes(t.dtype);
+      for (auto d : t.shape) n *= static_cast<uint64_t>(d);
+      if (n != t.bytes || t.offset + t.bytes > w.bytes || t.offset + t.bytes < t.offset || t.offset % w.alignment)
+        bundle_error("weight file " + w.path + ": tensor " + std::to_string(i) + " (" + t.dtype + " " + shape_str(t.shape) +
+                     " at " + std::to_string(t.offset) + ", " + std::to_string(t.bytes) +
+                     " bytes) does not fit the file; re-run flexdit-export convert");
+    }
+  }
+  auto check = [&](const std::vector<Artifact>& arts) {
+    for (auto& a : arts) {
+      if (!a.weights) continue;
+      const WeightFile* w = m.weight_file(a.weights->file);
+      if (!w) bundle_error(a.path + " uses weight file '" + a.weights->file + "', which the manifest does not list");
+      for (auto& [name, index] : a.weights->bindings)
+        if (index >= w->tensors.size())
+          bundle_error(a.path + " binds '" + name + "' to a tensor that " + w->path + " does not have");
+    }
+  };
+  for (auto& st : m.stages) check(st.artifacts);
+  if (m.decoder) check(m.decoder->artifacts);
+}
+
+}  // namespace
+
+size_t dtype_bytes(const std::string& d) {
+  static const std::map<std::string, size_t> sizes = {{"float32", 4}, {"float16", 2}, {"bfloat16", 2}, {"int8", 1},
+                                                      {"uint8", 1},   {"int32", 4},   {"int64", 8},    {"bool", 1}};
+  auto it = sizes.find(d);
+  return it == sizes.end() ? 0 : it->second;
+}
+
+const Stage& Manifest::stage_for(int t) const {
+  for (auto& st : stages)
+    if (st.t_min <= t && t <= st.t_max) return st;
+  bundle_error("no stage serves timestep " + std::to_string(t));
+}
+
+const WeightFile* Manifest::weight_file(const std::string& id) const {
+  for (auto& w : weights)
+    if (w.id == id) return &w;
+  return nullptr;
+}
+
+Manifest validate_manifest(const json& j) {
+  SchemaViolation v;
+  if (!schema_validate(j, manifest_schema(), &v))
+    bundle_error("manifest does not match the schema at " + v.path + ": " + v.message.substr(0, 200));
+  Manifest m;
+  try {
+    m.version = j["format"]["version"].get<int>();
+    if (m.version > kFormatVersion)
+      bundle_error("bundle format version " + std::to_string(m.version) + " is newer than this runtime supports (" +
+                   std::to_string(kFormatVersion) + "); upgrade flexdit-export");
+    if (m.version != 1 && m.version != 2)
+      bundle_error("bundle format version " + std::to_string(m.version) +
+                   " is no longer supported; re-convert the checkpoint with flexdit-export convert");
+    const json& model = j["model"];
+    const json& cfg = model["config"];
+    m.in_channels = cfg.at("in_channels").get<int>();
+    m.input_size = cfg.at("input_size").get<int>();
+    m.learn_sigma = cfg.at("learn_sigma").get<bool>();
+    m.num_classes = model.at("num_classes").get<int>();
+    m.null_class = model.at("null_class").get<int>();
+    if (!model["class_names"].is_null()) m.class_names = model["class_names"].get<std::vector<std::string>>();
+    const json& d = j["diffusion"];
+    m.num_timesteps = d.at("num_timesteps").get<int>();
+    m.beta_start = d.at("beta_start").get<double>();
+    m.beta_end = d.at("beta_end").get<double>();
+    m.variance_type = d.at("variance_type").get<std::string>();
+    m.cfg_channels = d.at("cfg_channels").get<std::string>();
+    if (d.contains("defaults")) {
+      const json& def = d["defaults"];
+      if (def.contains("sampler")) m.defaults.sampler = def["sampler"].get<std::string>();
+      if (def.contains("steps")) m.defaults.steps = def["steps"].get<int>();
+      if (def.contains("cfg_scale")) m.defaults.cfg_scale = def["cfg_scale"].get<double>();
+      if (def.contains("eta")) m.defaults.eta = def["eta"].get<double>();
+      if (def.contains("clip_denoised")) m.defaults.clip_denoised = def["clip_denoised"].get<bool>();
+    }
+    for (auto& s : j["stages"]) {
+      Stage st;
+      st.id = s.at("id").get<int>();
+      st.t_min = s.at("t_min").get<int>();
+      st.t_max = s.at("t_max").get<int>();
+      st.batch = s.at("batch").get<int>();
+      st.inputs = tensors(s.at("inputs"));
+      st.outputs = tensors(s.at("outputs"));
+      st.artifacts = artifacts(s.at("artifacts"));
+      if (s.contains("default_precision") && s["default_precision"].is_string())
+        st.default_precision = s["default_precision"].get<std::string>();
+      m.stages.push_back(std::move(st));
+    }
+    if (j.contains("decoder") && j["decoder"].is_object()) {
+      DecoderEntry dec;
+      dec.inputs = tensors(j["decoder"].at("inputs"));
+      dec.outputs = tensors(j["decoder"].at("outputs"));
+      dec.artifacts = artifacts(j["decoder"].at("artifacts"));
+      m.decoder = std::move(dec);
+    }
+    if (j.contains("output") && j["output"].contains("value_range")) {
+      m.value_lo = j["output"]["value_range"].at(0).get<double>();
+      m.value_hi = j["output"]["value_range"].at(1).get<double>();
+    }
+    if (j.contains("weights") && j["weights"].is_array()) {
+      for (auto& w : j["weights"]) {
+        WeightFile wf;
+        static_cast<FileEntry&>(wf) = file_entry(w);
+        wf.id = w.at("id").get<std::string>();
+        wf.alignment = w.contains("alignment") ? w["alignment"].get<uint64_t>() : 1;
+        if (wf.alignment == 0) wf.alignment = 1;
+        for (auto& t : w.at("tensors"))
+          wf.tensors.push_back({t.at("offset").get<uint64_t>(), t.at("bytes").get<uint64_t>(),
+                                t.at("dtype").get<std::string>(), t.at("shape").get<std::vector<int64_t>>()});
+        m.weights.push_back(std::move(wf));
+      }
+    }
+  } catch (const json::exception& e) {
+    // the schema admitted something the reader cannot take (e.g. an integer beyond 64 bits)
+    bundle_error(std::string("manifest holds a value this runtime cannot read: ") + e.what());
+  }
+  check_weights(m);
+  if (j.at("model").at("config").at("num_classes") != j["model"]["num_classes"])
+    bundle_error("model num_classes " + std::to_string(m.num_classes) + " disagrees with its config (" +
+                 j["model"]["config"]["num_classes"].dump() + ")");
+  if (m.null_class < 0 || m.null_class > m.num_classes)
+    bundle_error("null class " + std::to_string(m.null_class) + " is outside 0.." + std::to_string(m.num_classes) +
+                 " (the model has " + std::to_string(m.num_classes) + " classes)");
+  if (m.class_names && static_cast<int>(m.class_names->size()) != m.num_classes)
+    bundle_error("the manifest lists " + std::to_string(m.class_names->size()) + " class names for " +
+                 std::to_string(m.num_classes) + " classes");
+  for (auto& st : m.stages) check_stage_io(st, m);
+  if (m.decoder && (m.decoder->inputs.size() != 1 || m.decoder->outputs.size() != 1))
+    bundle_error("the decoder must declare exactly one input and one output");
+  int T = m.num_timesteps;
+  std::vector<int> seen(T > 0 ? T : 0, 0);
+  for (auto& st : m.stages) {
+    if (!(0 <= st.t_min && st.t_min <= st.t_max && st.t_max < T))
+      bundle_error("stage " + std::to_string(st.id) + " range [" + std::to_string(st.t_min) + ", " +
+                   std::to_string(st.t_max) + "] is outside 0.." + std::to_string(T - 1));
+    for (int t = st.t_min; t <= st.t_max; ++t) ++seen[t];
+  }
+  for (int t = 0; t < T; ++t)
+    if (seen[t] != 1)
+      bundle_error("stages do not cover timesteps 0.." + std::to_string(T - 1) + " exactly once (timestep " +
+                   std::to_string(t) + ")");
+  std::vector<int> ids;
+  for (auto& st : m.stages) ids.push_back(st.id);
+  std::sort(ids.begin(), ids.end());
+  for (size_t i = 0; i < ids.size(); ++i)
+    if (ids[i] != static_cast<int>(i)) bundle_error("stage ids must be 0..n-1");
+  std::sort(m.stages.begin(), m.stages.end(), [](const Stage& a, const Stage& b) { return a.id < b.id; });
+  return m;
+}
+
+Manifest parse_manifest_text(const std::string& text, const std::string& source) {
+  json j;
+  try {
+    j = parse_json_strict(text);
+  } catch (const std::invalid_argument& e) {
+    bundle_error("cannot read " + source + ": " + e.what());
+  }
+  if (!j.is_object() || !j.contains("format") || !j["format"].is_object() || !j["format"].contains("name") ||
+      j["format"]["name"] != kFormatName)
+    bundle_error(source + " is not a " + std::string(kFormatName) + " manifest");
+  return validate_manifest(j);
+}
+
+fs::path Bundle::path_of(const FileEntry& entry) const { return resolve_inside(root, entry.path); }
+
+Bundle load_bundle(const fs::path& dir, bool verify_checksums, bool defer_weights) {
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) bundle_error("bundle directory not found: " + dir.string());
+  fs::path mf = dir / "manifest.json";
+  if (!fs::is_regular_file(mf, ec)) bundle_error(dir.string() + " is not a bundle: manifest.json is missing");
+  std::string text;
+  try {
+    text = read_text_file(mf);
+  } catch (const Error& e) {
+    bundle_error("cannot read " + mf.string() + ": " + e.what());
+  }
+  Bundle b{dir, parse_manifest_text(text, mf.string())};
+  if (!verify_checksums) return b;
+  auto check = [&](const FileEntry& e, bool size_only) {
+    fs::path p = b.path_of(e);
+    if (!fs::is_regular_file(p, ec))
+      bundle_error("bundle file missing: " + e.path + " (the bundle is incomplete; re-run flexdit-export convert)");
+    bool ok = size_only ? fs::file_size(p, ec) == e.bytes && !ec : sha256_file(p) == e.sha256;
+    if (!ok)
+      bundle_error("checksum mismatch for " + e.path +
+                   ": the bundle was modified or truncated; re-run flexdit-export convert");
+  };
+  for (auto& w : b.manifest.weights) check(w, defer_weights);
+  auto arts = [&](const std::vector<Artifact>& list) {
+    for (auto& a : list) {
+      check(a, false);
+      if (a.external_data) check(*a.external_data, false);
+    }
+  };
+  for (auto& st : b.manifest.stages) arts(st.artifacts);
+  if (b.manifest.decoder) arts(b.manifest.decoder->artifacts);
+  return b;
+}
+
+const Artifact& find_artifact(const std::vector<Artifact>& artifacts, const std::string& backend,
+                              const std::string& precision, const std::string& what) {
+  for (auto& a : artifacts)
+    if (a.backend == backend && (precision.empty() || a.precision == precision)) return a;
+  std::string have;
+  for (auto& a : artifacts) have += (have.empty() ? "" : ", ") + a.backend + "/" + a.precision;
+  std::string want = backend + (precision.empty() ? "" : "/" + precision);
+  bundle_error("bundle has no " + want + " artifact for " + what + " (it has: " + have +
+               "); build it with flexdit-export convert --precision/--extra-precisions");
+}
+
+}  // namespace flexdit

@@ -1,0 +1,270 @@
+#include "model.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <future>
+#include <thread>
+
+#include "error.hpp"
+#include "noise.hpp"
+#include "precision.hpp"
+#include "samplers.hpp"
+#include "stage_engine.hpp"
+
+namespace flexdit {
+
+struct Model::Impl {
+  Bundle bundle;
+  OrtProcess* ort = nullptr;
+  std::unique_ptr<SharedWeights> weights;
+  std::unique_ptr<PrepackedWeights> prepacked;
+  std::vector<std::unique_ptr<StageEngine>> engines;  // by stage id
+  std::unique_ptr<DecoderEngine> decoder;
+  ~Impl() {  // sessions before the buffers and pre-packed weights they use
+    decoder.reset();
+    engines.clear();
+    prepacked.reset();
+    weights.reset();
+  }
+};
+
+namespace {
+
+double now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+[[noreturn]] void arg_error(const std::string& m) { fail(ErrorKind::Argument, m); }
+
+std::string fmt_g(double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%g", v);
+  return buf;
+}
+
+double check_real(const std::string& name, double v, double lo, std::optional<double> hi) {
+  if (!std::isfinite(v)) arg_error("--" + name + " must be a finite number, got " + fmt_g(v));
+  if (v < lo || (hi && v > *hi))
+    arg_error("--" + name + " must be " + (hi ? "in [" + fmt_g(lo) + ", " + fmt_g(*hi) + "]" : "at least " + fmt_g(lo)) +
+              ", got " + fmt_g(v));
+  return v;
+}
+
+// the artifact a stage runs: the requested precision, else its default_precision, else the first
+const Artifact& choose_artifact(const Stage& st, const std::string& want) {
+  std::string what = "stage " + std::to_string(st.id);
+  if (!want.empty()) return find_artifact(st.artifacts, "onnx", want, what);
+  if (!st.default_precision.empty())
+    for (auto& a : st.artifacts)
+      if (a.backend == "onnx" && a.precision == st.default_precision) return a;
+  return find_artifact(st.artifacts, "onnx", "", what);
+}
+
+}  // namespace
+
+Model::Model(std::unique_ptr<Impl> impl)
+    : impl_(std::move(impl)), classes_(impl_->bundle.manifest.class_names, impl_->bundle.manifest.num_classes) {}
+
+Model::~Model() = default;
+
+std::unique_ptr<Model> Model::load(const std::string& dir, const LoadOptions& o) {
+  if (o.threads < 0) arg_error("--threads must be a positive integer, got " + std::to_string(o.threads));
+  if (o.backend != "onnx")
+    arg_error("backend '" + o.backend + "' is not available in the C++ runtime (it runs the bundle's ONNX graphs: --backend onnx)");
+  if (!o.providers.empty()) {
+    std::string p = o.providers;
+    std::transform(p.begin(), p.end(), p.begin(), ::tolower);
+    size_t start = 0;
+    while (start <= p.size()) {
+      size_t c = p.find(',', start);
+      std::string name = p.substr(start, c == std::string::npos ? std::string::npos : c - start);
+      if (!name.empty() && name != "cpu" && name != "cpuexecutionprovider")
+        arg_error("execution provider '" + name + "' is not available in this onnxruntime (available: CPUExecutionProvider)");
+      if (c == std::string::npos) break;
+      start = c + 1;
+    }
+  }
+  auto impl = std::make_unique<Impl>();
+  impl->bundle = load_bundle(dir, o.verify_checksums, /*defer_weights=*/true);
+  const Manifest& m = impl->bundle.manifest;
+  std::map<int, std::string> overrides;
+  if (!o.precision.empty()) overrides = parse_precision_policy(o.precision, static_cast<int>(m.stages.size()), "onnx", "");
+  std::vector<const Artifact*> arts;
+  for (auto& st : m.stages) arts.push_back(&choose_artifact(st, overrides.count(st.id) ? overrides[st.id] : ""));
+  impl->ort = &OrtProcess::get(o.threads);
+  impl->weights = std::make_unique<SharedWeights>(impl->bundle);
+  if (o.prepack_weights) impl->prepacked = std::make_unique<PrepackedWeights>();
+  SessionSettings settings{o.prepack_weights, impl->prepacked.get()};
+  impl->engines.resize(m.stages.size());
+  // sessions are built in parallel (the shared weights are read once, by the first that needs them)
+  size_t workers = std::max<size_t>(1, std::min<size_t>(m.stages.size(), std::thread::hardware_concurrency()));
+  std::vector<std::future<void>> jobs;
+  std::atomic<size_t> next{0};
+  for (size_t w = 0; w < workers; ++w)
+    jobs.push_back(std::async(std::launch::async, [&] {
+      for (size_t i; (i = next++) < m.stages.size();)
+        impl->engines[i] = std::make_unique<StageEngine>(*impl->ort, impl->bundle, m.stages[i], *arts[i],
+                                                         *impl->weights, settings);
+    }));
+  std::exception_ptr first;
+  for (auto& j : jobs) {
+    try {
+      j.get();
+    } catch (...) {
+      if (!first) first = std::current_exception();
+    }
+  }
+  if (first) std::rethrow_exception(first);
+  if (m.decoder) impl->decoder = std::make_unique<DecoderEngine>(*impl->ort, impl->bundle, *m.decoder, *impl->weights, settings);
+  return std::unique_ptr<Model>(new Model(std::move(impl)));
+}
+
+const Manifest& Model::manifest() const { return impl_->bundle.manifest; }
+
+std::vector<std::string> Model::precisions() const {
+  std::vector<std::string> out;
+  for (auto& e : impl_->engines) out.push_back(e->artifact.precision);
+  return out;
+}
+
+std::vector<int64_t> Model::latent_shape() const {
+  const Manifest& m = manifest();
+  return {m.in_channels, m.input_size, m.input_size};
+}
+
+std::vector<int64_t> Model::image_shape() const {
+  std::vector<int64_t> chw = impl_->decoder ? impl_->decoder->out_shape : latent_shape();
+  int64_t c = (chw[0] == 1 || chw[0] == 3) ? chw[0] : 3;
+  return {chw[1], chw[2], c};
+}
+
+uint64_t Model::shared_weight_bytes() const { return impl_->weights->resident_bytes(); }
+
+int Model::capacity(double cfg_scale) const {
+  int B = impl_->engines.front()->batch();
+  for (auto& e : impl_->engines) B = std::min(B, e->batch());
+  return cfg_scale > 1 ? std::max(1, B / 2) : B;
+}
+
+SamplingParams Model::params(const SampleOptions& o) const {
+  const Manifest& m = manifest();
+  const SamplingDefaults& d = m.defaults;
+  SamplingParams p;
+  p.sampler = o.sampler.value_or(d.sampler);
+  if (p.sampler != "ddpm" && p.sampler != "ddim") arg_error("unknown sampler '" + p.sampler + "' (choose from ddpm, ddim)");
+  p.spacing = o.spacing;
+  if (p.spacing != "sections" && p.spacing != "ddim")
+    arg_error("unknown spacing '" + p.spacing + "' (choose from sections, ddim)");
+  p.clip_denoised = o.clip_denoised.value_or(d.clip_denoised);
+  p.steps = o.steps.value_or(d.steps);
+  if (p.steps < 1 || p.steps > m.num_timesteps)
+    arg_error("--steps must be in 1.." + std::to_string(m.num_timesteps) + ", got " + std::to_string(p.steps));
+  p.cfg_scale = check_real("cfg-scale", o.cfg_scale.value_or(d.cfg_scale), 0.0, std::nullopt);
+  p.eta = check_real("eta", o.eta.value_or(d.eta), 0.0, 1.0);
+  return p;
+}
+
+Diffusion Model::diffusion(int steps, const std::string& spacing) const {
+  const Manifest& m = manifest();
+  std::string spec = spacing == "ddim" ? "ddim" + std::to_string(steps) : std::to_string(steps);
+  return Diffusion(linear_betas(m.num_timesteps, m.beta_start, m.beta_end), space_timesteps(m.num_timesteps, spec),
+                   m.variance_type);
+}
+
+SampleResult Model::sample(const std::vector<int>& ids, const SampleOptions& o) const {
+  const Manifest& m = manifest();
+  SamplingParams p = params(o);
+  if (ids.empty()) fail(ErrorKind::Prompt, "no prompts given");
+  for (int id : ids)
+    if (id < 0 || id >= m.num_classes)
+      fail(ErrorKind::Prompt, "class id " + std::to_string(id) + " is outside 0.." + std::to_string(m.num_classes - 1));
+  if (o.seed < 0) arg_error("--seed must be at least 0, got " + std::to_string(o.seed));
+  if (o.batch < 0) arg_error("--batch must be at least 1, got " + std::to_string(o.batch));
+  const size_t n = ids.size(), C = m.in_channels, H = m.input_size, hw = H * H, per = C * hw;
+  const size_t cout = m.learn_sigma ? 2 * C : C;
+  if (o.init_noise) {
+    if (o.init_noise_count != n * per && o.init_noise_count != per)
+      arg_error("initial noise has " + std::to_string(o.init_noise_count) + " values; expected " +
+                std::to_string(n) + "x" + std::to_string(C) + "x" + std::to_string(H) + "x" + std::to_string(H) +
+                " or " + std::to_string(per));
+    for (size_t i = 0; i < o.init_noise_count; ++i)
+      if (!std::isfinite(o.init_noise[i])) arg_error("initial noise holds NaN or infinite values (after conversion to float32)");
+  }
+  Diffusion d = diffusion(p.steps, p.spacing);
+  const size_t per_call = o.batch > 0 ? static_cast<size_t>(o.batch) : static_cast<size_t>(capacity(p.cfg_scale));
+  SampleResult res;
+  res.class_ids = ids;
+  for (int id : ids) res.labels.push_back(label(id));
+  res.sample_shape = {static_cast<int64_t>(n), static_cast<int64_t>(C), static_cast<int64_t>(H), static_cast<int64_t>(H)};
+  res.samples.resize(n * per);
+  res.stage_seconds.assign(m.stages.size(), 0.0);
+  const double start = now();
+  const int null_class = m.null_class;
+  for (size_t lo = 0; lo < n; lo += per_call) {
+    const size_t g = std::min(per_call, n - lo), rows = p.guided() ? 2 * g : g;
+    std::vector<int> indices(g);
+    for (size_t i = 0; i < g; ++i) indices[i] = static_cast<int>(lo + i);
+    std::vector<ImageNoise> rngs;
+    for (size_t i = 0; i < g; ++i) rngs.emplace_back(static_cast<uint64_t>(o.seed), lo + i);
+    float* x = res.samples.data() + lo * per;
+    for (size_t i = 0; i < g; ++i) {
+      if (o.init_noise)
+        std::copy(o.init_noise + (o.init_noise_count == per ? 0 : (lo + i) * per),
+                  o.init_noise + (o.init_noise_count == per ? 0 : (lo + i) * per) + per, x + i * per);
+      else
+        rngs[i].standard_normal(x + i * per, per);
+    }
+    std::vector<int64_t> y(rows);
+    for (size_t i = 0; i < rows; ++i) y[i] = i < g ? ids[lo + i] : null_class;
+    std::vector<float> xin(p.guided() ? rows * per : 0), out(rows * cout * hw), guided(p.guided() ? g * cout * hw : 0),
+        noise(g * per);
+    for (int k = d.num_steps() - 1; k >= 0; --k) {
+      const int t = d.timestep_map[k];
+      const StageEngine& engine = *impl_->engines[m.stage_for(t).id];
+      const float* feed = x;
+      if (p.guided()) {  // rows [0, g) conditional, [g, 2g) unconditional
+        std::copy(x, x + g * per, xin.begin());
+        std::copy(x, x + g * per, xin.begin() + g * per);
+        feed = xin.data();
+      }
+      double t0 = now();
+      engine.run_rows(rows, feed, t, y.data(), out.data(), &res.ort_seconds);
+      res.stage_seconds[engine.stage.id] += now() - t0;
+      const float* model_out = out.data();
+      if (p.guided()) {
+        flexdit::guide(out.data(), g, cout, hw, static_cast<float>(p.cfg_scale), m.cfg_channels, C, guided.data());
+        model_out = guided.data();
+      }
+      const float* step_noise = nullptr;
+      if (needs_noise(p.sampler, k, p.eta)) {
+        if (o.noise_fn)
+          o.noise_fn(k, indices, noise.data());
+        else
+          for (size_t i = 0; i < g; ++i) rngs[i].standard_normal(noise.data() + i * per, per);
+        step_noise = noise.data();
+      }
+      StepShape shape{g, C, cout, hw};
+      if (p.sampler == "ddpm")
+        ddpm_step(d, shape, x, model_out, k, step_noise, p.clip_denoised, x);
+      else
+        ddim_step(d, shape, x, model_out, k, step_noise, p.eta, p.clip_denoised, x);
+      if (o.progress) o.progress();
+    }
+  }
+  std::vector<float> decoded;
+  const float* pixels = res.samples.data();
+  std::vector<int64_t> chw = latent_shape();
+  if (impl_->decoder) {
+    double t0 = now();
+    decoded = impl_->decoder->run_rows(n, res.samples.data(), &res.ort_seconds);
+    res.decoder_seconds = now() - t0;
+    pixels = decoded.data();
+    chw = impl_->decoder->out_shape;
+  }
+  res.images = to_uint8(pixels, n, chw[0], chw[1], chw[2], m.value_lo, m.value_hi);
+  res.seconds = now() - start;
+  return res;
+}
+
+}  // namespace flexdit

@@ -1,0 +1,86 @@
+#include "npy.hpp"
+
+#include <cstring>
+#include <fstream>
+#include <regex>
+
+#include "error.hpp"
+#include "files.hpp"
+
+namespace flexdit {
+
+NpyArray read_npy(const std::filesystem::path& path) {
+  std::string bytes = read_text_file(path);
+  auto bad = [&](const std::string& why) -> void { fail(ErrorKind::Io, "cannot read " + path.string() + ": " + why); };
+  if (bytes.size() < 10 || bytes.compare(0, 6, "\x93NUMPY") != 0) bad("not a .npy file");
+  int major = static_cast<unsigned char>(bytes[6]);
+  size_t hlen, start;
+  if (major == 1) {
+    hlen = static_cast<unsigned char>(bytes[8]) | (static_cast<unsigned char>(bytes[9]) << 8);
+    start = 10;
+  } else if (major == 2 || major == 3) {
+    if (bytes.size() < 12) bad("truncated header");
+    hlen = 0;
+    for (int i = 0; i < 4; ++i) hlen |= static_cast<size_t>(static_cast<unsigned char>(bytes[8 + i])) << (8 * i);
+    start = 12;
+  } else {
+    bad("unsupported .npy version");
+    return {};
+  }
+  if (bytes.size() < start + hlen) bad("truncated header");
+  std::string header = bytes.substr(start, hlen);
+  std::smatch m;
+  NpyArray a;
+  if (!std::regex_search(header, m, std::regex(R"('descr'\s*:\s*'([^']*)')"))) bad("no dtype in the header");
+  a.descr = m[1].str();
+  if (!std::regex_search(header, m, std::regex(R"('fortran_order'\s*:\s*(True|False))")) || m[1].str() != "False")
+    bad("only C-order arrays are read");
+  if (!std::regex_search(header, m, std::regex(R"('shape'\s*:\s*\(([^)]*)\))"))) bad("no shape in the header");
+  std::string dims = m[1].str();
+  std::regex num(R"(\d+)");
+  size_t count = 1;
+  for (auto it = std::sregex_iterator(dims.begin(), dims.end(), num); it != std::sregex_iterator(); ++it) {
+    if (it->str().size() > 12) bad("dimension too large");
+    int64_t d = std::stoll(it->str());
+    a.shape.push_back(d);
+    count *= static_cast<size_t>(d);
+    if (count > (size_t(1) << 34)) bad("array too large");
+  }
+  size_t item = a.descr == "<f4" ? 4 : a.descr == "<f8" ? 8 : 0;
+  if (!item) bad("dtype " + a.descr + " is not float32 or float64 (real floating-point noise is needed)");
+  size_t off = start + hlen;
+  if (bytes.size() - off != count * item) bad("the data size does not match its shape");
+  a.values.resize(count);
+  for (size_t i = 0; i < count; ++i) {
+    if (item == 4) {
+      float f;
+      std::memcpy(&f, bytes.data() + off + 4 * i, 4);
+      a.values[i] = f;
+    } else {
+      std::memcpy(&a.values[i], bytes.data() + off + 8 * i, 8);
+    }
+  }
+  return a;
+}
+
+void write_npy_f32(const std::filesystem::path& path, const float* data, const std::vector<int64_t>& shape) {
+  std::string dims;
+  size_t count = 1;
+  for (auto d : shape) dims += std::to_string(d) + ", ", count *= static_cast<size_t>(d);
+  if (shape.size() > 1) dims.resize(dims.size() - 1), dims.back() = ' ', dims.pop_back();
+  if (shape.size() == 1) dims.pop_back();
+  std::string header = "{'descr': '<f4', 'fortran_order': False, 'shape': (" + dims + "), }";
+  size_t total = 10 + header.size() + 1;
+  header.append((64 - total % 64) % 64, ' ');
+  header += '\n';
+  std::ofstream f(path, std::ios::binary);
+  uint16_t hl = static_cast<uint16_t>(header.size());
+  f.write("\x93NUMPY\x01\x00", 8);
+  char le[2] = {static_cast<char>(hl & 0xFF), static_cast<char>(hl >> 8)};
+  f.write(le, 2);
+  f << header;
+  f.write(reinterpret_cast<const char*>(data), static_cast<std::streamsize>(count * sizeof(float)));
+  if (!f) fail(ErrorKind::Io, "cannot write " + path.string());
+}
+
+}  // namespace flexdit

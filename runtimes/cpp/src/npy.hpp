@@ -1,0 +1,21 @@
+// .npy version 1.0/2.0 arrays (little-endian float32 / float64, C order): read for initial noise
+// and the conformance vectors, write for samples.npy.
+#pragma once
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+namespace flexdit {
+
+struct NpyArray {
+  std::vector<int64_t> shape;
+  std::vector<double> values;  // converted from the file's dtype
+  std::string descr;           // "<f4" or "<f8"
+  size_t count() const { return values.size(); }
+};
+
+NpyArray read_npy(const std::filesystem::path& path);  // throws Error(Io) naming the file and the problem
+void write_npy_f32(const std::filesystem::path& path, const float* data, const std::vector<int64_t>& shape);
+
+}  // namespace flexdit
