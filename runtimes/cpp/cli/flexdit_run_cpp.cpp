@@ -83,6 +83,7 @@ int run(const flexdit_cli::Args& args) {
     try {
       init_arr = read_npy(*args.init_noise);
     } catch (const Error& e) {
+      if (e.kind() != ErrorKind::Io) throw;
       fail(ErrorKind::Io, std::string("cannot read --init-noise ") + *args.init_noise + ": " +
                               std::string(e.what()).substr(std::string(e.what()).find(": ") + 2));
     }

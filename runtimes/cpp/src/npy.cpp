@@ -1,5 +1,7 @@
 #include "npy.hpp"
 
+#include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <regex>
@@ -8,6 +10,31 @@
 #include "files.hpp"
 
 namespace flexdit {
+namespace {
+
+// numpy's str(dtype) for a header descr: '<i8' -> int64, '|b1' -> bool, '<U3' stays '<U3'
+std::string numpy_dtype_name(const std::string& d) {
+  if (d.size() < 3) return d;
+  char kind = d[1];
+  std::string size = d.substr(2);
+  auto bits = [&](int mult) { return std::to_string(std::atoi(size.c_str()) * mult); };
+  switch (kind) {
+    case 'b': return "bool";
+    case 'i': return "int" + bits(8);
+    case 'u': return "uint" + bits(8);
+    case 'f': return "float" + bits(8);
+    case 'c': return "complex" + bits(8);
+    default: return d;
+  }
+}
+
+double half_to_double(uint16_t h) {
+  int exp = (h >> 10) & 0x1F, mant = h & 0x3FF;
+  double v = exp == 0 ? std::ldexp(mant, -24) : exp == 31 ? (mant ? NAN : INFINITY) : std::ldexp(mant + 1024, exp - 25);
+  return (h & 0x8000) ? -v : v;
+}
+
+}  // namespace
 
 NpyArray read_npy(const std::filesystem::path& path) {
   std::string bytes = read_text_file(path);
@@ -46,13 +73,17 @@ NpyArray read_npy(const std::filesystem::path& path) {
     count *= static_cast<size_t>(d);
     if (count > (size_t(1) << 34)) bad("array too large");
   }
-  size_t item = a.descr == "<f4" ? 4 : a.descr == "<f8" ? 8 : 0;
-  if (!item) bad("dtype " + a.descr + " is not float32 or float64 (real floating-point noise is needed)");
+  size_t item = a.descr == "<f4" ? 4 : a.descr == "<f8" ? 8 : a.descr == "<f2" ? 2 : 0;
+  if (!item) fail(ErrorKind::Argument, "initial noise must hold real floating-point values, got dtype " + numpy_dtype_name(a.descr));
   size_t off = start + hlen;
   if (bytes.size() - off != count * item) bad("the data size does not match its shape");
   a.values.resize(count);
   for (size_t i = 0; i < count; ++i) {
-    if (item == 4) {
+    if (item == 2) {
+      uint16_t h;
+      std::memcpy(&h, bytes.data() + off + 2 * i, 2);
+      a.values[i] = half_to_double(h);
+    } else if (item == 4) {
       float f;
       std::memcpy(&f, bytes.data() + off + 4 * i, 4);
       a.values[i] = f;
