@@ -124,6 +124,7 @@ def share_weights(root, manifest: dict) -> dict:
         for a, m, b in zip(arts, models, bindings):
             path = root / a["path"]
             old = a["sha256"]
+            _prune_value_info(m)  # after the rewrite: the proto no longer holds the weights
             onnx.save(m, str(path))  # every external tensor now points into the weight file
             ext = a.pop("external_data", None)
             if ext is not None and not _still_referenced(m, Path(ext["path"]).name):
@@ -152,8 +153,23 @@ def _drop_exporter_metadata(model) -> None:
     """The dynamo exporter annotates every node with its Python stack trace, FX node and module
     scopes (~0.9 MB per stage graph of the Fashion model, 7% of its weights, repeated in every
     stage). Nothing reads them once ``export.name_nodes_by_layer`` has put the layer into each
-    node's name, so the published graphs drop them, and the exporter's intermediate shape
-    annotations (``value_info``), which every consumer infers again at load."""
+    node's name, so the published graphs drop them."""
     for node in model.graph.node:
         del node.metadata_props[:]
+
+
+def _prune_value_info(model) -> None:
+    """Drop the intermediate type/shape annotations that ONNX shape inference derives again
+    identically (every consumer infers them at load); keep the ones it cannot (e.g. after ONNX
+    Runtime's fusions in optimised or fp16 graphs), so no information is lost. Annotations of
+    initializers repeat the initializer's own type and dims."""
+    import onnx
+
+    weights = {t.name for t in model.graph.initializer}
+    kept = [v for v in model.graph.value_info if v.name not in weights]
     del model.graph.value_info[:]
+    try:
+        inferred = {v.name: v.type for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    except Exception:  # inference cannot run on this graph: keep every annotation
+        inferred = {}
+    model.graph.value_info.extend(v for v in kept if inferred.get(v.name) != v.type)
