@@ -140,6 +140,8 @@ def share_weights(root, manifest: dict) -> dict:
         for a in st["artifacts"]:
             if a.get("source_sha256") in renamed:
                 a["source_sha256"] = renamed[a["source_sha256"]]
+                if a["backend"] == "tensorrt":
+                    _restamp_engine(root / a["path"], a)
     manifest["weights"] = weight_files
     return manifest
 
@@ -173,3 +175,14 @@ def _prune_value_info(model) -> None:
     except Exception:  # inference cannot run on this graph: keep every annotation
         inferred = {}
     model.graph.value_info.extend(v for v in kept if inferred.get(v.name) != v.type)
+
+
+def _restamp_engine(path: Path, artifact: dict) -> None:
+    """A TensorRT engine built before the sharing pass names its source graph by the graph's
+    earlier hash in its header; the plan does not change, so only the header is rewritten."""
+    from flexdit_bundle.engine_header import read_header, write_engine
+
+    header, offset = read_header(path)
+    plan = path.read_bytes()[offset:]
+    write_engine(path, {**header, "source_sha256": artifact["source_sha256"]}, plan)
+    artifact["sha256"], artifact["bytes"] = sha256_file(path), path.stat().st_size

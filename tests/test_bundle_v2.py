@@ -180,3 +180,26 @@ def test_newer_or_retired_format_versions_fail_with_one_line(fashion_bundle, tmp
     (v1 / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="v1 manifest cannot have shared weight files"):
         load_bundle(v1)
+
+
+def test_sharing_pass_restamps_engines_built_from_the_unshared_graphs(fashion_bundle, tmp_path):
+    """convert builds TensorRT engines from each stage's self-contained graph, before the sharing
+    pass rewrites it: the engine header and the manifest must name the published graph."""
+    from flexdit_bundle.engine_header import read_header, write_engine
+    from flexdit_bundle.files import sha256_file
+    from flexdit_export.share_weights import share_weights
+
+    root = _to_v1(fashion_bundle, tmp_path / "unshared")
+    m = json.loads((root / "manifest.json").read_text())
+    st = m["stages"][0]
+    src = st["artifacts"][0]
+    eng = root / "stages" / "stage0.fp32.engine"
+    write_engine(eng, {"precision": "fp32", "source_sha256": src["sha256"], "cache_key": "k"}, b"PLAN")
+    st["artifacts"].append({"backend": "tensorrt", "precision": "fp32", "path": "stages/stage0.fp32.engine",
+                            "sha256": sha256_file(eng), "bytes": eng.stat().st_size, "source_sha256": src["sha256"]})
+    before = src["sha256"]
+    m = share_weights(root, m)
+    src, art = m["stages"][0]["artifacts"]
+    header, off = read_header(eng)
+    assert src["sha256"] != before and header["source_sha256"] == art["source_sha256"] == src["sha256"]
+    assert art["sha256"] == sha256_file(eng) and eng.read_bytes()[off:] == b"PLAN"
