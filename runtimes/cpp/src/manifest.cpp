@@ -15,6 +15,16 @@ namespace {
 
 [[noreturn]] void bundle_error(const std::string& msg) { fail(ErrorKind::Bundle, msg); }
 
+// an integer field that must fit an int (the schema admits any JSON integer)
+int get_int(const json& j) {
+  if (j.is_number_unsigned() && j.get<uint64_t>() > static_cast<uint64_t>(INT32_MAX))
+    bundle_error("manifest holds the integer " + j.dump() + ", which is out of range for this field");
+  int64_t v = j.get<int64_t>();
+  if (v < INT32_MIN || v > INT32_MAX)
+    bundle_error("manifest holds the integer " + j.dump() + ", which is out of range for this field");
+  return static_cast<int>(v);
+}
+
 std::string shape_str(const std::vector<int64_t>& s) {
   std::string out = "[";
   for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
@@ -131,7 +141,7 @@ Manifest validate_manifest(const json& j) {
     bundle_error("manifest does not match the schema at " + v.path + ": " + v.message.substr(0, 200));
   Manifest m;
   try {
-    m.version = j["format"]["version"].get<int>();
+    m.version = get_int(j["format"]["version"]);
     if (m.version > kFormatVersion)
       bundle_error("bundle format version " + std::to_string(m.version) + " is newer than this runtime supports (" +
                    std::to_string(kFormatVersion) + "); upgrade flexdit-export");
@@ -140,14 +150,14 @@ Manifest validate_manifest(const json& j) {
                    " is no longer supported; re-convert the checkpoint with flexdit-export convert");
     const json& model = j["model"];
     const json& cfg = model["config"];
-    m.in_channels = cfg.at("in_channels").get<int>();
-    m.input_size = cfg.at("input_size").get<int>();
+    m.in_channels = get_int(cfg.at("in_channels"));
+    m.input_size = get_int(cfg.at("input_size"));
     m.learn_sigma = cfg.at("learn_sigma").get<bool>();
-    m.num_classes = model.at("num_classes").get<int>();
-    m.null_class = model.at("null_class").get<int>();
+    m.num_classes = get_int(model.at("num_classes"));
+    m.null_class = get_int(model.at("null_class"));
     if (!model["class_names"].is_null()) m.class_names = model["class_names"].get<std::vector<std::string>>();
     const json& d = j["diffusion"];
-    m.num_timesteps = d.at("num_timesteps").get<int>();
+    m.num_timesteps = get_int(d.at("num_timesteps"));
     m.beta_start = d.at("beta_start").get<double>();
     m.beta_end = d.at("beta_end").get<double>();
     m.variance_type = d.at("variance_type").get<std::string>();
@@ -155,17 +165,17 @@ Manifest validate_manifest(const json& j) {
     if (d.contains("defaults")) {
       const json& def = d["defaults"];
       if (def.contains("sampler")) m.defaults.sampler = def["sampler"].get<std::string>();
-      if (def.contains("steps")) m.defaults.steps = def["steps"].get<int>();
+      if (def.contains("steps")) m.defaults.steps = get_int(def["steps"]);
       if (def.contains("cfg_scale")) m.defaults.cfg_scale = def["cfg_scale"].get<double>();
       if (def.contains("eta")) m.defaults.eta = def["eta"].get<double>();
       if (def.contains("clip_denoised")) m.defaults.clip_denoised = def["clip_denoised"].get<bool>();
     }
     for (auto& s : j["stages"]) {
       Stage st;
-      st.id = s.at("id").get<int>();
-      st.t_min = s.at("t_min").get<int>();
-      st.t_max = s.at("t_max").get<int>();
-      st.batch = s.at("batch").get<int>();
+      st.id = get_int(s.at("id"));
+      st.t_min = get_int(s.at("t_min"));
+      st.t_max = get_int(s.at("t_max"));
+      st.batch = get_int(s.at("batch"));
       st.inputs = tensors(s.at("inputs"));
       st.outputs = tensors(s.at("outputs"));
       st.artifacts = artifacts(s.at("artifacts"));
@@ -215,6 +225,7 @@ Manifest validate_manifest(const json& j) {
   if (m.decoder && (m.decoder->inputs.size() != 1 || m.decoder->outputs.size() != 1))
     bundle_error("the decoder must declare exactly one input and one output");
   int T = m.num_timesteps;
+  if (T > 1000000) bundle_error("num_timesteps " + std::to_string(T) + " is out of range (at most 1000000)");
   std::vector<int> seen(T > 0 ? T : 0, 0);
   for (auto& st : m.stages) {
     if (!(0 <= st.t_min && st.t_min <= st.t_max && st.t_max < T))
