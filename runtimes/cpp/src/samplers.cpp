@@ -1,5 +1,7 @@
 #include "samplers.hpp"
 
+#include "numpy_expf.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -53,6 +55,10 @@ void guide(const float* out, size_t n, size_t cout, size_t hw, float scale, cons
 
 bool needs_noise(const std::string& sampler, int k, double eta) { return k > 0 && (sampler == "ddpm" || eta > 0); }
 
+// fma clone: std::fma is one instruction; default clone: glibc's (exact, slower) fma
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+__attribute__((target_clones("fma", "default")))
+#endif
 void ddpm_step(const Diffusion& d, const StepShape& s, const float* x, const float* out, int k, const float* noise,
                bool clip, float* result) {
   const float a = f32(d.sqrt_recip_alphas_cumprod, k), b = f32(d.sqrt_recipm1_alphas_cumprod, k);
@@ -70,7 +76,7 @@ void ddpm_step(const Diffusion& d, const StepShape& s, const float* x, const flo
         result[idx] = mean;
       } else {
         float lv = log_var(o + per + i);
-        result[idx] = mean + std::exp(0.5f * lv) * noise[idx];
+        result[idx] = mean + numpy_expf(0.5f * lv) * noise[idx];
       }
     }
   }

@@ -16,8 +16,11 @@ out.mkdir(parents=True, exist_ok=True)
 ckpt = out / "flex_ref.pt"
 if not ckpt.exists():
     save_reference_training(random_model(TINY_FLEX, seed=1), ckpt)
+# int8-dynamic graphs + the fp32 ones; a small calibration capture keeps the conversion short
+INT8 = ["--precision", "int8", "--calib-images", "4", "--calib-holdout-images", "2", "--calib-steps", "20",
+        "--calib-max-rows", "32", "--calib-holdout-rows", "8"]
 env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-for name, extra in (("fp32", []), ("int8", ["--precision", "int8"])):
+for name, extra in (("fp32", []), ("int8", INT8)):
     target = out / name
     if (target / "manifest.json").exists():
         continue

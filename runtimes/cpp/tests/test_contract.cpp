@@ -16,6 +16,7 @@
 #include "manifest.hpp"
 #include "model.hpp"
 #include "noise.hpp"
+#include "numpy_expf.hpp"
 #include "onnx_scan.hpp"
 #include "precision.hpp"
 #include "prompts.hpp"
@@ -320,6 +321,17 @@ TEST_CASE(noise_generator_is_per_image_and_standard_normal) {
   std::vector<float> again(4);
   ImageNoise(0, 0).standard_normal(again.data(), 4);
   CHECK(std::equal(first, first + 4, again.begin()));
+}
+
+TEST_CASE(numpy_expf_matches_numpy) {
+  // np.exp(x) on float32 arrays (numpy 2.4, x86-64), at inputs where it differs from a
+  // correctly rounded exp: the DDPM step must use numpy's values to match the Python runtime
+  const float cases[][2] = {{-0x1.6990980000000p+3f, 0x1.9f9f840000000p-17f}, {-0x1.c1097e0000000p+2f, 0x1.d667700000000p-11f},
+                            {-0x1.6d2a600000000p+3f, 0x1.7364380000000p-17f}, {-0x1.6bb7800000000p+3f, 0x1.8497860000000p-17f},
+                            {0x1.fa84280000000p-1f, 0x1.583bbc0000000p+1f},   {-0x1.c275320000000p+1f, 0x1.e558320000000p-6f}};
+  for (auto& c : cases) CHECK(numpy_expf(c[0]) == c[1]) << c[0];
+  CHECK(numpy_expf(0.0f) == 1.0f && numpy_expf(100.0f) == INFINITY && numpy_expf(-200.0f) == 0.0f);
+  CHECK(std::isnan(numpy_expf(NAN)));
 }
 
 int main(int argc, char** argv) {

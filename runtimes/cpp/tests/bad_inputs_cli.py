@@ -1,0 +1,158 @@
+"""Every case of flexdit_bundle/conformance/bad_inputs.json through flexdit-run-cpp: exit code,
+exactly one line on stderr "flexdit-run-cpp: error: ..." matching the case's message, and
+nothing written (no output directory, no staging leftovers). Plus the catalogue's everyday
+cases (missing bundle, tampered checksum, unknown class, bad steps, bad precision, usage errors)
+run through BOTH CLIs: same exit code, and the same message once the program name is removed.
+
+usage: bad_inputs_cli.py REPO CLI FIXTURE_BUNDLE"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+repo, cli, fixture = Path(sys.argv[1]), str(Path(sys.argv[2]).resolve()), Path(sys.argv[3])
+catalogue = json.loads((repo / "flexdit_bundle" / "conformance" / "bad_inputs.json").read_text())
+
+
+def pointer_set(doc, path, value):
+    parts = [p.replace("~1", "/").replace("~0", "~") for p in path.lstrip("/").split("/")]
+    for p in parts[:-1]:
+        doc = doc[int(p)] if isinstance(doc, list) else doc[p]
+    last = parts[-1]
+    if isinstance(doc, list):
+        doc[int(last)] = value
+    else:
+        doc[last] = value
+
+
+def make_bundle(edits, where: Path) -> Path:
+    bundle = where / "bundle"
+    shutil.copytree(fixture, bundle)
+    mf = bundle / "manifest.json"
+    m = json.loads(mf.read_text())
+    raw = {}
+    for i, e in enumerate(edits or []):
+        if e["op"] == "set":
+            pointer_set(m, e["path"], e["value"])
+        elif e["op"] in ("set_raw", "nest"):
+            token = f"__RAW_{i}__"
+            raw[token] = e["raw"] if e["op"] == "set_raw" else "[" * e["depth"] + "]" * e["depth"]
+            pointer_set(m, e["path"], token)
+        elif e["op"] == "symlink_outside":
+            src = bundle / e["file"]
+            outside = where / ("outside-" + src.name)
+            shutil.move(src, outside)
+            os.symlink(outside, src)
+        else:
+            raise SystemExit(f"bad_inputs_cli: unknown edit {e['op']!r}")
+    text = json.dumps(m, indent=1)
+    for token, value in raw.items():
+        text = text.replace(json.dumps(token), value)
+    mf.write_text(text)
+    return bundle
+
+
+def make_file(spec, path: Path):
+    s = spec["npy"]
+    fill = s["fill"]
+    dtype = np.dtype(s["dtype"])
+    value = dtype.type(fill) if not isinstance(fill, str) or dtype.kind in "US" else np.array(fill).astype(dtype)
+    np.save(path, np.full(s["shape"], value, dtype=dtype))
+
+
+def run(prog, args, tmp: Path):
+    cmd = [cli, *args] if prog == "cpp" else [sys.executable, "-m", "flexdit_runtime.cli", *args]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": f"{repo / 'runtimes' / 'python'}:{repo}"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp, timeout=300)
+
+
+def check(p, case_id, exit_code, message, out: Path, tmp: Path, prefix="flexdit-run-cpp") -> list[str]:
+    problems = []
+    lines = p.stderr.strip("\n").split("\n") if p.stderr.strip() else []
+    if p.returncode != exit_code:
+        problems.append(f"exit code {p.returncode}, expected {exit_code}")
+    if len(lines) != 1 or not lines[0].startswith(f"{prefix}: error: "):
+        problems.append(f"stderr is not one '{prefix}: error:' line: {p.stderr.strip()[:400]!r}")
+    elif not re.search(message, lines[0]):
+        problems.append(f"message {lines[0]!r} does not match {message!r}")
+    if out.exists():
+        problems.append(f"output directory {out} was created")
+    leftovers = [f.name for f in tmp.rglob(".flexdit-run-*")]
+    if leftovers:
+        problems.append(f"staging leftovers: {leftovers}")
+    return problems
+
+
+failures = count = 0
+for case in catalogue["cases"]:
+    with tempfile.TemporaryDirectory() as t:
+        tmp = Path(t)
+        bundle = make_bundle(case.get("edits"), tmp)
+        (tmp / "prompts.txt").write_text(case.get("prompts", "1\n"))
+        for name, spec in (case.get("files") or {}).items():
+            make_file(spec, tmp / name)
+        out = tmp / "scratch" / "out"
+        out.parent.mkdir()
+        subst = {"{bundle}": str(bundle), "{prompts}": str(tmp / "prompts.txt"), "{out}": str(out)}
+        args = []
+        for a in case["args"]:
+            for k, v in subst.items():
+                a = a.replace(k, v)
+            a = re.sub(r"\{file:([^}]+)\}", lambda mm: str(tmp / mm.group(1)), a)
+            args.append(a)
+        p = run("cpp", args, tmp)
+        problems = check(p, case["id"], case["exit_code"], case["message"], out, tmp)
+        count += 1
+        failures += bool(problems)
+        print(f"{'FAIL' if problems else 'ok  '} catalogue/{case['id']}" + "".join(f"\n     {x}" for x in problems))
+
+# the everyday cases, through both CLIs
+EVERYDAY = [
+    ("missing-bundle", None, "1\n", ["--bundle", "{tmp}/nope"], r"bundle directory not found: .*nope"),
+    ("tampered-checksum", "tamper", "1\n", [], r"checksum mismatch for stages/stage1_s3\.onnx"),
+    ("unknown-class", None, "cat\n", [], r"prompts\.txt: 'cat' is not a class id, and this bundle has no class names"),
+    ("class-id-out-of-range", None, "10\n", [], r"class id 10 is outside 0\.\.9"),
+    ("no-prompts", None, "# nothing\n", [], r"has no prompts"),
+    ("missing-prompts", None, None, [], r"prompt file not found"),
+    ("steps-zero", None, "1\n", ["--steps", "0"], r"--steps must be in 1\.\.1000, got 0"),
+    ("steps-too-many", None, "1\n", ["--steps", "1001"], r"--steps must be in 1\.\.1000, got 1001"),
+    ("steps-not-int", None, "1\n", ["--steps", "x"], r"argument --steps: invalid int value: 'x'"),
+    ("unknown-precision", None, "1\n", ["--precision", "fp64"], r"unknown precision 'fp64'"),
+    ("precision-missing", None, "1\n", ["--precision", "fp16"], r"bundle has no onnx/fp16 artifact for stage 0"),
+    ("bad-sampler", None, "1\n", ["--sampler", "euler"], r"argument --sampler: invalid choice: 'euler'"),
+    ("batch-zero", None, "1\n", ["--batch", "0"], r"--batch must be at least 1, got 0"),
+    ("ddim-stride-impossible", None, "1\n", ["--steps", "999", "--spacing", "ddim"],
+     r"cannot take exactly 999 steps with an integer DDIM stride over 1000 timesteps"),
+]
+for cid, edit, prompts, extra, message in EVERYDAY:
+    codes = {}
+    for prog in ("cpp", "py"):
+        with tempfile.TemporaryDirectory() as t:
+            tmp = Path(t)
+            bundle = make_bundle(None, tmp)
+            if edit == "tamper":
+                f = bundle / "stages" / "stage1_s3.onnx"
+                data = bytearray(f.read_bytes())
+                data[200] ^= 1
+                f.write_bytes(bytes(data))
+            if prompts is not None:
+                (tmp / "prompts.txt").write_text(prompts)
+            out = tmp / "scratch" / "out"
+            out.parent.mkdir()
+            args = [str(tmp / "prompts.txt"), "--bundle", str(bundle), "-o", str(out), "--steps", "2"]
+            args += [a.replace("{tmp}", str(tmp)) for a in extra]
+            p = run(prog, args, tmp)
+            problems = check(p, cid, 2, message, out, tmp, "flexdit-run-cpp" if prog == "cpp" else "flexdit-run")
+            codes[prog] = p.returncode
+            count += 1
+            failures += bool(problems)
+            print(f"{'FAIL' if problems else 'ok  '} everyday/{cid} ({prog})" + "".join(f"\n     {x}" for x in problems))
+print(f"{count} runs, {failures} failures")
+sys.exit(1 if failures else 0)
