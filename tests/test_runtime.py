@@ -334,3 +334,16 @@ def test_engine_kinds_are_a_registry():
     assert backend == "onnx" and issubclass(cls, StageEngine)
     with pytest.raises(BundleError, match="unknown backend 'nope'"):
         engine_kind("nope")
+
+
+def test_settings_prepack_and_load_threads_change_speed_only(flex_bundle):
+    from flexdit_runtime import RuntimeSettings
+
+    base = Pipeline.from_bundle(flex_bundle, providers=["cpu"])([2, 6], steps=4, seed=1).samples
+    s = RuntimeSettings(providers="cpu", prepack_weights=True, load_threads=1)
+    pipe = Pipeline.from_bundle(flex_bundle, settings=s)
+    np.testing.assert_allclose(pipe([2, 6], steps=4, seed=1).samples, base, rtol=1e-5, atol=1e-5)
+    with pytest.raises(BundleError, match="--load-threads must be a positive integer"):
+        RuntimeSettings(load_threads=0)
+    with pytest.raises(TypeError, match="inside settings"):
+        Pipeline.from_bundle(flex_bundle, threads=2, settings=s)
