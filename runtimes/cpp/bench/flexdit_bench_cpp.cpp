@@ -1,0 +1,58 @@
+// flexdit-bench-cpp: time the C++ runtime on a bundle for benchmarks/cpp_vs_python.py. Loads the
+// bundle once, runs one untimed warm-up request, then REPEATS timed requests and prints one JSON
+// line: per-image seconds (median over repeats), the share of time outside ONNX Runtime Run calls,
+// and the load time.
+//   usage: flexdit-bench-cpp BUNDLE N_IMAGES STEPS SAMPLER CFG THREADS REPEATS [--no-prepack]
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "error.hpp"
+#include "model.hpp"
+
+using namespace flexdit;
+
+static double now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+int main(int argc, char** argv) {
+  if (argc < 8) {
+    std::fprintf(stderr, "usage: %s BUNDLE N_IMAGES STEPS SAMPLER CFG THREADS REPEATS [--no-prepack]\n", argv[0]);
+    return 2;
+  }
+  try {
+    LoadOptions lo;
+    lo.threads = std::atoi(argv[6]);
+    lo.prepack_weights = !(argc > 8 && std::strcmp(argv[8], "--no-prepack") == 0);
+    double t0 = now();
+    auto model = Model::load(argv[1], lo);
+    double load_s = now() - t0;
+    const int n = std::atoi(argv[2]), repeats = std::atoi(argv[7]);
+    std::vector<int> ids(n);
+    for (int i = 0; i < n; ++i) ids[i] = i % model->manifest().num_classes;
+    SampleOptions o;
+    o.sampler = std::string(argv[4]);
+    o.cfg_scale = std::atof(argv[5]);
+    o.steps = 2;
+    model->sample(ids, o);  // warm-up: every stage's first call
+    o.steps = std::atoi(argv[3]);
+    std::vector<double> per_image, outside;
+    for (int r = 0; r < repeats; ++r) {
+      SampleResult res = model->sample(ids, o);
+      per_image.push_back(res.seconds / n);
+      outside.push_back((res.seconds - res.ort_seconds) / res.seconds);
+    }
+    std::sort(per_image.begin(), per_image.end());
+    std::sort(outside.begin(), outside.end());
+    std::printf("{\"per_image_s\": %.6f, \"outside_ort_share\": %.6f, \"load_s\": %.4f, \"prepack\": %s}\n",
+                per_image[per_image.size() / 2], outside[outside.size() / 2], load_s, lo.prepack_weights ? "true" : "false");
+    return 0;
+  } catch (const Error& e) {
+    std::fprintf(stderr, "flexdit-bench-cpp: error: %s\n", e.what());
+    return 2;
+  }
+}
