@@ -46,15 +46,29 @@ def ort_error(e: Exception) -> str:
     return line.rsplit(" : ", 1)[-1][:300] if line.startswith("[ONNXRuntimeError]") else line[:300]
 
 
+def optimization_level(setting: str, precision: str, providers) -> str:
+    """The graph optimisation level a session runs at (see ``RuntimeSettings.graph_optimization``).
+    Measured on stage graphs here (benchmarks/README.md, "load time"): for fp32/fp16 graphs on
+    the CPU provider every level runs steps equally fast, while ``all`` costs 2-3x the load time
+    of ``basic``; int8-dynamic graphs run ~20% faster with the extended-level fusions."""
+    if setting != "auto":
+        return setting
+    cpu_only = all(p == "CPUExecutionProvider" for p in providers)
+    return "basic" if cpu_only and precision in ("fp32", "fp16") else "all"
+
+
 def make_session(path, providers, threads: int | None = None, weights=None, artifact: dict | None = None, *,
-                 shared_pool: bool | None = None, prepack_weights: bool = False):
+                 shared_pool: bool | None = None, prepack_weights: bool = False, optimization: str = "all"):
     """An ONNX Runtime session for one graph. ``weights`` (a ``SharedWeights``) binds the
     bundle's shared tensors that ``artifact`` uses, so every stage uses the same buffers.
-    ``shared_pool``: use the process's global thread pool (None: when the process has one)."""
+    ``shared_pool``: use the process's global thread pool (None: when the process has one).
+    ``optimization``: all | extended | basic | none (ONNX Runtime's graph optimisation level)."""
     import onnxruntime as ort
 
+    L = ort.GraphOptimizationLevel
     so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.graph_optimization_level = {"all": L.ORT_ENABLE_ALL, "extended": L.ORT_ENABLE_EXTENDED,
+                                   "basic": L.ORT_ENABLE_BASIC, "none": L.ORT_DISABLE_ALL}[optimization]
     # Errors reach the caller as exceptions (one line each); ONNX Runtime's own log lines would
     # add a second, unformatted copy on stderr.
     so.log_severity_level = 4
@@ -98,10 +112,14 @@ class OrtStageEngine(StageEngine):
 
     @classmethod
     def open(cls, bundle: Bundle, stage: dict, artifact: dict, settings: RuntimeSettings, weights) -> "OrtStageEngine":
-        session = make_session(bundle.path(artifact), resolve_providers(settings.providers), settings.threads,
-                               weights, artifact, shared_pool=settings.apply(),
-                               prepack_weights=settings.prepack_weights)
-        return cls(stage, artifact, session)
+        providers = resolve_providers(settings.providers)
+        level = optimization_level(settings.graph_optimization, artifact["precision"], providers)
+        session = make_session(bundle.path(artifact), providers, settings.threads, weights, artifact,
+                               shared_pool=settings.apply(), prepack_weights=settings.prepack_weights,
+                               optimization=level)
+        engine = cls(stage, artifact, session)
+        engine.optimization = level
+        return engine
 
     def _run(self, feeds: dict) -> np.ndarray:
         try:
@@ -111,4 +129,5 @@ class OrtStageEngine(StageEngine):
                               f"{ort_error(e)}") from None
 
     def describe(self) -> dict:
-        return {**super().describe(), "providers": self.session.get_providers()}
+        return {**super().describe(), "providers": self.session.get_providers(),
+                "graph_optimization": getattr(self, "optimization", None)}
