@@ -11,15 +11,21 @@ Items are comma-separated ``PRECISION[:stages=LIST]``; LIST holds stage ids and 
 ``a-b`` (a bare number or range after a comma continues the previous item's list). An item
 without ``stages=`` covers every stage no other item names. ``int8`` is an alias: the
 backend's default int8 form (``int8-dynamic`` for ONNX Runtime on CPU, ``int8-static``, a
-QDQ graph, for TensorRT).
+QDQ graph, for TensorRT, and an NNCF-quantised model for OpenVINO; for ``auto``, any int8 form).
+``bf16`` is no graph of its own: OpenVINO's inference precision over the fp32 graph, so only
+the openvino backend (and ``auto``) accepts it.
 """
 
 from __future__ import annotations
 
 import re
 
-PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-static", "fp8")
-ALIASES = {"int8": {"onnx": "int8-dynamic", "tensorrt": "int8-static"}}
+PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-static", "fp8")  # of artifacts
+ALIASES = {"int8": {"onnx": "int8-dynamic", "tensorrt": "int8-static", "openvino": "int8-static"}}
+RUN_TIME_ONLY = {"bf16": ("openvino", "auto")}  # no artifact: precision -> the backends that offer it
+# Quality tiers of the end-to-end bars: a policy allows any precision of its tier or better
+# (bf16 passes the fp16 bar, issue 12); ``--backend auto`` picks only among allowed ones.
+TIERS = {"fp32": 0, "bf16": 1, "fp16": 1, "int8": 2, "int8-dynamic": 2, "int8-static": 2, "fp8": 2}
 STATIC = ("int8-static", "fp8")  # need calibration data
 
 
@@ -30,10 +36,20 @@ class PrecisionError(ValueError):
 def canonical(name: str, backend: str = "onnx") -> str:
     n = name.strip().lower()
     if n in ALIASES:
-        return ALIASES[n][backend]
-    if n not in PRECISIONS:
-        raise PrecisionError(f"unknown precision {name!r} (choose from {', '.join(PRECISIONS + tuple(ALIASES))})")
+        return ALIASES[n].get(backend, n)  # auto: "int8" stays "any int8 form"
+    if n not in PRECISIONS and n not in RUN_TIME_ONLY:
+        raise PrecisionError(f"unknown precision {name!r} (choose from "
+                             f"{', '.join(PRECISIONS + tuple(RUN_TIME_ONLY) + tuple(ALIASES))})")
+    if n in RUN_TIME_ONLY and backend not in RUN_TIME_ONLY[n]:
+        raise PrecisionError(f"{n} is OpenVINO's inference precision over the fp32 graph: it runs with "
+                             f"--backend {' or '.join(RUN_TIME_ONLY[n])}, not {backend}")
     return n
+
+
+def allowed_by(policy_precision: str) -> tuple:
+    """The precisions a stage whose policy is ``policy_precision`` may run (same tier or better)."""
+    tier = TIERS[policy_precision]
+    return tuple(p for p in PRECISIONS + tuple(RUN_TIME_ONLY) if TIERS[p] <= tier)
 
 
 def _stage_ids(text: str, item: str) -> list[int]:

@@ -17,7 +17,7 @@ from flexdit_bundle.precision import PrecisionError, canonical, parse_policy
 
 from .ort_engine import make_session, resolve_providers  # noqa: F401  (public: used by benchmarks)
 from .settings import RuntimeSettings, share_thread_pool  # noqa: F401  (public: used by scripts)
-from .stage_engine import ENGINE_KINDS, StageEngine, engine_kind
+from .stage_engine import AUTO, ENGINE_KINDS, StageEngine, engine_kind
 from .static_batch import in_static_batches
 from .weights import SharedWeights
 
@@ -58,12 +58,21 @@ class StageRunner:
     def __init__(self, bundle: Bundle, settings: RuntimeSettings | None = None, precision: dict | None = None,
                  backend: str = "onnx"):
         settings = settings or RuntimeSettings()
-        artifact_backend, engine_cls = engine_kind(backend)
         self.bundle, self.backend = bundle, backend
         self.weights = SharedWeights(bundle)
         precision = precision or {}
-        arts = [choose_artifact(bundle, st, artifact_backend, precision.get(st["id"], precision.get("*")))
-                for st in bundle.stages]
+        wants = [precision.get(st["id"], precision.get("*")) for st in bundle.stages]
+        self.selection = None  # backend "auto": engine_select's timings and choices
+        if backend == AUTO:
+            from .engine_select import select_engines
+
+            self.engines, self.selection = select_engines(bundle, settings, wants, self.weights)
+            return
+        artifact_backend, engine_cls = engine_kind(backend)
+        # An engine kind may resolve its own artifacts (openvino: bf16 runs the fp32 graph).
+        pick = getattr(engine_cls, "choose_artifact", None)
+        arts = [pick(bundle, st, want) if pick else choose_artifact(bundle, st, artifact_backend, want)
+                for st, want in zip(bundle.stages, wants)]
 
         def open_stage(i):
             return engine_cls.open(bundle, bundle.stages[i], arts[i], settings, self.weights)
@@ -95,4 +104,9 @@ class StageRunner:
         return self.run_rows(self.stage_for(t), x, np.full(x.shape[0], t, np.float32), y)
 
     def describe(self) -> list[dict]:
-        return [e.describe() for e in self.engines]
+        """Per stage: its engine's ``describe()`` (kind, precision, path...); with backend
+        ``auto`` also ``auto``: the median milliseconds of every candidate it was chosen from."""
+        out = [e.describe() for e in self.engines]
+        for d, sel in zip(out, self.selection or ()):
+            d["auto"] = sel
+        return out

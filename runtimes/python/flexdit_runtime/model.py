@@ -40,7 +40,8 @@ class Model:
     def __init__(self, bundle: Bundle, settings: RuntimeSettings | None = None, precision=None, backend: str = "onnx"):
         """``precision``: None (each stage's default from the bundle's policy), a spec string
         ("fp32", "int8:stages=0-2,fp16:stages=3"), or {stage id or "*": precision}.
-        ``backend``: an engine kind of ``stage_engine.ENGINE_KINDS``."""
+        ``backend``: an engine kind of ``stage_engine.ENGINE_KINDS``, or "auto" (per stage the
+        fastest installed engine and precision the policy allows: ``engine_select``)."""
         self.bundle = bundle
         self.settings = settings = settings or RuntimeSettings()
         settings.apply()
@@ -58,6 +59,11 @@ class Model:
     def from_bundle(cls, path, settings: RuntimeSettings | None = None, precision=None, backend: str = "onnx",
                     verify_checksums: bool = True) -> "Model":
         return cls(load_bundle(path, verify_checksums, defer_weights=True), settings, precision, backend)
+
+    def engines(self) -> list[dict]:
+        """Per stage, what runs it: ``StageRunner.describe()`` (kind, precision, path; with
+        ``backend="auto"`` the timings behind the choice). For summaries: say what was picked."""
+        return self.runner.describe()
 
     # ---- what a request asks for ----------------------------------------------------------
 

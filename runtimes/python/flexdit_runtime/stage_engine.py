@@ -24,7 +24,14 @@ from .settings import RuntimeSettings
 ENGINE_KINDS = {
     "onnx": ("onnx", "flexdit_runtime.ort_engine:OrtStageEngine"),
     "tensorrt": ("tensorrt", "flexdit_runtime.tensorrt_engine:TensorRTStageEngine"),
+    "openvino": ("openvino", "flexdit_runtime.openvino_engine:OpenVINOStageEngine"),
 }
+AUTO = "auto"  # not an engine: per stage, the fastest engine and precision allowed (engine_select)
+
+
+def backend_choices() -> tuple[str, ...]:
+    """What ``--backend`` accepts: every engine kind, plus ``auto``."""
+    return (*ENGINE_KINDS, AUTO)
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 
@@ -32,7 +39,7 @@ NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 def engine_kind(kind: str) -> tuple[str, type]:
     """-> (artifact backend, StageEngine class) of an engine kind."""
     if kind not in ENGINE_KINDS:
-        raise BundleError(f"unknown backend {kind!r} (choose from {', '.join(ENGINE_KINDS)})")
+        raise BundleError(f"unknown backend {kind!r} (choose from {', '.join(backend_choices())})")
     backend, target = ENGINE_KINDS[kind]
     module, name = target.split(":")
     return backend, getattr(importlib.import_module(module), name)
