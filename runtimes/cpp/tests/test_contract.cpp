@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <random>
+#include <thread>
 
 #include "check.hpp"
 #include "error.hpp"
@@ -246,6 +247,22 @@ TEST_CASE(sampling_arguments) {
   auto ra = model->sample({0, 1, 2}, a), rb = model->sample({0, 1, 2}, b);
   CHECK(testing_min::rel_max_error(ra.samples, rb.samples) <= 1e-6) << "noise must depend on seed and index only";
   CHECK(ra.images.n == 3 && ra.images.c == 3 && ra.images.h == 8);
+}
+
+TEST_CASE(concurrent_sampling_from_one_model) {
+  // sample() is documented thread-safe: requests on several threads share the sessions
+  auto model = Model::load(kTiny.string());
+  SampleOptions o;
+  o.steps = 5;
+  o.seed = 9;
+  o.cfg_scale = 2.0;
+  auto reference = model->sample({0, 1, 2}, o).samples;
+  std::vector<std::vector<float>> got(4);
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < got.size(); ++i)
+    threads.emplace_back([&, i] { got[i] = model->sample({0, 1, 2}, o).samples; });
+  for (auto& t : threads) t.join();
+  for (auto& g : got) CHECK(g == reference);
 }
 
 TEST_CASE(precision_grammar) {
