@@ -50,7 +50,7 @@ std::string usage_text() {
                        [--spacing {sections,ddim}] [--seed SEED] [--init-noise INIT_NOISE]
                        [--step-noise STEP_NOISE] [--batch BATCH] [--providers PROVIDERS]
                        [--threads THREADS] [--precision PRECISION] [--backend {onnx}]
-                       [--no-prepack] [--save-npy] [-q] [--version]
+                       [--no-prepack] [--save-npy] [--force] [-q] [--json] [--version]
                        prompts
 
 flexdit-run-cpp: prompts.txt -> one PNG per prompt plus a grid, from a bundle (C++ runtime).
@@ -61,7 +61,9 @@ positional arguments:
 options:
   -h, --help            show this help message and exit
   --bundle BUNDLE       bundle directory written by flexdit-export convert
-  -o OUT, --out OUT     output directory (default: out)
+  -o OUT, --out OUT     output directory, new or empty (default: a fresh flexdit-images/run-DATE-TIME
+                        per run)
+  --force               replace the images of an earlier run in a non-empty -o (only PNGs and samples.npy)
   --steps STEPS         sampling steps (default: the bundle's)
   --sampler {ddpm,ddim} default: the bundle's (ddpm)
   --eta ETA             DDIM eta (0 = deterministic)
@@ -85,7 +87,8 @@ options:
   --backend {onnx}      run the ONNX graphs with ONNX Runtime
   --no-prepack          do not let ONNX Runtime pre-pack weights (as the Python runtime)
   --save-npy            also write the final samples as samples.npy
-  -q, --quiet
+  -q, --quiet           print nothing but errors
+  --json                print the run summary as JSON on stdout
   --version             print the runtime and ONNX Runtime versions
 )";
 }
@@ -117,6 +120,8 @@ Args parse_args(const std::vector<std::string>& argv) {
       {"--clip-denoised", [&] { a.clip_denoised = true; }},
       {"--no-clip-denoised", [&] { a.clip_denoised = false; }},
       {"--save-npy", [&] { a.save_npy = true; }},
+      {"--force", [&] { a.force = true; }},
+      {"--json", [&] { a.json = true; }},
       {"--no-prepack", [&] { a.prepack = false; }},
       {"-q", [&] { a.quiet = true; }},
       {"--quiet", [&] { a.quiet = true; }},

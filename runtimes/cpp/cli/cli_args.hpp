@@ -13,14 +13,15 @@ struct UsageError : std::runtime_error {
 };
 
 struct Args {
-  std::string prompts, bundle, out = "out";
+  std::string prompts, bundle;
+  std::optional<std::string> out;  // default: a fresh flexdit-images/run-DATE-TIME
   std::optional<int> steps, batch, threads;
   std::optional<std::string> sampler, precision, providers, init_noise, step_noise;
   std::optional<double> eta, cfg_scale;
   std::optional<bool> clip_denoised;
   std::string spacing = "sections", backend = "onnx";
   long long seed = 0;
-  bool save_npy = false, quiet = false, help = false, version = false, prepack = true;
+  bool save_npy = false, quiet = false, force = false, json = false, help = false, version = false, prepack = true;
 };
 
 Args parse_args(const std::vector<std::string>& argv);  // throws UsageError

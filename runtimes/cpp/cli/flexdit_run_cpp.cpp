@@ -14,6 +14,7 @@
 #include "cli_args.hpp"
 #include "error.hpp"
 #include "images.hpp"
+#include "json_text.hpp"
 #include "model.hpp"
 #include "npy.hpp"
 #include "ort_env.hpp"
@@ -75,8 +76,8 @@ std::string shape_str(const std::vector<int64_t>& s) {
 
 int run(const flexdit_cli::Args& args) {
   std::vector<std::string> prompts = read_prompts(args.prompts);
-  fs::path out(args.out);
-  flexdit_cli::check_output_dir(out);
+  fs::path out = args.out ? fs::path(*args.out) : flexdit_cli::fresh_output_dir();
+  flexdit_cli::check_output_dir(out, args.force);
   std::vector<float> init;
   NpyArray init_arr;
   if (args.init_noise) {
@@ -143,11 +144,11 @@ int run(const flexdit_cli::Args& args) {
     };
   }
   size_t per_call = so.batch > 0 ? so.batch : model->capacity(params.cfg_scale);
-  Progress bar(params.steps * ((n + per_call - 1) / per_call), !args.quiet);
+  Progress bar(params.steps * ((n + per_call - 1) / per_call), !args.quiet && !args.json);
   so.progress = [&] { bar.tick(); };
   SampleResult res = model->sample(ids, so);
   bar.close();
-  flexdit_cli::write_outputs(out, [&](const fs::path& tmp) {
+  flexdit_cli::write_outputs(out, args.force, [&](const fs::path& tmp) {
     const Images& im = res.images;
     size_t img_bytes = im.h * im.w * im.c;
     for (size_t i = 0; i < im.n; ++i) {
@@ -159,8 +160,20 @@ int run(const flexdit_cli::Args& args) {
     write_png(tmp / "grid.png", g.pixels.data(), g.h, g.w, g.c);
     if (args.save_npy) write_npy_f32(tmp / "samples.npy", res.samples.data(), res.sample_shape);
   });
-  if (!args.quiet) {
-    double total = res.seconds;
+  double total = res.seconds;
+  auto precisions = model->precisions();
+  if (args.json) {
+    json j = {{"out", out.string()}, {"images", res.images.n}, {"labels", res.labels}, {"seconds", total},
+              {"ort_seconds", res.ort_seconds}, {"decoder_seconds", res.decoder_seconds}};
+    j["stage_seconds"] = json::object();
+    j["engines"] = json::array();
+    for (size_t s = 0; s < res.stage_seconds.size(); ++s) {
+      j["stage_seconds"][std::to_string(s)] = res.stage_seconds[s];
+      const Stage& st = model->manifest().stages[s];
+      j["engines"].push_back({{"stage", st.id}, {"kind", "onnx"}, {"precision", precisions[s]}, {"batch", st.batch}});
+    }
+    std::printf("%s\n", j.dump(2).c_str());
+  } else if (!args.quiet) {
     std::ostringstream shares, precs;
     char buf[64];
     for (size_t s = 0; s < res.stage_seconds.size(); ++s) {
@@ -171,10 +184,14 @@ int run(const flexdit_cli::Args& args) {
       std::snprintf(buf, sizeof buf, ", decoder: %.0f%%", 100.0 * res.decoder_seconds / total);
       shares << buf;
     }
-    auto p = model->precisions();
-    for (size_t s = 0; s < p.size(); ++s) precs << (s ? ", " : "") << s << ": " << p[s];
+    std::ostringstream engines;
+    for (size_t s = 0; s < precisions.size(); ++s) {
+      precs << (s ? ", " : "") << s << ": " << precisions[s];
+      engines << (s ? ", " : "") << s << ": onnx " << precisions[s];
+    }
     std::printf("wrote %zu images and grid.png to %s/\n", res.images.n, out.string().c_str());
     std::printf("precision per stage: %s\n", precs.str().c_str());
+    std::printf("engine per stage: %s\n", engines.str().c_str());
     std::printf("%.2f s per image (%.1f s total; %s)\n", total / n, total, shares.str().c_str());
     std::printf("outside ONNX Runtime: %.2f%% of the trajectory\n", 100.0 * (total - res.ort_seconds) / total);
   }

@@ -43,6 +43,30 @@ std::string fmt_g(double v) {
   return buf;
 }
 
+// first image indices (positions in the prompt list) whose rows hold a non-finite value
+std::vector<int> nonfinite_images(const float* v, size_t rows, size_t row_len, size_t g, size_t lo) {
+  std::vector<int> bad;
+  for (size_t r = 0; r < rows; ++r)
+    for (size_t i = 0; i < row_len; ++i)
+      if (!std::isfinite(v[r * row_len + i])) {
+        int img = static_cast<int>(lo + r % g);
+        if (std::find(bad.begin(), bad.end(), img) == bad.end()) bad.push_back(img);
+        break;
+      }
+  std::sort(bad.begin(), bad.end());
+  return bad;
+}
+
+// a request whose state stopped being finite would end as a black image: refuse it, naming where and why
+[[noreturn]] void nonfinite(const std::vector<int>& bad, int k, int K, int sid, int t, const std::string& cause,
+                            ErrorKind kind = ErrorKind::Argument) {
+  std::string shown;
+  for (size_t i = 0; i < bad.size() && i < 8; ++i) shown += (i ? ", " : "") + std::to_string(bad[i]);
+  if (bad.size() > 8) shown += ", ...";
+  fail(kind, "sampling produced NaN or infinite values for image(s) " + shown + " at step " + std::to_string(K - k) +
+                 " of " + std::to_string(K) + " (stage " + std::to_string(sid) + ", t=" + std::to_string(t) + "): " + cause);
+}
+
 double check_real(const std::string& name, double v, double lo, std::optional<double> hi) {
   if (!std::isfinite(v)) arg_error("--" + name + " must be a finite number, got " + fmt_g(v));
   if (v < lo || (hi && v > *hi))
@@ -230,11 +254,16 @@ SampleResult Model::sample(const std::vector<int>& ids, const SampleOptions& o) 
       }
       double t0 = now();
       engine.run_rows(rows, feed, t, y.data(), out.data(), &res.ort_seconds);
-      res.stage_seconds[engine.stage.id] += now() - t0;
+      const int sid = engine.stage.id, K = d.num_steps();
+      res.stage_seconds[sid] += now() - t0;
+      auto bad = nonfinite_images(out.data(), rows, cout * hw, g, lo);
+      if (!bad.empty()) nonfinite(bad, k, K, sid, t, "the stage graph returned NaN or infinite values", ErrorKind::Runtime);
       const float* model_out = out.data();
       if (p.guided()) {
         flexdit::guide(out.data(), g, cout, hw, static_cast<float>(p.cfg_scale), m.cfg_channels, C, guided.data());
         model_out = guided.data();
+        bad = nonfinite_images(guided.data(), g, cout * hw, g, lo);
+        if (!bad.empty()) nonfinite(bad, k, K, sid, t, "guidance with cfg-scale " + fmt_g(p.cfg_scale) + " overflowed float32");
       }
       const float* step_noise = nullptr;
       if (needs_noise(p.sampler, k, p.eta)) {
@@ -249,6 +278,13 @@ SampleResult Model::sample(const std::vector<int>& ids, const SampleOptions& o) 
         ddpm_step(d, shape, x, model_out, k, step_noise, p.clip_denoised, x);
       else
         ddim_step(d, shape, x, model_out, k, step_noise, p.eta, p.clip_denoised, x);
+      bad = nonfinite_images(x, g, per, g, lo);
+      if (!bad.empty()) {
+        bool noisy = step_noise && !nonfinite_images(step_noise, g, per, g, lo).empty();
+        nonfinite(bad, k, K, sid, t, noisy ? "the step's noise held NaN or infinite values"
+                                           : "the " + p.sampler + " update (eta " + fmt_g(p.eta) + ", cfg-scale " +
+                                                 fmt_g(p.cfg_scale) + ") overflowed float32");
+      }
       if (o.progress) o.progress();
     }
   }
@@ -258,6 +294,8 @@ SampleResult Model::sample(const std::vector<int>& ids, const SampleOptions& o) 
   if (impl_->decoder) {
     double t0 = now();
     decoded = impl_->decoder->run_rows(n, res.samples.data(), &res.ort_seconds);
+    for (float v : decoded)
+      if (!std::isfinite(v)) fail(ErrorKind::Runtime, "the decoder returned NaN or infinite values for finite samples");
     res.decoder_seconds = now() - t0;
     pixels = decoded.data();
     chw = impl_->decoder->out_shape;

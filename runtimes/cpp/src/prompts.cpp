@@ -23,7 +23,7 @@ std::string lower(std::string s) {
   return s;
 }
 
-std::string repr(const std::string& s) {
+std::string repr_full(const std::string& s) {
   bool sq = s.find('\'') != std::string::npos && s.find('"') == std::string::npos;
   char q = sq ? '"' : '\'';
   return std::string(1, q) + s + q;
@@ -40,6 +40,27 @@ bool valid_utf8(const std::string& s) {
     i += len;
   }
   return true;
+}
+
+size_t codepoints(const std::string& s) {
+  size_t n = 0;
+  for (unsigned char c : s) n += (c & 0xC0) != 0x80;
+  return n;
+}
+
+// repr() for an error message, capped at 60 characters: a 10 MB prompt line must not come
+// back whole in the one line that reports it (prompts.py: shown)
+std::string repr(const std::string& s) {
+  const size_t limit = 60, n = codepoints(s);
+  if (n <= limit) return repr_full(s);
+  size_t cut = 0, seen = 0;
+  while (cut < s.size() && seen < limit) {
+    ++cut;
+    while (cut < s.size() && (static_cast<unsigned char>(s[cut]) & 0xC0) == 0x80) ++cut;
+    ++seen;
+  }
+  std::string head = repr_full(s.substr(0, cut));
+  return head.substr(0, head.size() - 1) + "...' (" + std::to_string(n) + " characters)";
 }
 
 }  // namespace
@@ -85,9 +106,10 @@ int ClassIndex::resolve(const std::string& text, const std::string& where) const
   if (!digits.empty() && std::all_of(digits.begin(), digits.end(), [](unsigned char c) { return std::isdigit(c); })) {
     bool negative = key[0] == '-';
     std::string trimmed = digits.substr(std::min(digits.find_first_not_of('0'), digits.size() - 1));
-    long long id = trimmed.size() > 12 ? (negative ? -1 : (1LL << 40)) : std::stoll(trimmed) * (negative ? -1 : 1);
-    if (id < 0 || id >= num_classes_) {
-      std::string shown = trimmed.size() > 12 ? key : std::to_string(id);
+    bool huge = key.size() >= 20 || digits.size() != key.size() - (negative ? 1 : 0);  // as int(): '-' once
+    long long id = huge ? -1 : std::stoll(trimmed) * (negative ? -1 : 1);
+    if (huge || id < 0 || id >= num_classes_) {
+      std::string shown = huge ? repr(key) : std::to_string(id);
       fail(ErrorKind::Prompt, where + "class id " + shown + " is outside 0.." + std::to_string(num_classes_ - 1));
     }
     return static_cast<int>(id);
@@ -99,7 +121,7 @@ int ClassIndex::resolve(const std::string& text, const std::string& where) const
   // difflib.get_close_matches(key, keys, n=3, cutoff=0.6): best scores first
   std::vector<std::pair<double, std::string>> scored;
   std::string lk = lower(key);
-  for (auto& k : keys_in_order_) {
+  for (auto& k : (key.size() < 200 ? keys_in_order_ : std::vector<std::string>{})) {
     double r = similarity_ratio(lk, k);
     if (r >= 0.6) scored.emplace_back(r, k);
   }
@@ -115,7 +137,9 @@ std::string ClassIndex::label(int id) const {
   return strip(full.substr(0, full.find(',')));
 }
 
-std::vector<std::string> parse_prompts(const std::string& text, const std::string& source) {
+std::vector<std::string> parse_prompts(const std::string& raw, const std::string& source) {
+  // a byte-order mark (Windows editors) is not a prompt
+  const std::string text = raw.compare(0, 3, "\xEF\xBB\xBF") == 0 ? raw.substr(3) : raw;
   if (!valid_utf8(text)) fail(ErrorKind::Prompt, "cannot read prompt file " + source + ": it is not UTF-8 text");
   std::vector<std::string> prompts;
   size_t start = 0;

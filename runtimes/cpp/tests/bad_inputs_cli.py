@@ -82,9 +82,9 @@ def check(p, case_id, exit_code, message, out: Path, tmp: Path, prefix="flexdit-
         problems.append(f"stderr is not one '{prefix}: error:' line: {p.stderr.strip()[:400]!r}")
     elif not re.search(message, lines[0]):
         problems.append(f"message {lines[0]!r} does not match {message!r}")
-    if out.exists():
+    if out is not None and out.exists():
         problems.append(f"output directory {out} was created")
-    leftovers = [f.name for f in tmp.rglob(".flexdit-run-*")]
+    leftovers = [f.name for f in tmp.rglob(".*") if f.name.startswith(".flexdit-run-") or ".tmp-" in f.name]
     if leftovers:
         problems.append(f"staging leftovers: {leftovers}")
     return problems
@@ -107,8 +107,13 @@ for case in catalogue["cases"]:
                 a = a.replace(k, v)
             a = re.sub(r"\{file:([^}]+)\}", lambda mm: str(tmp / mm.group(1)), a)
             args.append(a)
+        before = sorted(str(f.relative_to(tmp)) for f in bundle.rglob("*"))
         p = run("cpp", args, tmp)
-        problems = check(p, case["id"], case["exit_code"], case["message"], out, tmp)
+        # "-o {bundle}" cases: the output is the bundle itself, which must be left as it was
+        target = Path(args[args.index("-o") + 1]) if "-o" in args else None
+        problems = check(p, case["id"], case["exit_code"], case["message"], out if target == out else None, tmp)
+        if sorted(str(f.relative_to(tmp)) for f in bundle.rglob("*")) != before:
+            problems.append("the bundle directory was changed")
         count += 1
         failures += bool(problems)
         print(f"{'FAIL' if problems else 'ok  '} catalogue/{case['id']}" + "".join(f"\n     {x}" for x in problems))
@@ -154,5 +159,43 @@ for cid, edit, prompts, extra, message in EVERYDAY:
             count += 1
             failures += bool(problems)
             print(f"{'FAIL' if problems else 'ok  '} everyday/{cid} ({prog})" + "".join(f"\n     {x}" for x in problems))
-print(f"{count} runs, {failures} failures")
-sys.exit(1 if failures else 0)
+
+
+# ---- what a successful run leaves: the output rules around the refusals above ----
+def ok_run(args, cwd):
+    p = subprocess.run([cli, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+    return p
+
+
+outputs_failures = 0
+with tempfile.TemporaryDirectory() as t:
+    tmp = Path(t)
+    (tmp / "p.txt").write_text("1\n2\n3\n")
+    base = [str(tmp / "p.txt"), "--bundle", str(fixture), "--steps", "2", "-q"]
+    out = tmp / "o"
+    checks = []
+    p1 = ok_run([*base, "-o", str(out), "--save-npy"], tmp)
+    checks.append(("first run writes PNGs, grid and samples",
+                   p1.returncode == 0 and sorted(f.name for f in out.iterdir()) ==
+                   ["000_1.png", "001_2.png", "002_3.png", "grid.png", "samples.npy"]))
+    p2 = ok_run([*base, "-o", str(out)], tmp)
+    checks.append(("a second run into it is refused", p2.returncode == 2 and "is not empty" in p2.stderr))
+    p3 = ok_run([*base, "-o", str(out), "--force"], tmp)
+    checks.append(("--force replaces the earlier run's files (no stale samples.npy)",
+                   p3.returncode == 0 and sorted(f.name for f in out.iterdir()) == ["000_1.png", "001_2.png", "002_3.png", "grid.png"]))
+    p4 = subprocess.run([cli, *base[:-1], "--json"], capture_output=True, text=True, cwd=tmp, timeout=300)
+    try:
+        summary = json.loads(p4.stdout)
+    except ValueError:
+        summary = {}
+    made = list((tmp / "flexdit-images").glob("run-*"))
+    checks.append(("default -o: a fresh flexdit-images/run-DATE-TIME; --json summary",
+                   p4.returncode == 0 and len(made) == 1 and summary.get("images") == 3
+                   and Path(summary.get("out", "")).name == made[0].name and len(summary.get("engines", [])) == 3))
+    leftovers = [f.name for f in tmp.rglob(".*")]
+    checks.append(("no staging leftovers", not leftovers))
+    for what, good in checks:
+        outputs_failures += not good
+        print(f"{'ok  ' if good else 'FAIL'} outputs: {what}")
+print(f"{count} runs, {failures} failures; {outputs_failures} output-rule failures")
+sys.exit(1 if failures or outputs_failures else 0)
