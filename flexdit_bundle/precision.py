@@ -23,6 +23,7 @@ import re
 PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-static", "fp8")  # of artifacts
 ALIASES = {"int8": {"onnx": "int8-dynamic", "tensorrt": "int8-static", "openvino": "int8-static"}}
 RUN_TIME_ONLY = {"bf16": ("openvino", "auto")}  # no artifact: precision -> the backends that offer it
+BACKEND_ARTIFACTS = {"bf16": ("aoti",)}  # ...except these backends, which compile artifacts of it
 # Quality tiers of the end-to-end bars: a policy allows any precision of its tier or better
 # (bf16 passes the fp16 bar, issue 12); ``--backend auto`` picks only among allowed ones.
 TIERS = {"fp32": 0, "bf16": 1, "fp16": 1, "int8": 2, "int8-dynamic": 2, "int8-static": 2, "fp8": 2}
@@ -40,7 +41,7 @@ def canonical(name: str, backend: str = "onnx") -> str:
     if n not in PRECISIONS and n not in RUN_TIME_ONLY:
         raise PrecisionError(f"unknown precision {name!r} (choose from "
                              f"{', '.join(PRECISIONS + tuple(RUN_TIME_ONLY) + tuple(ALIASES))})")
-    if n in RUN_TIME_ONLY and backend not in RUN_TIME_ONLY[n]:
+    if n in RUN_TIME_ONLY and backend not in RUN_TIME_ONLY[n] + BACKEND_ARTIFACTS.get(n, ()):
         raise PrecisionError(f"{n} is OpenVINO's inference precision over the fp32 graph: it runs with "
                              f"--backend {' or '.join(RUN_TIME_ONLY[n])}, not {backend}")
     return n

@@ -56,8 +56,11 @@ def _convert_args(p):
     g.add_argument("--quality-gate", type=int, default=0, metavar="PER_CLASS",
                    help="end-to-end gate (Fashion-MNIST model, needs the optional flexdit_fashion package): sample "
                         "PER_CLASS images per class with the policy and with fp32, compare class accuracy and FD")
-    g.add_argument("--backend", choices=("onnx", "tensorrt"), default="onnx",
-                   help="tensorrt: also build one TensorRT engine per stage (needs TensorRT and a GPU)")
+    g.add_argument("--backend", choices=("onnx", "tensorrt", "aoti"), default="onnx",
+                   help="tensorrt: also build one TensorRT engine per stage (needs TensorRT and a GPU); aoti: also one "
+                        "AOTInductor package per stage for --device, in the --precision policy's precision (fp32|bf16|fp16)")
+    g.add_argument("--device", choices=("cpu", "cuda"), help="--backend aoti: compile the AOTInductor packages for "
+                   "this device (default: cuda when torch sees a GPU, else cpu)")
     g.add_argument("--engine-cache", help="TensorRT engine cache directory (default ~/.cache/flexdit-export/tensorrt)")
     g.add_argument("--timing-cache", help="TensorRT timing cache file (default: in the engine cache)")
     c = p.add_argument_group("calibration (static int8/fp8 scales; held-out rows gate every precision)")
@@ -166,7 +169,8 @@ def _convert(args) -> int:
                           quant_exclude=tuple(_split(args.quant_exclude)) or ("none",),
                           calib=args.calib, calib_settings=_calib_settings(args), calib_method=args.calib_method,
                           error_tol=_pairs(args.error_tol, "--error-tol"),
-                          backend=args.backend, engine_cache=args.engine_cache, timing_cache=args.timing_cache)
+                          backend=args.backend, engine_cache=args.engine_cache, timing_cache=args.timing_cache,
+                          device=args.device)
     gates = []
     if args.quality_gate:
         from .quality_gates import load_gate

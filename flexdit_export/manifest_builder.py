@@ -33,7 +33,20 @@ def assemble(plan, stage_entries: list, decoder: dict | None, calib) -> dict:
         "output": {"space": "decoded" if decoder else ("pixel" if cfg.in_channels in (1, 3) else "latent"),
                    "value_range": [-1.0, 1.0]},
         "calibration": None if calib is None else calibration_record(calib, stage_entries, plan.quant.calib_method),
+        "weights": builder_weight_files(stage_entries),
     }
+
+
+def builder_weight_files(stage_entries: list) -> list:
+    """Weight files a builder wrote itself (AOTI: one per precision for every stage package),
+    handed over on its artifacts as ``_weight_file``; ``share_weights`` adds the ONNX ones."""
+    files = {}
+    for st in stage_entries:
+        for a in st["artifacts"]:
+            w = a.pop("_weight_file", None)
+            if w is not None:
+                files[w["id"]] = w
+    return [files[k] for k in sorted(files)]
 
 
 def calibration_record(calib, stage_entries: list, method: str) -> dict:

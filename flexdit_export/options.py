@@ -41,6 +41,7 @@ class ConvertOptions:
     calib_settings: dict = field(default_factory=dict)  # CaptureSettings overrides for a new capture
     calib_method: str = "minmax"
     error_tol: dict = field(default_factory=dict)  # precision -> max relative RMS error vs fp32 (held out)
-    backend: str = "onnx"  # onnx | tensorrt (also build TensorRT engines)
+    backend: str = "onnx"  # onnx | tensorrt (also build TensorRT engines) | aoti (AOTInductor packages)
+    device: str | None = None  # aoti: cpu | cuda (None: cuda when torch sees a GPU, else cpu)
     engine_cache: str | None = None
     timing_cache: str | None = None

@@ -25,7 +25,8 @@ from .quantize import (CALIB_METHODS, DEFAULT_ERROR_TOL, check_layer_patterns, i
 from .schedule import Stage, parse_schedule
 
 FORMATS = ("onnx", "torchscript")
-BACKENDS = ("onnx", "tensorrt")
+BACKENDS = ("onnx", "tensorrt", "openvino")
+OPENVINO_MADE = ("int8-static",)  # with --backend openvino, NNCF makes these from the fp32 graph (not ONNX Runtime)
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,9 @@ def _precisions(opts: ConvertOptions, n_stages: int) -> tuple[dict, dict]:
         extras = {canonical(p, opts.backend) for p in opts.extra_precisions}
     except PrecisionError as e:
         raise UserError(str(e)) from None
+    if "bf16" in set(policy.values()) | extras:
+        raise UserError("bf16 needs no artifact: it is OpenVINO's inference precision over the fp32 graph; choose it "
+                        "when running (flexdit-run --backend openvino --precision bf16)")
     build = {sid: ["fp32"] + sorted(({policy[sid]} | extras) - {"fp32"}, key=PRECISIONS.index) for sid in policy}
     if opts.backend == "tensorrt" and any("int8-dynamic" in b for b in build.values()):
         raise UserError("int8-dynamic graphs use ONNX Runtime-only operators; TensorRT needs int8-static (QDQ): "
@@ -183,8 +187,11 @@ def _build_list(opts: ConvertOptions, onnx_precisions: list, policy_precision: s
     """The artifacts of one stage, in build order: the fp32 exports (each later one derives from
     or is checked against them), the lower-precision graphs, then the engines."""
     keys = [("onnx", "fp32")] + [(f, "fp32") for f in FORMATS[1:] if f in opts.formats]
-    keys += [("onnx", p) for p in onnx_precisions[1:]]
-    if opts.backend != "onnx":
+    ov_made = OPENVINO_MADE if opts.backend == "openvino" else ()
+    keys += [("onnx", p) for p in onnx_precisions[1:] if p not in ov_made]
+    if opts.backend == "openvino":
+        keys += [("openvino", p) for p in onnx_precisions[1:] if p in ov_made]
+    elif opts.backend != "onnx":
         keys.append((opts.backend, policy_precision))
     for key in keys:
         builder_for(*key)  # an unknown (backend, precision) is refused here, before any export

@@ -142,7 +142,8 @@ def share_weights(root, manifest: dict) -> dict:
                 a["source_sha256"] = renamed[a["source_sha256"]]
                 if a["backend"] == "tensorrt":
                     _restamp_engine(root / a["path"], a)
-    manifest["weights"] = weight_files
+    rebuilt = {w["id"] for w in weight_files}  # files other builders wrote (AOTI) are kept as they are
+    manifest["weights"] = weight_files + [w for w in manifest.get("weights") or [] if w["id"] not in rebuilt]
     return manifest
 
 

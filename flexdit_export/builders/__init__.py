@@ -5,10 +5,10 @@ branch in ``convert``. The contract is in ``base``."""
 from __future__ import annotations
 
 from ..errors import UserError
-from . import onnx_fp8, onnx_fp16, onnx_fp32, onnx_int8, tensorrt, torchscript
+from . import aoti, onnx_fp8, onnx_fp16, onnx_fp32, onnx_int8, openvino_int8, tensorrt, torchscript
 from .base import BuildContext, Builder, Component
 
-_FAMILIES = (onnx_fp32, torchscript, onnx_fp16, onnx_int8, onnx_fp8, tensorrt)
+_FAMILIES = (onnx_fp32, torchscript, onnx_fp16, onnx_int8, onnx_fp8, tensorrt, openvino_int8, aoti)
 REGISTRY: dict[tuple[str, str], type[Builder]] = {(b.backend, b.precision): b for m in _FAMILIES for b in m.BUILDERS}
 
 

@@ -39,19 +39,38 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+def timestep_frequencies(freq_dim: int) -> torch.Tensor:
+    """The reference's sinusoid frequencies, computed on the CPU in float32 exactly as it does."""
+    half = freq_dim // 2
+    return torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+
+
 class TimestepEmbedder(nn.Module):
-    """256-d sinusoid of the (original-index) timestep, cos half first, then an MLP."""
+    """256-d sinusoid of the (original-index) timestep, cos half first, then an MLP.
+
+    The frequency table is a non-persistent buffer (not a weight: the state dict is unchanged),
+    made once on the CPU with the reference's arithmetic and moved with the module, so the
+    forward creates no host tensor and copies nothing between host and device: a stage can be
+    captured as one CUDA graph. Its values are the ones the reference recomputes every call."""
 
     def __init__(self, dim, freq_dim=256):
         super().__init__()
         self.freq_dim = freq_dim
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.register_buffer("freqs", timestep_frequencies(freq_dim), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # A dtype cast of the module (model.to(torch.bfloat16)) must not round the table: the
+        # sinusoid is always taken in float32, as in the reference; only the device follows.
+        super()._apply(fn, recurse)
+        if self.freqs.dtype != torch.float32:
+            self.freqs = timestep_frequencies(self.freq_dim).to(self.freqs.device)
+        return self
 
     def forward(self, t):
-        half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
-        args = t[:, None].float() * freqs[None]
-        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+        args = t[:, None].float() * self.freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):

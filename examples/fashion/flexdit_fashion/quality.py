@@ -8,7 +8,9 @@ noise: once with every stage in fp32, once with the bundle's precision policy (w
 both: class accuracy and the classifier-feature FD against the 10k test images. Bars (issue 4):
 
     int8 / fp8 in the policy:  accuracy within 2 points of fp32, FD within 1.15x of fp32
-    fp16 only:                 accuracy within 1 point,          FD within 1.05x
+    fp16 / bf16 only:          accuracy within 1 point,          FD within 1.05x
+
+A policy may name its engine: ``openvino/bf16``, ``openvino/int8``, ``auto/fp16`` (see ``split_backend``).
 """
 
 from __future__ import annotations
@@ -25,8 +27,19 @@ def bar_for(precisions) -> tuple[str, dict] | None:
     ps = set(precisions) - {"fp32"}
     if not ps:
         return None
-    key = "fp16" if ps == {"fp16"} else "int8"
+    key = "fp16" if ps <= {"fp16", "bf16"} else "int8"  # bf16 (OpenVINO) meets the fp16 bar
     return key, BARS[key]
+
+
+def split_backend(spec):
+    """'openvino/bf16' -> ('openvino', 'bf16'): a policy may name the engine kind that runs it
+    (``flexdit_runtime.stage_engine.backend_choices()``); plain specs run on ONNX Runtime."""
+    from flexdit_runtime.stage_engine import backend_choices
+
+    head, sep, rest = (spec or "").partition("/")
+    if sep and head in backend_choices():
+        return head, rest or None
+    return "onnx", spec
 
 
 def judge(fp32: dict, policy: dict, precisions) -> dict:
@@ -82,7 +95,8 @@ def compare_policies(bundle, policies: dict, per_class: int, seed: int = 0, step
     report = {"per_class": per_class, "images": int(len(labels)), "seed": seed, "policies": {}}
     fp32 = None
     for name, spec in (("fp32", "fp32"), *policies.items()):
-        pipe = Pipeline(bundle, providers=["cpu"], threads=threads, precision=spec)
+        backend, spec = split_backend(spec)
+        pipe = Pipeline(bundle, providers=["cpu"], threads=threads, precision=spec, backend=backend)
         used = dict(enumerate(pipe.runner.precisions))
         res, settings, _ = sample_bundle(None, labels, steps=steps, seed=seed, pipeline=pipe)
         scores = {**_scores(res.images, labels, classifier, test_feats), "seconds": res.seconds,

@@ -162,7 +162,13 @@ class Model:
         r.k -= 1
 
     def run(self, request: Request, progress: Callable | None = None) -> Request:
-        """Take all remaining steps of one request (``progress(1)`` after each)."""
+        """Take all remaining steps of one request (``progress(1)`` after each). Engines that
+        run on a device (AOTI) keep the sampler state there for the whole trajectory."""
+        if not request.done and all(getattr(e, "runs_on_device", False) for e in self.runner.engines):
+            from .torch_sampler import run_on_device
+
+            run_on_device(self, request, progress)
+            return request
         while not request.done:
             self.step([request])
             if progress:

@@ -25,6 +25,7 @@ ENGINE_KINDS = {
     "onnx": ("onnx", "flexdit_runtime.ort_engine:OrtStageEngine"),
     "tensorrt": ("tensorrt", "flexdit_runtime.tensorrt_engine:TensorRTStageEngine"),
     "openvino": ("openvino", "flexdit_runtime.openvino_engine:OpenVINOStageEngine"),
+    "aoti": ("aoti", "flexdit_runtime.aoti_engine:AotiStageEngine"),
 }
 AUTO = "auto"  # not an engine: per stage, the fastest engine and precision allowed (engine_select)
 
