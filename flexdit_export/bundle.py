@@ -1,29 +1,56 @@
 """Write a bundle atomically: everything goes into a temporary sibling directory, the stage
 graphs' weights are stored once per precision (``share_weights``), the manifest is validated
-against the contract's schema, then one rename publishes it. A failed conversion leaves
-nothing behind."""
+against the contract's schema, then one rename publishes it. The rename is exclusive unless
+``force``: a bundle another process published meanwhile is never silently replaced. A failed
+or interrupted conversion leaves nothing behind (nor does a killed one, for long: its
+temporaries carry its pid and the next writer removes them)."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import tempfile
 from pathlib import Path
 
-from flexdit_bundle.files import StagingDirectory, sha256_file
+from flexdit_bundle.files import StagingDirectory, make_temp_dir, remove_stale, sha256_file, target_problem
 from flexdit_bundle.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST, Bundle, BundleError, validate_manifest
 
 from .errors import UserError
 from .share_weights import share_weights
 
 
+SCRATCH_PREFIX = "flexdit-export-"
+
+
+def check_target(target, force: bool) -> None:
+    """Everything about ``-o`` that can be refused before any work."""
+    problem = target_problem(target, force, "bundle directory")
+    if problem:
+        raise UserError(problem)
+    target = Path(target)
+    if target.is_dir() and not (target / MANIFEST).exists() and any(target.iterdir()):
+        raise UserError(f"{target} exists and is not a bundle; refusing to replace it")
+
+
 class BundleWriter:
     def __init__(self, target, force: bool = False):
         self.target = Path(target)
-        if self.target.exists() and not force:
-            raise UserError(f"{self.target} already exists (use --force to replace it)")
-        if self.target.exists() and not (self.target / MANIFEST).exists() and any(self.target.iterdir()):
-            raise UserError(f"{self.target} exists and is not a bundle; refusing to replace it")
-        self.staging = StagingDirectory(self.target)
+        self.force = force
+        check_target(self.target, force)
+        try:
+            self.staging = StagingDirectory(self.target)
+        except OSError as e:
+            raise UserError(f"cannot write the bundle directory {self.target}: {e.strerror or e}") from None
         self.tmp = self.staging.path
+        self._scratch = None
+
+    def scratch(self) -> Path:
+        """A private work directory in $TMPDIR (``flexdit-export-<pid>-*``), removed with the
+        staging directory; stale ones of dead processes are removed first."""
+        if self._scratch is None:
+            remove_stale(tempfile.gettempdir(), SCRATCH_PREFIX)
+            self._scratch = make_temp_dir(tempfile.gettempdir(), SCRATCH_PREFIX)
+        return self._scratch
 
     @classmethod
     def updating(cls, target) -> "BundleWriter":
@@ -39,6 +66,8 @@ class BundleWriter:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
             self.staging.discard()
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
         return False
 
     def path(self, rel: str) -> Path:
@@ -70,8 +99,15 @@ class BundleWriter:
         return Bundle(self.tmp, self._complete(manifest))
 
     def commit(self, manifest: dict) -> Path:
-        import json
-
         manifest = self._complete(manifest)
-        (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        return self.staging.publish()
+        try:
+            text = json.dumps(manifest, indent=2, allow_nan=False)  # NaN/Infinity are not JSON
+        except ValueError as e:
+            raise UserError(f"internal error: the manifest being written holds a non-finite number ({e})") from None
+        (self.tmp / MANIFEST).write_text(text + "\n")
+        try:
+            return self.staging.publish(replace=self.force)
+        except FileExistsError:
+            self.staging.discard()
+            raise UserError(f"{self.target} was created by another process while this conversion ran; "
+                            "nothing was replaced (use --force to replace it)") from None

@@ -4,12 +4,13 @@ calibration set a conversion's plan asks for (given, reused or captured)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from flexdit_bundle.files import target_problem
 
 from .checkpoints import load_checkpoint
 from .errors import UserError
 from .plan import default_cfg_channels, resolve_schedule, sampling_defaults
 from .reference_sampler import reference_sample
+from .schedule import check_explicit
 
 
 def calibrate(ckpt, out, *, schedule=None, batch=2, num_heads=None, semantic_size=None, init_from_dit=None,
@@ -17,8 +18,10 @@ def calibrate(ckpt, out, *, schedule=None, batch=2, num_heads=None, semantic_siz
     from calib import CalibError
     from calib.capture import CaptureSettings, capture
 
-    if Path(out).exists() and not force:
-        raise UserError(f"{out} already exists (use --force to replace it)")
+    problem = target_problem(out, force, "calibration set directory")
+    if problem:
+        raise UserError(problem)
+    check_explicit(schedule)
     if not 1 <= batch <= 4096:
         raise UserError(f"--batch must be between 1 and 4096, got {batch}")
     if num_timesteps < 2:
@@ -50,6 +53,10 @@ def stage_calibration(plan, log):
     if choice.existing is not None:
         cs = choice.existing
         log(f"calibration: using {cs.root} ({cs.sha256[:12]})")
+    elif (found := find_matching_set(plan)) is not None:
+        cs = found
+        log(f"calibration: reusing {cs.root} (content {cs.sha256[:12]}): captured from the same weights and "
+            "schedule with the same settings (pass --calib DIR to choose another)")
     else:
         try:
             cs = capture_or_reuse(plan.model, plan.stage_dicts, choice.settings, choice.target,
@@ -63,3 +70,40 @@ def stage_calibration(plan, log):
                 raise UserError(f"calibration set {cs.root} has {cs.rows(st['id'], split)} {split} rows for stage "
                                 f"{st['id']}, fewer than the graph batch {plan.batch}; capture more images")
     return cs
+
+
+def find_matching_set(plan, limit: int = 64):
+    """A calibration set already on disk that this conversion can use as it is: the plan's own
+    target or a sibling of the bundle directory (``flexdit-export calibrate -o out/x.calib``
+    beside ``-o out/bundle``), matched by content: the weights' hash, the schedule and the
+    capture settings. When no graph needs static scales (only the held-out gate reads rows), any
+    set of the same weights and schedule with enough rows will do. None when there is none."""
+    from calib import CalibError, CalibSet
+    from calib.capture import settings_record
+    from calib.store import INDEX
+
+    choice = plan.calibration
+    want = settings_record(plan.model, choice.settings, plan.num_timesteps, plan.cfg_channels)
+    from .plan import needs_static_scales
+    exact = needs_static_scales(plan)
+    parent = choice.target.parent
+    try:
+        siblings = sorted(p for p in parent.iterdir() if p != choice.target and (p / INDEX).is_file())[:limit]
+    except OSError:
+        siblings = []
+    for root in [choice.target, *siblings]:
+        if not (root / INDEX).is_file():
+            continue
+        try:
+            cs = CalibSet.open(root)
+            cs.check_matches(want["model_sha256"], plan.stage_dicts, plan.num_timesteps)
+        except CalibError:
+            continue
+        if exact and cs.settings != want:
+            continue
+        keys = ("cfg_channels", "sampler", "steps", "cfg_scale", "eta", "spacing", "clip_denoised", "batch")
+        if not exact and any(cs.settings.get(k) != want[k] for k in keys):
+            continue
+        if all(cs.rows(st["id"], split) >= plan.batch for st in plan.stage_dicts for split in ("calib", "holdout")):
+            return cs
+    return None

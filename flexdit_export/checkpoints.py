@@ -60,13 +60,64 @@ class Checkpoint:
         return model.eval()
 
 
+def check_model_overrides(num_heads, semantic_size) -> None:
+    """--num-heads / --semantic-size, when given, are positive integers (0 was silently ignored)."""
+    for flag, v in (("--num-heads", num_heads), ("--semantic-size", semantic_size)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise UserError(f"{flag} must be a positive integer, got {v}")
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_PICKLE_HINT = ("flexdit-export never runs code from a checkpoint (it loads with weights_only=True): save the "
+                "weights as a state_dict (torch.save(model.state_dict(), PATH)) or as .safetensors")
+
+
+def sniff(path: Path) -> str | None:
+    """What a file that is not a readable checkpoint is, from its first bytes (None: unknown)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return None
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return None  # a torch zip archive or a pickle: let torch say what is wrong
+    if head.startswith((b"\x89HDF", b"\x89PNG", b"%PDF", b"\x1f\x8b")):
+        return "not a PyTorch checkpoint (" + {b"\x89H": "HDF5", b"\x89P": "a PNG image", b"%P": "a PDF",
+                                                b"\x1f\x8b": "gzip-compressed"}[head[:2]] + ")"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if text.lstrip().startswith(("{", "[")):
+        return "a JSON/text file, not a checkpoint"
+    return "a text file, not a checkpoint"
+
+
 def _torch_load(path: Path):
+    kind = sniff(path)
+    if kind is not None:
+        raise UserError(f"cannot read checkpoint {path}: it is {kind} (expected a .pt/.pth file written by "
+                        "torch.save, a .safetensors file or a project checkpoint directory)")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors, truncated zips, foreign pickles
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot read checkpoint {path}: {first[:300]}") from None
+        raise UserError(f"cannot read checkpoint {path}: {_load_error(e)}") from None
+
+
+def _load_error(e: Exception) -> str:
+    """torch's message in one clean sentence: no ANSI codes, no advice to disable the safety."""
+    text = _ANSI.sub("", str(e)).strip()
+    if "Weights only load failed" in text or "weights_only" in text:
+        m = re.search(r"unsupported (?:global:? )?GLOBAL ([\w.]+)", text, re.I) or re.search(r"Unsupported operand (\d+)", text)
+        what = f"it needs {m.group(1)}" if m and not m.group(1).isdigit() else "it needs objects other than tensors"
+        return f"the file is a pickle that tensors-only loading refuses ({what}); {_PICKLE_HINT}"
+    first = text.splitlines()[0] if text else type(e).__name__
+    if isinstance(e, (EOFError,)) or "Ran out of input" in first or "failed finding central directory" in first:
+        return f"the file is truncated or not a PyTorch checkpoint ({first[:200]})"
+    return first[:300]
 
 
 def _unwrap(obj, path) -> tuple[dict, dict, str]:
@@ -147,6 +198,11 @@ def infer_config(sd: dict, args: dict | None = None, **overrides) -> ModelConfig
         raise UserError(f"checkpoint layout is invalid: {e}") from None
 
 
+def _width(sd: dict) -> int:
+    w = sd.get("x_embedder.proj.weight")
+    return int(w.shape[0]) if isinstance(w, torch.Tensor) and w.ndim >= 1 else 0
+
+
 def _heads_from_args(args, C: int) -> int | None:
     """Heads of the size named in the training args ('DiT-XL/2'), if its width matches."""
     m = re.match(r"(?:Flex)?DiT-(XL|L|B|S)/\d+", str(args.get("model", "")))
@@ -201,12 +257,19 @@ def parse_layout(text: str):
     return v[0], v[1], v[2:6], v[6]
 
 
-def load_checkpoint(path, num_heads=None, semantic_size=None, init_from_dit: str | None = None) -> Checkpoint:
-    """Load any supported checkpoint. ``init_from_dit`` (a layout) turns a DiT into a FlexDiT."""
+def load_checkpoint(path, num_heads=None, semantic_size=None, init_from_dit: str | None = None,
+                    fallback: dict | None = None) -> Checkpoint:
+    """Load any supported checkpoint. ``init_from_dit`` (a layout) turns a DiT into a FlexDiT.
+    ``num_heads``/``semantic_size`` are the user's flags: refused where they contradict what a
+    project checkpoint records. ``fallback`` ({num_heads, semantic_size}) fills only what the
+    checkpoint does not record (verify: the bundle's values)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint not found: {path}")
-    overrides = {"num_heads": num_heads, "semantic_size": semantic_size}
+    check_model_overrides(num_heads, semantic_size)
+    fallback = fallback or {}
+    overrides = {"num_heads": num_heads, "semantic_size": semantic_size,
+                 "fallback_heads": fallback.get("num_heads"), "fallback_semantic": fallback.get("semantic_size")}
     class_names, notes, defaults, schedule = None, [], {}, None
     if path.is_dir() or path.suffix == ".safetensors" or path.name == CONFIG_FILE:
         sd, cfg, class_names, defaults, schedule, fmt = _load_project(path, overrides)
@@ -214,7 +277,8 @@ def load_checkpoint(path, num_heads=None, semantic_size=None, init_from_dit: str
         if not os.access(path, os.R_OK):
             raise UserError(f"checkpoint is not readable: {path}")
         sd, args, fmt = _unwrap(_torch_load(path), path)
-        cfg = infer_config(sd, args, **overrides)
+        cfg = infer_config(sd, args, num_heads=num_heads or _heads_from_args(args, _width(sd)) or fallback.get("num_heads"),
+                           semantic_size=semantic_size or args.get("semantic_size") or fallback.get("semantic_size"))
     if init_from_dit:
         if cfg.family != "dit":
             raise UserError("--init-from-dit needs a DiT checkpoint, but this one is already a FlexDiT")
@@ -242,9 +306,17 @@ def _load_project(path: Path, overrides):
         except (OSError, json.JSONDecodeError) as e:
             raise UserError(f"cannot read checkpoint config {cfg_path}: {e}") from None
         class_names = meta.get("class_names")
-    inferred = infer_config(sd, {"semantic_size": meta.get("model", {}).get("semantic_size")},
-                            num_heads=overrides["num_heads"] or meta.get("model", {}).get("num_heads"),
-                            semantic_size=overrides["semantic_size"])
+    recorded = meta.get("model") or {}
+    for key, flag in (("num_heads", "--num-heads"), ("semantic_size", "--semantic-size")):
+        given = overrides[key]
+        if given is not None and recorded.get(key) is not None and given != recorded[key]:
+            raise UserError(f"{flag} {given} contradicts the checkpoint's recorded {key.replace('_', ' ')} "
+                            f"{recorded[key]} ({cfg_path}); leave {flag} out (the weights were trained with "
+                            f"{recorded[key]})")
+    inferred = infer_config(sd, {"semantic_size": recorded.get("semantic_size")},
+                            num_heads=overrides["num_heads"] or recorded.get("num_heads") or overrides.get("fallback_heads"),
+                            semantic_size=overrides["semantic_size"] or (None if recorded.get("semantic_size")
+                                                                         else overrides.get("fallback_semantic")))
     if meta.get("model"):
         declared = ModelConfig.from_dict({**meta["model"], "num_heads": inferred.num_heads,
                                           "semantic_size": inferred.semantic_size})

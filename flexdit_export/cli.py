@@ -1,4 +1,4 @@
-"""flexdit-export: convert | inspect | verify | calibrate | engines.
+"""flexdit-export: convert | inspect | verify | calibrate | engines | doctor.
 
 Every failure a user can cause prints one line on stderr and exits with status 2.
 """
@@ -89,9 +89,32 @@ def _calib_settings(args) -> dict:
     return {v: getattr(args, k) for k, v in keys.items() if getattr(args, k, None) is not None}
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors in the same one-line form as every other failure."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+_SIGNALLED = []
+
+
+def _terminate(signum, frame):
+    """SIGTERM (and SIGINT) unwind like Ctrl-C, so every ``with`` block removes its temporaries;
+    a second signal during that clean-up is ignored rather than cutting it short."""
+    import signal
+
+    _SIGNALLED.append(signum)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def build_parser():
-    ap = argparse.ArgumentParser(prog="flexdit-export", description="Compile FlexDiT/DiT checkpoints into bundles.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    ap = OneLineParser(prog="flexdit-export", description="Compile FlexDiT/DiT checkpoints into bundles.")
+    from . import __version__
+    ap.add_argument("--version", action="version", version=f"flexdit-export {__version__}")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=OneLineParser)
     _convert_args(sub.add_parser("convert", help="checkpoint -> bundle (one static graph per schedule stage)"))
     p = sub.add_parser("inspect", help="stages, token counts, files, sizes, parity, precision (or a calibration set)")
     p.add_argument("bundle", help="a bundle or a calibration set directory")
@@ -116,6 +139,8 @@ def build_parser():
     p.add_argument("--force", action="store_true", help="replace an existing set")
     p.add_argument("--json", action="store_true")
     _calib_capture_args(p)
+    p = sub.add_parser("doctor", help="what is installed, which engines and providers are usable, which extra to add")
+    p.add_argument("--json", action="store_true")
     p = sub.add_parser("engines", help="build one TensorRT engine per stage into a bundle (on the target GPU)")
     p.add_argument("bundle")
     p.add_argument("--precision", help="per-stage policy as for convert (default: the bundle's)")
@@ -127,6 +152,10 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
     from flexdit_bundle.manifest import BundleError
     from flexdit_runtime.prompts import PromptError
 
@@ -134,13 +163,13 @@ def main(argv=None) -> int:
 
     try:
         return {"convert": _convert, "inspect": _inspect, "verify": _verify, "calibrate": _calibrate,
-                "engines": _engines}[args.cmd](args)
+                "engines": _engines, "doctor": _doctor}[args.cmd](args)
     except (UserError, BundleError, PromptError) as e:
         print(f"flexdit-export {args.cmd}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("flexdit-export: interrupted", file=sys.stderr)
-        return 130
+        print(f"flexdit-export {args.cmd}: error: interrupted; nothing was written", file=sys.stderr)
+        return 128 + (_SIGNALLED[0] if _SIGNALLED else 2)
 
 
 def _log(quiet):
@@ -228,6 +257,14 @@ def _engines(args) -> int:
     from .tensorrt_build import engines_command
 
     engines_command(args.bundle, args.precision, args.engine_cache, args.timing_cache, args.force, log=_log(False))
+    return 0
+
+
+def _doctor(args) -> int:
+    from .doctor import render, report
+
+    r = report()
+    print(json.dumps(r, indent=2) if args.json else render(r))
     return 0
 
 

@@ -8,7 +8,6 @@ manifest; the quality-gate plug-ins judge the finished bundle before it is publi
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import torch
@@ -39,8 +38,8 @@ def convert(ckpt_path, out, opts: ConvertOptions, log=print, gates=()) -> Path:
 
         log(f"precision policy: {describe_policy(dict(plan.policy))}")
         calib = stage_calibration(plan, log)
-    with BundleWriter(out, plan.force) as w, tempfile.TemporaryDirectory(prefix="flexdit-export-") as work:
-        ctx = BuildContext(plan=plan, writer=w, work=Path(work), calib=calib, log=log)
+    with BundleWriter(out, plan.force) as w:
+        ctx = BuildContext(plan=plan, writer=w, work=w.scratch(), calib=calib, log=log)
         stages = []
         for sid in range(len(plan.stages)):
             artifacts, parity = build_component(stage_component(plan, sid), plan.builds[sid], ctx)

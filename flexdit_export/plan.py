@@ -14,7 +14,8 @@ from flexdit_bundle.manifest import SAMPLING_DEFAULTS
 from flexdit_bundle.precision import PRECISIONS, PrecisionError, canonical, parse_policy
 
 from .builders import builder_for
-from .checkpoints import Checkpoint, load_checkpoint
+from .bundle import check_target
+from .checkpoints import Checkpoint, check_model_overrides, load_checkpoint
 from .classnames import choose_class_names
 from .errors import UserError
 from .export import check_opset
@@ -22,10 +23,11 @@ from .optimize import LEVELS
 from .options import ConvertOptions
 from .quantize import (CALIB_METHODS, DEFAULT_ERROR_TOL, check_layer_patterns, island_layer_patterns, layer_matches,
                        parse_islands, resolve_exclude)
-from .schedule import Stage, parse_schedule
+from .schedule import Stage, check_explicit, parse_schedule, untrained_grids
 
 FORMATS = ("onnx", "torchscript")
-BACKENDS = ("onnx", "tensorrt", "openvino")
+BACKENDS = ("onnx", "tensorrt", "openvino", "aoti")
+AOTI_DEVICES = ("cpu", "cuda")
 OPENVINO_MADE = ("int8-static",)  # with --backend openvino, NNCF makes these from the fp32 graph (not ONNX Runtime)
 
 
@@ -80,6 +82,7 @@ class ConvertPlan:
     engine_cache: str | None
     timing_cache: str | None
     gates: tuple  # quality_gates.QualityGate
+    device: str | None = None  # --backend aoti: the device the packages are compiled for
 
     @property
     def cfg(self):
@@ -101,9 +104,45 @@ def sampling_defaults(ck, overrides: dict) -> dict:
 
 
 def resolve_schedule(ck, spec: str | None, num_timesteps: int) -> list[Stage]:
+    check_explicit(spec)
     cfg = ck.config
     return parse_schedule(spec or ck.trained_schedule or "released", T=num_timesteps, grid=cfg.grid, family=cfg.family,
                           semantic_size=cfg.semantic_size)
+
+
+def schedule_warnings(ck, stages: list[Stage], num_timesteps: int) -> list[str]:
+    """A note when the schedule uses sparse grids the checkpoint was not trained with."""
+    if not ck.trained_schedule:
+        return []
+    cfg = ck.config
+    try:
+        trained = parse_schedule(ck.trained_schedule, T=num_timesteps, grid=cfg.grid, family=cfg.family,
+                                 semantic_size=cfg.semantic_size)
+    except UserError:
+        return []
+    new = untrained_grids(stages, trained)
+    if not new:
+        return []
+    known = sorted({st.sparse_grid for st in trained if st.sparse_grid is not None})
+    return [f"the schedule uses sparse grid(s) s={','.join(map(str, new))}, but the checkpoint was trained "
+            f"with s={','.join(map(str, known))} ({ck.trained_schedule}); expect lower quality (leave --schedule out "
+            "for the trained one)"]
+
+
+def check_sampling_defaults(defaults: dict, num_timesteps: int) -> None:
+    """--default-steps / --default-cfg-scale become manifest values: finite and in range (a
+    NaN would be written as a bare NaN token, which is not JSON)."""
+    import math
+
+    steps = defaults.get("steps")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_timesteps):
+        raise UserError(f"--default-steps must be in 1..{num_timesteps}, got {steps}")
+    cfg = defaults.get("cfg_scale")
+    if cfg is not None:
+        if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not math.isfinite(cfg):
+            raise UserError(f"--default-cfg-scale must be a finite number, got {cfg}")
+        if cfg < 0:
+            raise UserError(f"--default-cfg-scale must be at least 0, got {cfg:g}")
 
 
 def resolve_plan(ckpt_path, out, opts: ConvertOptions, gates=()) -> ConvertPlan:
@@ -115,16 +154,20 @@ def resolve_plan(ckpt_path, out, opts: ConvertOptions, gates=()) -> ConvertPlan:
     if "onnx" not in opts.formats:
         raise UserError("the bundle needs the onnx format (the runtimes execute it); add it to --formats")
     check_opset(opts.opset)
-    if Path(out).exists() and not opts.force:
-        raise UserError(f"{out} already exists (use --force to replace it)")
+    _check_not_inside(ckpt_path, out)
+    check_target(out, opts.force)
     if opts.num_timesteps < 2:
         raise UserError(f"--num-timesteps must be at least 2, got {opts.num_timesteps}")
+    check_explicit(opts.schedule)
+    check_sampling_defaults(opts.defaults, opts.num_timesteps)
+    check_model_overrides(opts.num_heads, opts.semantic_size)
     if opts.backend not in BACKENDS:
         raise UserError(f"unknown backend {opts.backend!r} (choose from {', '.join(BACKENDS)})")
     trt_env = None
     if opts.backend == "tensorrt":
         from .tensorrt_build import require_tensorrt
         trt_env = MappingProxyType(dict(require_tensorrt()))
+    device = _aoti_device(opts)
     if opts.onnxsim and not opts.optimize:
         raise UserError("--onnxsim is part of --optimize; add --optimize")
     tols = _error_tols(opts)
@@ -132,6 +175,7 @@ def resolve_plan(ckpt_path, out, opts: ConvertOptions, gates=()) -> ConvertPlan:
     cfg = ck.config
     names = choose_class_names(cfg.num_classes, opts.class_names, ck.class_names)
     stages = resolve_schedule(ck, opts.schedule, opts.num_timesteps)
+    ck.notes.extend(w for w in schedule_warnings(ck, stages, opts.num_timesteps) if w not in ck.notes)
     policy, precisions = _precisions(opts, len(stages))
     for gate in gates:
         gate.check_model(cfg)
@@ -149,17 +193,41 @@ def resolve_plan(ckpt_path, out, opts: ConvertOptions, gates=()) -> ConvertPlan:
         builds=MappingProxyType(builds), optimize=opts.optimize, optimize_level=opts.optimize_level,
         onnxsim=opts.onnxsim, quant=quant, error_tols=MappingProxyType(tols), calibration=None, decoder=vae,
         backend=opts.backend, tensorrt_env=trt_env, engine_cache=opts.engine_cache, timing_cache=opts.timing_cache,
-        gates=tuple(gates))
+        gates=tuple(gates), device=device)
     if any(len(p) > 1 for p in precisions.values()):
         plan = replace(plan, calibration=_calibration_choice(plan, opts))
     return plan
+
+
+def _check_not_inside(ckpt_path, out) -> None:
+    """--force must never delete the checkpoint it is converting."""
+    import os
+
+    o, c = Path(os.path.abspath(out)), Path(os.path.abspath(ckpt_path))
+    if c == o or o in c.parents:
+        raise UserError(f"the checkpoint {ckpt_path} is inside the bundle directory {out}; choose another -o")
+
+
+def _aoti_device(opts: ConvertOptions) -> str | None:
+    """--device: where AOTInductor packages will run (they are native code for one device)."""
+    if opts.backend != "aoti":
+        if opts.device is not None:
+            raise UserError("--device applies to --backend aoti (AOTInductor packages are compiled for one device)")
+        return None
+    device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in AOTI_DEVICES:
+        raise UserError(f"unknown --device {device!r} (choose from {', '.join(AOTI_DEVICES)})")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device cuda: this torch ({torch.__version__}) sees no CUDA GPU; convert on the kind of GPU "
+                        "the bundle will run on, or use --device cpu")
+    return device
 
 
 def _error_tols(opts: ConvertOptions) -> dict:
     tols = dict(DEFAULT_ERROR_TOL)
     for k, v in opts.error_tol.items():
         try:
-            tols[canonical(k)] = float(v)
+            tols[canonical(k, "aoti" if opts.backend == "aoti" else "onnx")] = float(v)
         except (PrecisionError, ValueError):
             raise UserError(f"--error-tol: {k}={v} is not PRECISION=NUMBER") from None
     return tols
@@ -173,10 +241,12 @@ def _precisions(opts: ConvertOptions, n_stages: int) -> tuple[dict, dict]:
         extras = {canonical(p, opts.backend) for p in opts.extra_precisions}
     except PrecisionError as e:
         raise UserError(str(e)) from None
-    if "bf16" in set(policy.values()) | extras:
+    aoti = opts.backend == "aoti"  # the policy's precision is the packages'; ONNX graphs: fp32 + extras
+    if "bf16" in (extras if aoti else set(policy.values()) | extras):
         raise UserError("bf16 needs no artifact: it is OpenVINO's inference precision over the fp32 graph; choose it "
                         "when running (flexdit-run --backend openvino --precision bf16)")
-    build = {sid: ["fp32"] + sorted(({policy[sid]} | extras) - {"fp32"}, key=PRECISIONS.index) for sid in policy}
+    build = {sid: ["fp32"] + sorted(((set() if aoti else {policy[sid]}) | extras) - {"fp32"}, key=PRECISIONS.index)
+             for sid in policy}
     if opts.backend == "tensorrt" and any("int8-dynamic" in b for b in build.values()):
         raise UserError("int8-dynamic graphs use ONNX Runtime-only operators; TensorRT needs int8-static (QDQ): "
                         "use int8 or int8-static with --backend tensorrt")
@@ -233,6 +303,16 @@ def _quant_selection(opts: ConvertOptions, model) -> QuantSelection:
                           islands=tuple(islands), calib_method=opts.calib_method)
 
 
+STATIC_PRECISIONS = ("int8-static", "fp8")
+GATE_ONLY_CAPTURE = {"images": 2, "holdout_images": 8}
+
+
+def needs_static_scales(plan: ConvertPlan) -> bool:
+    """Whether some graph takes activation scales from calibration rows (int8-static, fp8);
+    fp16 and int8-dynamic use them only for the held-out error gate."""
+    return any(p in STATIC_PRECISIONS for keys in plan.builds.values() for _, p in keys)
+
+
 def _calibration_choice(plan: ConvertPlan, opts: ConvertOptions) -> CalibrationChoice:
     """``--calib DIR`` must exist and fit this model and schedule; else the capture settings
     (bundle defaults + overrides) must be valid."""
@@ -247,8 +327,11 @@ def _calibration_choice(plan: ConvertPlan, opts: ConvertOptions) -> CalibrationC
         except CalibError as e:
             raise UserError(str(e)) from None
         return CalibrationChoice(existing=cs, settings=None, target=target)
+    overrides = dict(opts.calib_settings)
+    if not needs_static_scales(plan):  # only the held-out gate reads rows: 10 trajectories, not 48
+        overrides = {**GATE_ONLY_CAPTURE, **overrides}
     try:
-        settings = CaptureSettings.from_defaults(dict(plan.sampling_defaults), plan.batch, opts.calib_settings)
+        settings = CaptureSettings.from_defaults(dict(plan.sampling_defaults), plan.batch, overrides)
     except ValueError as e:
         raise UserError(f"calibration settings: {e}") from None
     return CalibrationChoice(existing=None, settings=settings, target=target)

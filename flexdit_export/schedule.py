@@ -69,6 +69,20 @@ def parse_schedule(spec: str, *, T: int, grid: int, family: str, semantic_size: 
     return stages
 
 
+def untrained_grids(stages: list[Stage], trained: list[Stage]) -> list[int]:
+    """Sparse grids of ``stages`` that none of the ``trained`` stages used (a FlexDiT is trained
+    on a few grids; others run, but with weights that never saw that token count)."""
+    known = {st.sparse_grid for st in trained}
+    return sorted({st.sparse_grid for st in stages if st.sparse_grid is not None and st.sparse_grid not in known})
+
+
+def check_explicit(spec: str | None, flag: str = "--schedule") -> None:
+    """An explicitly empty value is an error, not the default schedule."""
+    if spec is not None and not str(spec).strip():
+        raise UserError(f"{flag} is empty: give {', '.join(PRESETS)}, 'lo:s,...' (e.g. 750:6,500:7,250:9,0:10) or "
+                        "a JSON file, or leave the option out for the checkpoint's own schedule")
+
+
 def _grid_value(text: str, where: str):
     if text.strip().lower() in ("dense", "null", "none"):
         return None

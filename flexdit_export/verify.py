@@ -56,11 +56,14 @@ def verify(bundle_path, ckpt=None, steps: int = 8, num_images: int = 2, sampler:
     if ckpt is None:
         return report
     m = bundle.manifest
-    semantic = m["model"]["config"].get("semantic_size")
-    ck = load_checkpoint(ckpt, num_heads or m["model"]["config"]["num_heads"], semantic, init_from_dit)
-    if ck.config.to_dict() != m["model"]["config"]:
-        raise UserError(f"checkpoint {ckpt} is {ck.config.name} but the bundle was built from {m['model']['name']} "
-                        "with another configuration")
+    # the checkpoint as it records itself; the bundle's values only fill what it does not record
+    recorded = m["model"]["config"]
+    ck = load_checkpoint(ckpt, num_heads, None, init_from_dit,
+                         fallback={"num_heads": recorded["num_heads"], "semantic_size": recorded.get("semantic_size")})
+    if ck.config.to_dict() != recorded:
+        diff = ", ".join(f"{k} {recorded.get(k)!r} in the bundle, {v!r} in the checkpoint"
+                         for k, v in ck.config.to_dict().items() if recorded.get(k) != v)
+        raise UserError(f"checkpoint {ckpt} does not match the bundle's model configuration: {diff}")
     model = ck.build()
     cfg = ck.config
     for st in bundle.stages:

@@ -141,3 +141,71 @@ def test_api_refuses_the_same_way(case_env):
         Pipeline.from_bundle(bundle, providers=["cpu"])(case["api"]["prompts"], **kwargs)
     msg = str(e.value)
     assert "\n" not in msg and re.search(case["message"], msg), msg
+
+
+# ---- the compiler's half: conformance/bad_export_inputs.json, through flexdit-export ----------
+
+EXPORT_CATALOGUE = json.loads(resources.files("flexdit_bundle").joinpath("conformance/bad_export_inputs.json")
+                              .read_text())
+EXPORT_CASES = EXPORT_CATALOGUE["cases"]
+
+
+@pytest.fixture(scope="session")
+def project_ckpt(tmp_path_factory, tiny_flex_model):
+    from flexdit_export.checkpoints import save_checkpoint
+    return save_checkpoint(tiny_flex_model, tmp_path_factory.mktemp("project") / "tiny-flexdit",
+                           extra={"schedule": "500:2,0:3"})
+
+
+def test_export_catalogue_is_well_formed():
+    ids = _ids(EXPORT_CASES)
+    assert len(ids) == len(set(ids)) and not set(ids) & set(_ids(CASES))
+    for c in EXPORT_CASES:
+        assert set(c) <= {"id", "about", "args", "files", "exit_code", "message"}, c["id"]
+        assert c["exit_code"] != 0 and c["message"] and c["args"][0] in ("convert", "calibrate", "inspect", "verify")
+        re.compile(c["message"])
+        for spec in (c.get("files") or {}).values():
+            assert set(spec) <= set(EXPORT_CATALOGUE["files"]), c["id"]
+
+
+def _export_files(scratch: Path, files: dict) -> dict:
+    paths = {}
+    for name, spec in (files or {}).items():
+        p = scratch / name
+        if "text" in spec:
+            p.write_text(spec["text"], encoding="utf-8")
+        else:
+            p.write_bytes(bytes.fromhex(spec["hex"]))
+        paths[name] = p
+    return paths
+
+
+def _tree(root: Path) -> list:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("case", EXPORT_CASES, ids=_ids(EXPORT_CASES))
+def test_export_refuses_with_one_line(case, project_ckpt, flex_bundle, tmp_path):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    bundle = tmp_path / "bundle"
+    shutil.copytree(flex_bundle, bundle)
+    files = _export_files(scratch, case.get("files"))
+    subs = {"{ckpt}": str(project_ckpt), "{bundle}": str(bundle), "{out}": str(scratch / "out"),
+            "{scratch}": str(scratch), **{f"{{file:{n}}}": str(p) for n, p in files.items()}}
+
+    def sub(a):
+        for k, v in subs.items():
+            a = a.replace(k, v)
+        return a
+
+    args = [sub(a) for a in case["args"]]
+    before = {r: _tree(r) for r in (scratch, bundle, Path(project_ckpt))}
+    p = run_cli("flexdit-export", *args, cwd=scratch, check=False)
+    assert p.returncode == case["exit_code"], p.stderr
+    assert "Traceback" not in p.stderr + p.stdout and "\x1b" not in p.stderr
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith(f"flexdit-export {args[0]}: error: ") and re.search(case["message"], lines[0]), lines[0]
+    assert p.stdout == ""
+    assert {r: _tree(r) for r in before} == before  # nothing written, replaced or left over
