@@ -7,9 +7,9 @@ directory only receives files once all images are done.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
-import shutil
 import sys
 import tempfile
 import time
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flexdit_bundle.files import StagingDirectory
 from flexdit_bundle.manifest import BundleError
 
 from .images import grid, save_png
@@ -27,22 +28,32 @@ from .settings import RuntimeSettings
 
 
 class Progress:
-    """A dependency-free progress bar on stderr (silent when stderr is not a terminal,
-    except for a final line)."""
+    """A dependency-free progress bar on stderr. When stderr is not a terminal (a log file, a
+    CI job) it writes no carriage returns: one plain line every ``every`` seconds, with the
+    estimated time left, and a final line."""
 
-    def __init__(self, total: int, label: str, enabled: bool = True):
+    def __init__(self, total: int, label: str, enabled: bool = True, every: float = 30.0):
         self.total, self.done, self.label = total, 0, label
         self.enabled = enabled
         self.tty = sys.stderr.isatty()
-        self.start = time.perf_counter()
+        self.start = self.last = time.perf_counter()
+        self.every = every
 
     def __call__(self, n: int = 1):
         self.done += n
-        if self.enabled and self.tty:
-            frac = self.done / max(1, self.total)
-            bar = "#" * int(frac * 30)
-            rate = self.done / max(1e-9, time.perf_counter() - self.start)
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        rate = self.done / max(1e-9, now - self.start)
+        if self.tty:
+            bar = "#" * int(self.done / max(1, self.total) * 30)
             sys.stderr.write(f"\r{self.label} [{bar:<30}] {self.done}/{self.total} steps {rate:.1f} it/s")
+            sys.stderr.flush()
+        elif now - self.last >= self.every and self.done < self.total:
+            self.last = now
+            left = (self.total - self.done) / max(rate, 1e-9)
+            sys.stderr.write(f"{self.label}: {self.done}/{self.total} steps ({self.done / self.total:.0%}), "
+                             f"{rate:.1f} it/s, about {left:.0f} s left\n")
             sys.stderr.flush()
 
     def close(self):
@@ -62,7 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="flexdit-run", description=__doc__.splitlines()[0])
     p.add_argument("prompts", help="text file: one class name or class id per line; '#' comments")
     p.add_argument("--bundle", required=True, help="bundle directory written by flexdit-export convert")
-    p.add_argument("-o", "--out", default="out", help="output directory (default: out)")
+    p.add_argument("-o", "--out", help=f"output directory, new or empty (default: a fresh {DEFAULT_OUT}/run-DATE-TIME "
+                                        "per run)")
+    p.add_argument("--force", action="store_true",
+                   help="replace the images of an earlier run in a non-empty -o (only PNGs and samples.npy)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the bundle's)")
     p.add_argument("--sampler", choices=SAMPLERS, help="default: the bundle's (ddpm)")
     p.add_argument("--eta", type=float, help="DDIM eta (0 = deterministic)")
@@ -79,11 +93,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", help="override the bundle's per-stage precision policy: one precision for every "
                                        "stage (fp32, fp16, int8, int8-dynamic, int8-static, fp8) or per stage, e.g. "
                                        "'int8:stages=0-2,fp16:stages=3' (unnamed stages keep the bundle's default)")
-    p.add_argument("--backend", choices=("onnx", "tensorrt"), default="onnx",
-                   help="run the ONNX graphs with ONNX Runtime (default) or the bundle's TensorRT engines")
+    p.add_argument("--backend", choices=_backend_choices(), default="onnx",
+                   help="stage engine kind: onnx (ONNX Runtime, default), tensorrt (the bundle's engines), ...")
     p.add_argument("--save-npy", action="store_true", help="also write the final samples as samples.npy")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("--json", action="store_true", help="print the run summary as JSON on stdout")
+    p.add_argument("--version", action="version", version=version_text())
     return p
+
+
+DEFAULT_OUT = "flexdit-images"
+OUR_FILES = re.compile(r"(\d{3,}_[A-Za-z0-9_-]*\.png|grid\.png|samples\.npy)")
+
+
+def _backend_choices() -> tuple:
+    """The engine kinds this runtime has (``stage_engine.backend_choices()`` where it exists)."""
+    from . import stage_engine
+
+    fn = getattr(stage_engine, "backend_choices", None)
+    return tuple(fn()) if fn else tuple(sorted(stage_engine.ENGINE_KINDS))
+
+
+def version_text() -> str:
+    from importlib import metadata
+
+    try:
+        v = metadata.version("flexdit-export")
+    except metadata.PackageNotFoundError:
+        v = "unknown (not installed)"
+    try:
+        import onnxruntime as ort
+        ort_v = f"onnxruntime {ort.__version__} (providers: {', '.join(ort.get_available_providers())})"
+    except ImportError:
+        ort_v = "onnxruntime missing"
+    return f"flexdit-run {v}; {ort_v}; numpy {np.__version__}; engines: {', '.join(_backend_choices())}"
 
 
 def main(argv=None) -> int:
@@ -105,12 +148,36 @@ def _safe(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", label).strip("_")[:40] or "class"
 
 
-def check_output_dir(out: Path) -> None:
+def fresh_output_dir(root: Path = Path(DEFAULT_OUT)) -> Path:
+    """``root/run-YYYYmmdd-HHMMSS`` (``-2``, ``-3``... when taken): every run its own directory."""
+    base = root / time.strftime("run-%Y%m%d-%H%M%S")
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
+
+
+def check_output_dir(out: Path, force: bool = False) -> None:
     """Refuse, before any work, an output path we could not write: it must be a directory or
     not exist, and its nearest existing ancestor must take a new directory (probed with an
-    empty one, removed at once: permission bits do not tell, e.g. root in /proc)."""
+    empty one, removed at once: permission bits do not tell, e.g. root in /proc). A non-empty
+    directory needs ``force`` (stale PNGs of an earlier run must not sit beside new ones), and
+    even then may hold only what flexdit-run writes."""
     if out.exists() and not out.is_dir():
         raise BundleError(f"output path {out} exists and is not a directory")
+    if out.is_dir():
+        try:
+            names = sorted(os.listdir(out))
+        except OSError as e:
+            raise BundleError(f"cannot write the output directory {out}: {e.strerror or e}") from None
+        if names and not force:
+            raise BundleError(f"output directory {out} is not empty (use --force to replace its images, "
+                              "or give a new -o)")
+        foreign = [n for n in names if not OUR_FILES.fullmatch(n)]
+        if foreign:
+            raise BundleError(f"output directory {out} holds files flexdit-run did not write "
+                              f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); refusing to replace it")
     parent = next((a for a in [out.absolute(), *out.absolute().parents] if a.exists()), None)
     if parent is None or not parent.is_dir():
         raise BundleError(f"cannot write the output directory {out}: {parent} is not a directory")
@@ -121,14 +188,16 @@ def check_output_dir(out: Path) -> None:
                           f"({e.strerror or e})") from None
 
 
-def write_outputs(out: Path, res, save_npy: bool) -> None:
-    """PNGs, grid and samples into a staging directory beside ``out``, then moved in; on any
-    failure nothing is left behind, not even the parent directories this call created."""
+def write_outputs(out: Path, res, save_npy: bool, replace: bool = False) -> None:
+    """PNGs, grid and samples into a staging directory beside ``out``, then published in one
+    rename (``replace``: swapped with the earlier run's directory, so no stale image survives);
+    on any failure nothing is left behind, not even the parent directories this call created."""
     created = [a for a in [out.absolute(), *out.absolute().parents] if not a.exists()]
-    tmp = None
+    staging = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".flexdit-run-", dir=out.parent))
+        staging = StagingDirectory(out)
+        tmp = staging.path
         names = []
         for i, (img, label) in enumerate(zip(res.images, res.labels)):
             name = f"{i:03d}_{_safe(label)}.png"
@@ -139,9 +208,10 @@ def write_outputs(out: Path, res, save_npy: bool) -> None:
         if save_npy:
             np.save(tmp / "samples.npy", res.samples)
             names.append("samples.npy")
-        out.mkdir(parents=True, exist_ok=True)
-        for name in names:
-            os.replace(tmp / name, out / name)
+        staging.publish(replace=replace or (out.is_dir() and not os.listdir(out)))
+    except FileExistsError:
+        raise BundleError(f"output directory {out} was created by another process meanwhile; nothing was "
+                          "written (use --force to replace it)") from None
     except OSError as e:
         for d in created:  # deepest first; only directories this call made, and only if empty
             try:
@@ -150,14 +220,14 @@ def write_outputs(out: Path, res, save_npy: bool) -> None:
                 pass
         raise BundleError(f"cannot write the output directory {out}: {e.strerror or e}") from None
     finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if staging is not None:
+            staging.discard()
 
 
 def _run(args) -> int:
     prompts = read_prompts(args.prompts)
-    out = Path(args.out)
-    check_output_dir(out)
+    out = Path(args.out) if args.out is not None else fresh_output_dir()
+    check_output_dir(out, args.force)
     init = None
     if args.init_noise:
         try:
@@ -166,6 +236,9 @@ def _run(args) -> int:
             raise BundleError(f"cannot read --init-noise {args.init_noise}: {e}") from None
     # this process makes all its sessions through the runtime: they share one thread pool
     settings = RuntimeSettings(providers=args.providers, threads=args.threads, shared_thread_pool=True)
+    for note in settings.notes:
+        if not args.quiet:
+            print(f"flexdit-run: note: {note}", file=sys.stderr)
     pipe = Pipeline.from_bundle(args.bundle, precision=args.precision, backend=args.backend, settings=settings)
     ids = [pipe.classes.resolve(p, f"{args.prompts}: ") for p in prompts]
     # the checks Pipeline makes anyway, before the progress bar
@@ -177,14 +250,23 @@ def _run(args) -> int:
                seed=args.seed, init_noise=init, batch=args.batch, spacing=params.spacing, progress=bar,
                clip_denoised=params.clip_denoised)
     bar.close()
-    write_outputs(out, res, args.save_npy)
-    if not args.quiet:
-        total = res.seconds
+    write_outputs(out, res, args.save_npy, replace=args.force)
+    engines = pipe.runner.describe()
+    total = res.seconds
+    if args.json:
+        print(json.dumps({"out": str(out), "images": len(res.images), "labels": list(res.labels),
+                          "seconds": total, "stage_seconds": {str(k): v for k, v in sorted(res.stage_seconds.items())},
+                          "decoder_seconds": res.decoder_seconds,
+                          "engines": [{k: d.get(k) for k in ("stage", "kind", "precision", "batch", "path")}
+                                      for d in engines]}, indent=2))
+    elif not args.quiet:
         shares = ", ".join(f"stage {sid}: {sec / total:.0%}" for sid, sec in sorted(res.stage_seconds.items()))
         if res.decoder_seconds:
             shares += f", decoder: {res.decoder_seconds / total:.0%}"
         print(f"wrote {len(res.images)} images and grid.png to {out}/")
         print("precision per stage: " + ", ".join(f"{i}: {p}" for i, p in enumerate(pipe.runner.precisions)))
+        print("engine per stage: " + ", ".join(f"{d.get('stage', i)}: {d.get('kind')} {d.get('precision')}"
+                                               for i, d in enumerate(engines)))
         print(f"{total / len(res.images):.2f} s per image ({total:.1f} s total; {shares})")
     return 0
 

@@ -150,16 +150,38 @@ class Model:
                 rows = out[lo:lo + len(y)]
                 lo += len(y)
                 r.stage_seconds[sid] += seconds * len(y) / len(out)
-                self._advance(r, rows)
+                self._advance(r, rows, sid)
 
-    def _advance(self, r: Request, out: np.ndarray) -> None:
+    def _advance(self, r: Request, out: np.ndarray, sid: int | None = None) -> None:
         p, k = r.params, r.k
         cin = self.cfg["in_channels"]
+        if not np.isfinite(out).all():
+            return self._fail(r, out, sid, "the stage graph returned NaN or infinite values")
         if p.guided:
-            out = guide(out, r.n, p.cfg_scale, self.bundle.diffusion["cfg_channels"], cin)
+            with np.errstate(over="ignore", invalid="ignore"):
+                out = guide(out, r.n, p.cfg_scale, self.bundle.diffusion["cfg_channels"], cin)
+            if not np.isfinite(out).all():
+                return self._fail(r, out, sid, f"guidance with cfg-scale {p.cfg_scale:g} overflowed float32")
         noise = r.noise(k) if needs_noise(p.sampler, k, p.eta) else None
-        r.x = step(r.diffusion, p.sampler, r.x, out, k, cin, noise, p.eta, p.clip_denoised)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            r.x = step(r.diffusion, p.sampler, r.x, out, k, cin, noise, p.eta, p.clip_denoised)
+        if not np.isfinite(r.x).all():
+            cause = "the step's noise held NaN or infinite values" if noise is not None and not np.isfinite(noise).all() \
+                else f"the {p.sampler} update (eta {p.eta:g}, cfg-scale {p.cfg_scale:g}) overflowed float32"
+            return self._fail(r, r.x, sid, cause)
         r.k -= 1
+
+    def _fail(self, r: Request, values: np.ndarray, sid, cause: str) -> None:
+        """Stop a request whose state stopped being finite (it would end as a black image); the
+        message, naming where and why, is raised by ``finish``."""
+        rows = values.reshape(len(values), -1)
+        bad = [r.indices[i % r.n] for i in range(len(rows)) if not np.isfinite(rows[i]).all()]
+        bad = sorted(set(bad))
+        shown = ", ".join(map(str, bad[:8])) + (", ..." if len(bad) > 8 else "")
+        where = f"stage {sid}, " if sid is not None else ""
+        r.failure = (f"sampling produced NaN or infinite values for image(s) {shown} at step "
+                     f"{r.diffusion.num_steps - r.k} of {r.diffusion.num_steps} ({where}t={r.timestep}): {cause}")
+        r.k = -1
 
     def run(self, request: Request, progress: Callable | None = None) -> Request:
         """Take all remaining steps of one request (``progress(1)`` after each). Engines that
@@ -180,6 +202,9 @@ class Model:
         requests = [requests] if isinstance(requests, Request) else list(requests)
         if not requests or any(not r.done for r in requests):
             raise BundleError("finish() needs finished requests (step them until request.done)")
+        for r in requests:
+            if getattr(r, "failure", None):
+                raise BundleError(r.failure)
         samples = np.concatenate([r.x for r in requests])
         dec_s = 0.0
         decoded = samples
@@ -187,6 +212,8 @@ class Model:
             dec_t = time.perf_counter()
             decoded = self.decoder(samples)
             dec_s = time.perf_counter() - dec_t
+            if not np.isfinite(decoded).all():
+                raise BundleError("the decoder returned NaN or infinite values for finite samples")
         images = to_uint8(decoded, self.bundle.manifest["output"]["value_range"])
         stage_seconds = defaultdict(float)
         for r in requests:

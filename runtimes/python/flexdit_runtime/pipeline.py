@@ -13,6 +13,7 @@ import time
 from flexdit_bundle.manifest import BundleError, load_bundle
 
 from .model import Model
+from .prompts import shown
 from .request import Result
 from .sampling_params import check_batch, check_init_noise
 from .settings import RuntimeSettings
@@ -58,6 +59,9 @@ class Pipeline:
         ``noise_fn(k, indices)``: the fresh noise of step k for the images at ``indices``;
         ``progress(1)`` is called after every step of every group."""
         model = self.model
+        if isinstance(prompts, (str, bytes, int)) or not hasattr(prompts, "__iter__"):
+            raise BundleError(f"prompts must be a list of class names or ids, got {type(prompts).__name__} "
+                              f"(for one image: [{shown(prompts)}])")
         params = model.params(steps=steps, sampler=sampler, cfg_scale=cfg_scale, eta=eta, spacing=spacing,
                               clip_denoised=clip_denoised)
         ids = model.class_ids(prompts)

@@ -11,6 +11,18 @@ class PromptError(ValueError):
     pass
 
 
+ECHO_LIMIT = 60
+
+
+def shown(value, limit: int = ECHO_LIMIT) -> str:
+    """``repr(value)`` for an error message, capped: a 10 MB prompt line must not come back
+    whole in the one line that reports it."""
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) <= limit:
+        return repr(value)
+    return repr(text[:limit]) [:-1] + f"...' ({len(text)} characters)"
+
+
 class ClassIndex:
     def __init__(self, class_names: list | None, num_classes: int):
         self.names = class_names
@@ -23,17 +35,18 @@ class ClassIndex:
     def resolve(self, text: str, where: str = "") -> int:
         key = text.strip()
         if key.lstrip("-").isdigit():
-            i = int(key)
-            if not 0 <= i < self.num_classes:
-                raise PromptError(f"{where}class id {i} is outside 0..{self.num_classes - 1}")
+            i = int(key) if len(key) < 20 else None  # int() refuses more than 4300 digits
+            if i is None or not 0 <= i < self.num_classes:
+                raise PromptError(f"{where}class id {i if i is not None else shown(key)} is outside "
+                                  f"0..{self.num_classes - 1}")
             return i
         if key.lower() in self.lookup:
             return self.lookup[key.lower()]
         if not self.names:
-            raise PromptError(f"{where}{key!r} is not a class id, and this bundle has no class names")
-        close = difflib.get_close_matches(key.lower(), list(self.lookup), n=3, cutoff=0.6)
+            raise PromptError(f"{where}{shown(key)} is not a class id, and this bundle has no class names")
+        close = difflib.get_close_matches(key.lower(), list(self.lookup), n=3, cutoff=0.6) if len(key) < 200 else []
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise PromptError(f"{where}unknown class {key!r}{hint}")
+        raise PromptError(f"{where}unknown class {shown(key)}{hint}")
 
     def label(self, i: int) -> str:
         return self.names[i].split(",")[0].strip() if self.names else str(i)
@@ -42,7 +55,7 @@ class ClassIndex:
 def read_prompts(path) -> list[str]:
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not a prompt
     except FileNotFoundError:
         raise PromptError(f"prompt file not found: {p}") from None
     except (OSError, UnicodeDecodeError) as e:

@@ -13,6 +13,7 @@ import numpy as np
 
 from flexdit_bundle.manifest import BundleError
 
+from .prompts import shown
 from .samplers import SAMPLERS
 
 SPACINGS = ("sections", "ddim")
@@ -35,7 +36,7 @@ class SamplingParams:
 
 def _integer(name: str, value, lo: int, hi: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise BundleError(f"--{name} must be an integer, got {value!r}")
+        raise BundleError(f"--{name} must be an integer, got {shown(value)}")
     value = int(value)
     if value < lo or (hi is not None and value > hi):
         bound = f"in {lo}..{hi}" if hi is not None else f"at least {lo}"
@@ -47,9 +48,9 @@ def _real(name: str, value, lo: float, hi: float | None = None) -> float:
     try:
         f = float(value)
     except (TypeError, ValueError):
-        raise BundleError(f"--{name} must be a number, got {value!r}") from None
+        raise BundleError(f"--{name} must be a number, got {shown(value)}") from None
     if isinstance(value, (bool, complex, str)) or not math.isfinite(f):
-        raise BundleError(f"--{name} must be a finite number, got {value!r}")
+        raise BundleError(f"--{name} must be a finite number, got {shown(value)}")
     if f < lo or (hi is not None and f > hi):
         bound = f"in [{lo:g}, {hi:g}]" if hi is not None else f"at least {lo:g}"
         raise BundleError(f"--{name} must be {bound}, got {f:g}")
@@ -61,12 +62,12 @@ def resolve_params(defaults: dict, num_timesteps: int, *, steps=None, sampler=No
     """Fill what the caller left None from the bundle's ``defaults`` and check every value."""
     sampler = defaults["sampler"] if sampler is None else sampler
     if sampler not in SAMPLERS:
-        raise BundleError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
+        raise BundleError(f"unknown sampler {shown(sampler)} (choose from {', '.join(SAMPLERS)})")
     if spacing not in SPACINGS:
-        raise BundleError(f"unknown spacing {spacing!r} (choose from {', '.join(SPACINGS)})")
+        raise BundleError(f"unknown spacing {shown(spacing)} (choose from {', '.join(SPACINGS)})")
     clip = defaults["clip_denoised"] if clip_denoised is None else clip_denoised
     if not isinstance(clip, (bool, np.bool_)):
-        raise BundleError(f"clip_denoised must be True or False, got {clip!r}")
+        raise BundleError(f"clip_denoised must be True or False, got {shown(clip)}")
     return SamplingParams(
         steps=_integer("steps", defaults["steps"] if steps is None else steps, 1, num_timesteps),
         sampler=sampler,

@@ -8,8 +8,9 @@ later request that contradicts what the process already has.
 
 from __future__ import annotations
 
+import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flexdit_bundle.manifest import BundleError
 
@@ -40,6 +41,7 @@ class RuntimeSettings:
     load_threads: int | None = None
     prepack_weights: bool = False
     graph_optimization: str = "auto"
+    notes: tuple = field(default=(), init=False, compare=False)  # what was adjusted (threads capped)
 
     def __post_init__(self):
         if self.graph_optimization not in OPTIMIZATION_LEVELS:
@@ -49,15 +51,28 @@ class RuntimeSettings:
             object.__setattr__(self, "providers", tuple(p for p in self.providers.split(",") if p))
         elif self.providers is not None:
             object.__setattr__(self, "providers", tuple(self.providers))
+        notes = []
         for name in ("threads", "load_threads"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise BundleError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+            if v is not None and v > usable_cores():  # more threads than cores only contend (1000: 50x slower)
+                notes.append(f"--{name.replace('_', '-')} {v} capped at the {usable_cores()} usable cores")
+                object.__setattr__(self, name, usable_cores())
+        object.__setattr__(self, "notes", tuple(notes))
 
     def apply(self) -> bool:
         """Apply the process-wide options these settings need; -> whether sessions share the
         process's thread pool."""
         return _PROCESS.thread_pool(self.shared_thread_pool, self.threads)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, else the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 class _ProcessOptions:
