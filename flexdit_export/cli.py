@@ -33,7 +33,6 @@ def _convert_args(p):
     p.add_argument("--parity-tol", type=float, default=1e-3, help="max relative error of a graph vs PyTorch (default 1e-3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
-    p.add_argument("--json", action="store_true", help="print the written manifest summary as JSON")
     g = p.add_argument_group("optimisation and precision")
     g.add_argument("--optimize", action="store_true",
                    help="save each stage graph after ONNX Runtime offline optimisation (portable level)")
@@ -115,18 +114,24 @@ def build_parser():
     from . import __version__
     ap.add_argument("--version", action="version", version=f"flexdit-export {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True, parser_class=OneLineParser)
-    _convert_args(sub.add_parser("convert", help="checkpoint -> bundle (one static graph per schedule stage)"))
-    p = sub.add_parser("inspect", help="stages, token counts, files, sizes, parity, precision (or a calibration set)")
+    # declared once, the same on every command: --json changes what stdout holds, -q silences stderr's log
+    common = OneLineParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress log on stderr (errors only)")
+    _convert_args(sub.add_parser("convert", help="checkpoint -> bundle (one static graph per schedule stage)",
+                                 parents=[common]))
+    p = sub.add_parser("inspect", help="stages, token counts, files, sizes, parity, precision (or a calibration set)",
+                       parents=[common])
     p.add_argument("bundle", help="a bundle or a calibration set directory")
-    p.add_argument("--json", action="store_true")
-    p = sub.add_parser("verify", help="checksums and schema; with --ckpt, stage and trajectory parity vs PyTorch")
+    p = sub.add_parser("verify", help="checksums and schema; with --ckpt, stage and trajectory parity vs PyTorch",
+                       parents=[common])
     p.add_argument("bundle")
     p.add_argument("--ckpt", help="the checkpoint the bundle was built from")
     p.add_argument("--steps", type=int, default=8, help="trajectory length (default 8)")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
     p.add_argument("--init-from-dit", metavar="LAYOUT", help="as given to convert")
-    p.add_argument("--json", action="store_true")
-    p = sub.add_parser("calibrate", help="capture a per-stage calibration set from real sampling trajectories")
+    p = sub.add_parser("calibrate", help="capture a per-stage calibration set from real sampling trajectories",
+                       parents=[common])
     p.add_argument("ckpt")
     p.add_argument("-o", "--out", required=True, help="calibration set directory to write")
     p.add_argument("--schedule", help="as for convert (default: the checkpoint's trained schedule, else released)")
@@ -137,11 +142,11 @@ def build_parser():
     p.add_argument("--num-timesteps", type=int, default=1000)
     p.add_argument("--cfg-channels", choices=("first3", "eps"))
     p.add_argument("--force", action="store_true", help="replace an existing set")
-    p.add_argument("--json", action="store_true")
     _calib_capture_args(p)
-    p = sub.add_parser("doctor", help="what is installed, which engines and providers are usable, which extra to add")
-    p.add_argument("--json", action="store_true")
-    p = sub.add_parser("engines", help="build one TensorRT engine per stage into a bundle (on the target GPU)")
+    p = sub.add_parser("doctor", help="what is installed, which engines and providers are usable, which extra to add",
+                       parents=[common])
+    p = sub.add_parser("engines", help="build one TensorRT engine per stage into a bundle (on the target GPU)",
+                       parents=[common])
     p.add_argument("bundle")
     p.add_argument("--precision", help="per-stage policy as for convert (default: the bundle's)")
     p.add_argument("--engine-cache", help="engine cache directory (default ~/.cache/flexdit-export/tensorrt)")
@@ -167,6 +172,10 @@ def main(argv=None) -> int:
     except (UserError, BundleError, PromptError) as e:
         print(f"flexdit-export {args.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `flexdit-export inspect B | head`: the reader left; not an error
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"flexdit-export {args.cmd}: error: interrupted; nothing was written", file=sys.stderr)
         return 128 + (_SIGNALLED[0] if _SIGNALLED else 2)
@@ -174,6 +183,14 @@ def main(argv=None) -> int:
 
 def _log(quiet):
     return (lambda *a, **k: None) if quiet else (lambda msg: print(msg, file=sys.stderr))
+
+
+def _emit(args, summary: dict, text) -> None:
+    """The one rule for stdout on every command: --json -> JSON; -q -> nothing; else text."""
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    elif not args.quiet:
+        print(text() if callable(text) else text)
 
 
 def _convert(args) -> int:
@@ -204,9 +221,9 @@ def _convert(args) -> int:
     if args.quality_gate:
         from .quality_gates import load_gate
         gates.append(load_gate("fashion-mnist", per_class=args.quality_gate))
-    out = convert(args.ckpt, args.out, opts, log=_log(False), gates=gates)
+    out = convert(args.ckpt, args.out, opts, log=_log(args.quiet), gates=gates)
     s = summarise(out, verify_checksums=False)
-    print(json.dumps(s, indent=2) if args.json else render(s))
+    _emit(args, s, lambda: render(s))
     return 0
 
 
@@ -233,10 +250,10 @@ def _inspect(args) -> int:
 
     if (Path(args.bundle) / "calib.json").is_file():
         s = summarise_calib(args.bundle)
-        print(json.dumps(s, indent=2) if args.json else render_calib(s))
+        _emit(args, s, lambda: render_calib(s))
         return 0
     s = summarise(args.bundle)
-    print(json.dumps(s, indent=2) if args.json else render(s))
+    _emit(args, s, lambda: render(s))
     return 0
 
 
@@ -246,17 +263,20 @@ def _calibrate(args) -> int:
     cs = calibrate(args.ckpt, args.out, schedule=args.schedule, batch=args.batch, num_heads=args.num_heads,
                    semantic_size=args.semantic_size, init_from_dit=args.init_from_dit,
                    num_timesteps=args.num_timesteps, cfg_channels=args.cfg_channels, settings=_calib_settings(args),
-                   force=args.force, log=_log(args.json))
+                   force=args.force, log=_log(args.quiet or args.json))
     from .inspect_bundle import render_calib
     s = cs.summary()
-    print(json.dumps(s, indent=2) if args.json else render_calib(s))
+    _emit(args, s, lambda: render_calib(s))
     return 0
 
 
 def _engines(args) -> int:
     from .tensorrt_build import engines_command
 
-    engines_command(args.bundle, args.precision, args.engine_cache, args.timing_cache, args.force, log=_log(False))
+    engines_command(args.bundle, args.precision, args.engine_cache, args.timing_cache, args.force, log=_log(args.quiet))
+    from .inspect_bundle import render, summarise
+    s = summarise(args.bundle, verify_checksums=False)
+    _emit(args, s, lambda: render(s))
     return 0
 
 
@@ -264,7 +284,7 @@ def _doctor(args) -> int:
     from .doctor import render, report
 
     r = report()
-    print(json.dumps(r, indent=2) if args.json else render(r))
+    _emit(args, r, lambda: render(r))
     return 0
 
 
@@ -275,11 +295,9 @@ def _verify(args) -> int:
         from .errors import UserError
         raise UserError(f"--steps must be at least 1, got {args.steps}")
     report = verify(args.bundle, args.ckpt, steps=args.steps, sampler=args.sampler,
-                    init_from_dit=args.init_from_dit, log=_log(args.json))
-    if args.json:
-        print(json.dumps(report, indent=2))
-    elif report["ok"]:
-        print("verify: ok")
+                    init_from_dit=args.init_from_dit, log=_log(args.quiet or args.json))
+    if report["ok"] or args.json:
+        _emit(args, report, "verify: ok")
     if not report["ok"]:
         if not args.json:
             print("flexdit-export verify: error: the bundle does not match the checkpoint (see above)", file=sys.stderr)
