@@ -194,7 +194,7 @@ def test_runtime_uses_the_policy_by_default_and_overrides(quant_bundle, tmp_path
     p = run_cli("flexdit-run", prompts, "--bundle", quant_bundle, "-o", tmp_path / "o", "--steps", "4")
     assert "precision per stage: 0: int8-dynamic, 1: fp16, 2: int8-static" in p.stdout
     p = run_cli("flexdit-run", prompts, "--bundle", quant_bundle, "-o", tmp_path / "o", "--steps", "4",
-                "--precision", "fp32:stages=0")
+                "--precision", "fp32:stages=0", "--force")  # the same -o again: replace the first run's images
     assert "precision per stage: 0: fp32, 1: fp16, 2: int8-static" in p.stdout
     for bad, msg in ((["--precision", "int8:stages=5"], "names stage 5"), (["--precision", "int4"], "unknown precision"),
                      (["--backend", "tensorrt"], "no tensorrt artifact for stage 0")):

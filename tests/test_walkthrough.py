@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def walkthrough_blocks() -> dict:
     """{'bash': text, 'python': text}: the fenced blocks after ``<!-- walkthrough:KIND -->``."""
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
     blocks = dict(re.findall(r"<!-- walkthrough:(\w+) -->\n```\w+\n(.*?)```", text, re.S))
     assert set(blocks) == {"bash", "python"}, sorted(blocks)
     return blocks
