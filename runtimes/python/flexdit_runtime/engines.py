@@ -67,6 +67,7 @@ class StageRunner:
             from .engine_select import select_engines
 
             self.engines, self.selection = select_engines(bundle, settings, wants, self.weights)
+            self.weights.verify()
             return
         artifact_backend, engine_cls = engine_kind(backend)
         # An engine kind may resolve its own artifacts (openvino: bf16 runs the fp32 graph).
@@ -82,6 +83,7 @@ class StageRunner:
         workers = settings.load_threads or max(1, min(len(arts), os.cpu_count() or 1))
         with ThreadPoolExecutor(workers) as pool:
             self.engines: tuple[StageEngine, ...] = tuple(pool.map(open_stage, range(len(arts))))
+        self.weights.verify()  # the weight files' sha256, computed while the sessions built
 
     @property
     def batches(self) -> list[int]:

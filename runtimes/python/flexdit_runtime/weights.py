@@ -32,6 +32,8 @@ class SharedWeights:
     def __init__(self, bundle: Bundle):
         self.bundle = bundle
         self._values: dict[str, list] = {}
+        self._hashes: dict[str, threading.Thread] = {}
+        self._bad: list[str] = []
         self._lock = threading.Lock()
 
     def _load(self, file_id: str) -> list:
@@ -46,9 +48,17 @@ class SharedWeights:
                 buf = np.fromfile(path, dtype=np.uint8)
             except OSError as e:
                 raise BundleError(f"cannot read weight file {entry['path']}: {e}") from None
-            if buf.size != entry["bytes"] or hashlib.sha256(buf).hexdigest() != entry["sha256"]:
+            if buf.size != entry["bytes"]:
                 raise BundleError(f"checksum mismatch for {entry['path']}: the bundle was modified or truncated; "
                                   "re-run flexdit-export convert")
+            # The sha256 of the bytes just read is computed while the stage sessions build (hashlib
+            # releases the GIL); ``verify()`` joins it before any engine is handed out.
+            def check(buf=buf, entry=entry):
+                if hashlib.sha256(buf).hexdigest() != entry["sha256"]:
+                    self._bad.append(entry["path"])
+
+            self._hashes[file_id] = threading.Thread(target=check, daemon=True)
+            self._hashes[file_id].start()
             values = []
             for t in entry["tensors"]:
                 dtype = NUMPY_DTYPES.get(t["dtype"])
@@ -59,6 +69,14 @@ class SharedWeights:
                 values.append(ort.OrtValue.ortvalue_from_numpy(arr))
             self._values[file_id] = values
             return values
+
+    def verify(self) -> None:
+        """Wait for the checksums of every weight file read so far; one line if any differs."""
+        for thread in list(self._hashes.values()):
+            thread.join()
+        if self._bad:
+            raise BundleError(f"checksum mismatch for {self._bad[0]}: the bundle was modified or truncated; "
+                              "re-run flexdit-export convert")
 
     def check_bindings(self, artifact: dict) -> None:
         """Every binding of the manifest must name an initializer of the graph that references
