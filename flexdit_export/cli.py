@@ -9,76 +9,60 @@ import argparse
 import json
 import sys
 
+import click
 
-def _convert_args(p):
-    p.add_argument("ckpt", help="checkpoint: .pt/.pth (reference training dict or state_dict), .safetensors, "
-                                "or a project checkpoint directory")
-    p.add_argument("-o", "--out", required=True, help="bundle directory to write")
-    p.add_argument("--schedule", help="released | paper4 | dense | 'lo:s,...' (e.g. 750:6,500:7,250:9,0:10) | FILE.json "
-                                       "(default: the schedule recorded in a project checkpoint, else released)")
-    p.add_argument("--batch", type=int, default=2, help="graph batch dimension (cond+uncond rows for CFG; default 2)")
-    p.add_argument("--formats", default="onnx", help="comma-separated: onnx[,torchscript]")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18; default 18)")
-    p.add_argument("--vae", help="local diffusers AutoencoderKL directory (config.json + diffusion_pytorch_model.safetensors)")
-    p.add_argument("--class-names", help="text file, one class name per line")
-    p.add_argument("--num-heads", type=int, help="attention heads (checkpoint shapes cannot tell; default from the size)")
-    p.add_argument("--semantic-size", type=int, help="sparse grid of the 'released' schedule (default: checkpoint's or 8)")
-    p.add_argument("--init-from-dit", metavar="LAYOUT",
-                   help="build a FlexDiT from DiT weights with this layout: 256 | 512 | default | P/DxG0,G1,G2,G3/T")
-    p.add_argument("--num-timesteps", type=int, default=1000, help="diffusion training timesteps T (default 1000)")
-    p.add_argument("--cfg-channels", choices=("first3", "eps"),
-                   help="guided channels: first3 (DiT reference) or eps (all eps channels); default first3 when Cin >= 4")
-    p.add_argument("--default-steps", type=int, help="sampling steps the runtime uses by default (default 250)")
-    p.add_argument("--default-cfg-scale", type=float, help="guidance scale the runtime uses by default (default 4)")
-    p.add_argument("--parity-tol", type=float, default=1e-3, help="max relative error of a graph vs PyTorch (default 1e-3)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true", help="replace an existing bundle")
-    g = p.add_argument_group("optimisation and precision")
-    g.add_argument("--optimize", action="store_true",
-                   help="save each stage graph after ONNX Runtime offline optimisation (portable level)")
-    g.add_argument("--optimize-level", default="basic", help="basic (standard ONNX ops, default) | extended "
-                   "(adds ONNX Runtime contrib ops: CPU/CUDA providers only)")
-    g.add_argument("--onnxsim", action="store_true", help="also run onnxsim after ONNX Runtime (optional package)")
-    g.add_argument("--precision", help="per-stage precision policy, the runtime's default: fp32 | fp16 | int8 "
-                   "(int8-dynamic on ONNX Runtime, int8-static on TensorRT) | int8-dynamic | int8-static | fp8, "
-                   "or per stage, e.g. 'int8:stages=0-2,fp16:stages=3' (default fp32)")
-    g.add_argument("--extra-precisions", default="", help="also build these for every stage (for flexdit-run "
-                   "--precision), e.g. fp16,int8-static")
-    g.add_argument("--fp32-islands", help="what fp16 graphs keep in fp32: 'default' (layernorm,softmax,embedders,"
-                   "final_layer), 'none', or a list of those groups, op:TYPE and layer paths/globs")
-    g.add_argument("--quant-ops", default="MatMul,Gemm", help="operator types to quantise (default MatMul,Gemm)")
-    g.add_argument("--quant-include", default="", help="quantise only these layers (module paths or globs)")
-    g.add_argument("--quant-exclude", default="default", help="never quantise these layers (module paths or globs): "
-                   "'default' (*.merged_layer2: the SDTM skip path), 'none', or a list, e.g. default,final_layer")
-    g.add_argument("--error-tol", default="", help="per-precision gate on the relative RMS error vs the fp32 graph "
-                   "on held-out calibration rows, e.g. int8-static=0.15,fp16=0.02")
-    g.add_argument("--quality-gate", type=int, default=0, metavar="PER_CLASS",
-                   help="end-to-end gate (Fashion-MNIST model, needs the optional flexdit_fashion package): sample "
-                        "PER_CLASS images per class with the policy and with fp32, compare class accuracy and FD")
-    g.add_argument("--backend", choices=("onnx", "tensorrt", "aoti"), default="onnx",
-                   help="tensorrt: also build one TensorRT engine per stage (needs TensorRT and a GPU); aoti: also one "
-                        "AOTInductor package per stage for --device, in the --precision policy's precision (fp32|bf16|fp16)")
-    g.add_argument("--device", choices=("cpu", "cuda"), help="--backend aoti: compile the AOTInductor packages for "
-                   "this device (default: cuda when torch sees a GPU, else cpu)")
-    g.add_argument("--engine-cache", help="TensorRT engine cache directory (default ~/.cache/flexdit-export/tensorrt)")
-    g.add_argument("--timing-cache", help="TensorRT timing cache file (default: in the engine cache)")
-    c = p.add_argument_group("calibration (static int8/fp8 scales; held-out rows gate every precision)")
-    c.add_argument("--calib", help="an existing calibration set (flexdit-export calibrate); default: capture into "
-                   "OUT.calib, reused when its settings match")
-    c.add_argument("--calib-method", default="minmax", help="int8-static activation ranges: minmax (default) | "
-                   "percentile | entropy (histograms, calibrated in strides)")
-    _calib_capture_args(c)
+from flexdit_runtime.cli_common import FLOAT, INT, Choice, output_options
+
+BACKEND_CHOICES = ("onnx", "tensorrt", "openvino", "aoti")
+BACKEND_HELP = ("tensorrt: also build one TensorRT engine per stage (needs TensorRT and a GPU); openvino: also an OpenVINO "
+                "int8 model per stage; aoti: also one AOTInductor package per stage for --device, in the --precision "
+                "policy's precision (fp32|bf16|fp16)")
 
 
-def _calib_capture_args(c):
-    c.add_argument("--calib-images", type=int, help="calibration trajectories (images; default 32)")
-    c.add_argument("--calib-holdout-images", type=int, help="held-out trajectories (default 16)")
-    c.add_argument("--calib-max-rows", type=int, help="calibration rows kept per stage (default 512)")
-    c.add_argument("--calib-holdout-rows", type=int, help="held-out rows kept per stage (default 128)")
-    c.add_argument("--calib-steps", type=int, help="sampling steps (default: the bundle's)")
-    c.add_argument("--calib-sampler", choices=("ddpm", "ddim"), help="default: the bundle's")
-    c.add_argument("--calib-cfg-scale", type=float, help="default: the bundle's")
-    c.add_argument("--calib-seed", type=int, help="default 0")
+def _options(*decorators):
+    """Several click options as one decorator: a group of options declared once and shared by
+    every command that takes it."""
+    def apply(f):
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+    return apply
+
+
+# what convert and calibrate both read: the checkpoint, where to write, and how to read the model
+TARGET = _options(
+    click.argument("ckpt", type=click.Path()),
+    click.option("-o", "--out", required=True, help="directory to write"),
+    click.option("--force", is_flag=True, help="replace an existing one (atomically)"))
+MODEL = _options(
+    click.option("--schedule", help="released | paper4 | dense | 'lo:s,...' (e.g. 750:6,500:7,250:9,0:10) | FILE.json "
+                                    "(default: the schedule recorded in a project checkpoint, else released)"),
+    click.option("--batch", type=INT, default=2, show_default=True,
+                 help="graph batch dimension (cond+uncond rows for CFG)"),
+    click.option("--num-heads", type=INT, help="attention heads (checkpoint shapes cannot tell; default from the size; "
+                                               "refused when it contradicts a project checkpoint's record)"),
+    click.option("--semantic-size", type=INT, help="sparse grid of the 'released' schedule (default: checkpoint's or 8)"),
+    click.option("--init-from-dit", metavar="LAYOUT",
+                 help="build a FlexDiT from DiT weights with this layout: 256 | 512 | default | P/DxG0,G1,G2,G3/T"),
+    click.option("--num-timesteps", type=INT, default=1000, show_default=True, help="diffusion training timesteps T"),
+    click.option("--cfg-channels", type=Choice(("first3", "eps")),
+                 help="guided channels: first3 (DiT reference) or eps (all eps channels); default first3 when Cin >= 4"))
+CAPTURE = _options(
+    click.option("--calib-images", type=INT, help="calibration trajectories (images; default 32, 2 when only the "
+                                                   "held-out gate needs rows)"),
+    click.option("--calib-holdout-images", type=INT, help="held-out trajectories (default 16, 8 gate-only)"),
+    click.option("--calib-max-rows", type=INT, help="calibration rows kept per stage (default 512)"),
+    click.option("--calib-holdout-rows", type=INT, help="held-out rows kept per stage (default 128)"),
+    click.option("--calib-steps", type=INT, help="sampling steps (default: the bundle's)"),
+    click.option("--calib-sampler", type=Choice(("ddpm", "ddim")), help="default: the bundle's"),
+    click.option("--calib-cfg-scale", type=FLOAT, help="default: the bundle's"),
+    click.option("--calib-seed", type=INT, help="default 0"))
+ENGINE_CACHE = _options(
+    click.option("--engine-cache", help="TensorRT engine cache directory (default ~/.cache/flexdit-export/tensorrt)"),
+    click.option("--timing-cache", help="TensorRT timing cache file (default: in the engine cache)"))
+PRECISION_HELP = ("per-stage precision policy, the runtime's default: fp32 | fp16 | int8 (int8-dynamic on ONNX Runtime, "
+                  "int8-static on TensorRT) | int8-dynamic | int8-static | fp8, or per stage, e.g. "
+                  "'int8:stages=0-2,fp16:stages=3' (default fp32)")
 
 
 def _calib_settings(args) -> dict:
@@ -86,13 +70,6 @@ def _calib_settings(args) -> dict:
             "calib_holdout_rows": "max_holdout_rows", "calib_steps": "steps", "calib_sampler": "sampler",
             "calib_cfg_scale": "cfg_scale", "calib_seed": "seed"}
     return {v: getattr(args, k) for k, v in keys.items() if getattr(args, k, None) is not None}
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Usage errors in the same one-line form as every other failure."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 _SIGNALLED = []
@@ -109,76 +86,139 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt
 
 
-def build_parser():
-    ap = OneLineParser(prog="flexdit-export", description="Compile FlexDiT/DiT checkpoints into bundles.")
-    from . import __version__
-    ap.add_argument("--version", action="version", version=f"flexdit-export {__version__}")
-    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=OneLineParser)
-    # declared once, the same on every command: --json changes what stdout holds, -q silences stderr's log
-    common = OneLineParser(add_help=False)
-    common.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    common.add_argument("-q", "--quiet", action="store_true", help="no progress log on stderr (errors only)")
-    _convert_args(sub.add_parser("convert", help="checkpoint -> bundle (one static graph per schedule stage)",
-                                 parents=[common]))
-    p = sub.add_parser("inspect", help="stages, token counts, files, sizes, parity, precision (or a calibration set)",
-                       parents=[common])
-    p.add_argument("bundle", help="a bundle or a calibration set directory")
-    p = sub.add_parser("verify", help="checksums and schema; with --ckpt, stage and trajectory parity vs PyTorch",
-                       parents=[common])
-    p.add_argument("bundle")
-    p.add_argument("--ckpt", help="the checkpoint the bundle was built from")
-    p.add_argument("--steps", type=int, default=8, help="trajectory length (default 8)")
-    p.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
-    p.add_argument("--init-from-dit", metavar="LAYOUT", help="as given to convert")
-    p = sub.add_parser("calibrate", help="capture a per-stage calibration set from real sampling trajectories",
-                       parents=[common])
-    p.add_argument("ckpt")
-    p.add_argument("-o", "--out", required=True, help="calibration set directory to write")
-    p.add_argument("--schedule", help="as for convert (default: the checkpoint's trained schedule, else released)")
-    p.add_argument("--batch", type=int, default=2, help="graph batch of the bundles it will calibrate (default 2)")
-    p.add_argument("--num-heads", type=int)
-    p.add_argument("--semantic-size", type=int)
-    p.add_argument("--init-from-dit", metavar="LAYOUT")
-    p.add_argument("--num-timesteps", type=int, default=1000)
-    p.add_argument("--cfg-channels", choices=("first3", "eps"))
-    p.add_argument("--force", action="store_true", help="replace an existing set")
-    _calib_capture_args(p)
-    p = sub.add_parser("doctor", help="what is installed, which engines and providers are usable, which extra to add",
-                       parents=[common])
-    p = sub.add_parser("engines", help="build one TensorRT engine per stage into a bundle (on the target GPU)",
-                       parents=[common])
-    p.add_argument("bundle")
-    p.add_argument("--precision", help="per-stage policy as for convert (default: the bundle's)")
-    p.add_argument("--engine-cache", help="engine cache directory (default ~/.cache/flexdit-export/tensorrt)")
-    p.add_argument("--timing-cache", help="timing cache file (default: in the engine cache)")
-    p.add_argument("--force", action="store_true", help="replace engines already in the bundle")
-    return ap
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    import signal
-
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGINT, _terminate)
+def _dispatch(cmd: str, handler, kwargs: dict) -> int:
+    """Every command's one exit rule: a user error is one line and status 2; an interrupt
+    (Ctrl-C, SIGTERM) cleans up and exits 128 + the signal."""
     from flexdit_bundle.manifest import BundleError
     from flexdit_runtime.prompts import PromptError
 
     from .errors import UserError
 
+    args = argparse.Namespace(cmd=cmd, **kwargs)
+    args.json = kwargs.get("json_out", False)
     try:
-        return {"convert": _convert, "inspect": _inspect, "verify": _verify, "calibrate": _calibrate,
-                "engines": _engines, "doctor": _doctor}[args.cmd](args)
+        return handler(args)
     except (UserError, BundleError, PromptError) as e:
-        print(f"flexdit-export {args.cmd}: error: {e}", file=sys.stderr)
+        print(f"flexdit-export {cmd}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `flexdit-export inspect B | head`: the reader left; not an error
         import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
-        print(f"flexdit-export {args.cmd}: error: interrupted; nothing was written", file=sys.stderr)
+        print(f"flexdit-export {cmd}: error: interrupted; nothing was written", file=sys.stderr)
         return 128 + (_SIGNALLED[0] if _SIGNALLED else 2)
+
+
+def _version(ctx, param, value):
+    if value and not ctx.resilient_parsing:
+        from . import __version__
+        click.echo(f"flexdit-export {__version__}")
+        ctx.exit(0)
+
+
+@click.group(name="flexdit-export", help="Compile FlexDiT/DiT checkpoints into bundles.",
+             context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_version,
+              help="print the version and exit")
+def cli():
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
+
+
+@cli.command(help="checkpoint -> bundle (one static graph per schedule stage)")
+@TARGET
+@MODEL
+@click.option("--formats", default="onnx", show_default=True, help="comma-separated: onnx[,torchscript]")
+@click.option("--opset", type=INT, default=18, show_default=True, help="ONNX opset (>= 18)")
+@click.option("--vae", help="local diffusers AutoencoderKL directory (config.json + diffusion_pytorch_model.safetensors)")
+@click.option("--class-names", help="text file, one class name per line")
+@click.option("--default-steps", type=INT, help="sampling steps the runtime uses by default (default 250)")
+@click.option("--default-cfg-scale", type=FLOAT, help="guidance scale the runtime uses by default (default 4)")
+@click.option("--parity-tol", type=FLOAT, default=1e-3, show_default=True, help="max relative error of a graph vs PyTorch")
+@click.option("--seed", type=INT, default=0, show_default=True)
+@click.option("--optimize", is_flag=True, help="save each stage graph after ONNX Runtime offline optimisation (portable level)")
+@click.option("--optimize-level", default="basic", help="basic (standard ONNX ops, default) | extended "
+              "(adds ONNX Runtime contrib ops: CPU/CUDA providers only)")
+@click.option("--onnxsim", is_flag=True, help="also run onnxsim after ONNX Runtime (optional package)")
+@click.option("--precision", help=PRECISION_HELP)
+@click.option("--extra-precisions", default="", help="also build these for every stage (for flexdit-run --precision), "
+              "e.g. fp16,int8-static")
+@click.option("--fp32-islands", help="what fp16 graphs keep in fp32: 'default' (layernorm,softmax,embedders,"
+              "final_layer), 'none', or a list of those groups, op:TYPE and layer paths/globs")
+@click.option("--quant-ops", default="MatMul,Gemm", show_default=True, help="operator types to quantise")
+@click.option("--quant-include", default="", help="quantise only these layers (module paths or globs)")
+@click.option("--quant-exclude", default="default", help="never quantise these layers (module paths or globs): "
+              "'default' (*.merged_layer2: the SDTM skip path), 'none', or a list, e.g. default,final_layer")
+@click.option("--error-tol", default="", help="per-precision gate on the relative RMS error vs the fp32 graph on "
+              "held-out calibration rows, e.g. int8-static=0.15,fp16=0.02")
+@click.option("--quality-gate", type=INT, default=0, metavar="PER_CLASS",
+              help="end-to-end gate (Fashion-MNIST model, needs the optional flexdit_fashion package): sample "
+                   "PER_CLASS images per class with the policy and with fp32, compare class accuracy and FD")
+@click.option("--backend", type=Choice(BACKEND_CHOICES), default="onnx", show_default=True,
+              help=BACKEND_HELP)
+@click.option("--device", type=Choice(("cpu", "cuda")), help="--backend aoti: compile the AOTInductor packages for "
+              "this device (default: cuda when torch sees a GPU, else cpu)")
+@ENGINE_CACHE
+@click.option("--calib", help="an existing calibration set (flexdit-export calibrate); default: a matching set found "
+              "beside -o, else a capture into OUT.calib")
+@click.option("--calib-method", default="minmax", help="int8-static activation ranges: minmax (default) | "
+              "percentile | entropy (histograms, calibrated in strides)")
+@CAPTURE
+@output_options
+def convert(**kw):
+    return _dispatch("convert", _convert, kw)
+
+
+@cli.command(help="stages, token counts, files, sizes, parity, precision (or a calibration set)")
+@click.argument("bundle", type=click.Path())
+@output_options
+def inspect(**kw):
+    return _dispatch("inspect", _inspect, kw)
+
+
+@cli.command(help="checksums and schema; with --ckpt, stage and trajectory parity vs PyTorch")
+@click.argument("bundle", type=click.Path())
+@click.option("--ckpt", help="the checkpoint the bundle was built from")
+@click.option("--steps", type=INT, default=8, show_default=True, help="trajectory length")
+@click.option("--sampler", type=Choice(("ddim", "ddpm")), default="ddim", show_default=True)
+@click.option("--init-from-dit", metavar="LAYOUT", help="as given to convert")
+@output_options
+def verify(**kw):
+    return _dispatch("verify", _verify, kw)
+
+
+@cli.command(help="capture a per-stage calibration set from real sampling trajectories")
+@TARGET
+@MODEL
+@CAPTURE
+@output_options
+def calibrate(**kw):
+    return _dispatch("calibrate", _calibrate, kw)
+
+
+@cli.command(help="build one TensorRT engine per stage into a bundle (on the target GPU)")
+@click.argument("bundle", type=click.Path())
+@click.option("--precision", help="per-stage policy as for convert (default: the bundle's)")
+@ENGINE_CACHE
+@click.option("--force", is_flag=True, help="replace engines already in the bundle")
+@output_options
+def engines(**kw):
+    return _dispatch("engines", _engines, kw)
+
+
+@cli.command(help="what is installed, which engines and providers are usable, which extra to add")
+@output_options
+def doctor(**kw):
+    return _dispatch("doctor", _doctor, kw)
+
+
+def main(argv=None) -> int:
+    from flexdit_runtime.cli_common import run
+
+    return run(cli, "flexdit-export", argv)
 
 
 def _log(quiet):

@@ -17,9 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
+import click
+
 from flexdit_bundle.files import StagingDirectory
 from flexdit_bundle.manifest import BundleError
 
+from .cli_common import FLOAT, INT, Choice, output_options, run
 from .images import grid, save_png
 from .pipeline import Pipeline
 from .prompts import PromptError, read_prompts
@@ -62,46 +65,6 @@ class Progress:
                              f"{time.perf_counter() - self.start:.1f}s\n")
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """Usage errors in the same one-line form as every other failure."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="flexdit-run", description=__doc__.splitlines()[0])
-    p.add_argument("prompts", help="text file: one class name or class id per line; '#' comments")
-    p.add_argument("--bundle", required=True, help="bundle directory written by flexdit-export convert")
-    p.add_argument("-o", "--out", help=f"output directory, new or empty (default: a fresh {DEFAULT_OUT}/run-DATE-TIME "
-                                        "per run)")
-    p.add_argument("--force", action="store_true",
-                   help="replace the images of an earlier run in a non-empty -o (only PNGs and samples.npy)")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the bundle's)")
-    p.add_argument("--sampler", choices=SAMPLERS, help="default: the bundle's (ddpm)")
-    p.add_argument("--eta", type=float, help="DDIM eta (0 = deterministic)")
-    p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale; <= 1 disables guidance")
-    p.add_argument("--clip-denoised", action=argparse.BooleanOptionalAction, default=None,
-                   help="clip the predicted x0 to [-1, 1] each step (default: the bundle's; pixel-space models)")
-    p.add_argument("--spacing", choices=("sections", "ddim"), default="sections",
-                   help="timestep respacing: equal sections (reference default) or DDIM striding")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (image i uses default_rng([seed, i]))")
-    p.add_argument("--init-noise", help=".npy of x_T, shape (N, C, H, W) or (C, H, W)")
-    p.add_argument("--batch", type=int, help="images denoised together (default: what one graph call holds)")
-    p.add_argument("--providers", help="comma-separated ONNX Runtime providers, e.g. cuda,cpu (default: best available)")
-    p.add_argument("--threads", type=int, help="intra-op threads per session")
-    p.add_argument("--precision", help="override the bundle's per-stage precision policy: one precision for every "
-                                       "stage (fp32, fp16, int8, int8-dynamic, int8-static, fp8) or per stage, e.g. "
-                                       "'int8:stages=0-2,fp16:stages=3' (unnamed stages keep the bundle's default)")
-    p.add_argument("--backend", choices=_backend_choices(), default="onnx",
-                   help="stage engine kind: onnx (ONNX Runtime, default), tensorrt (the bundle's engines), ...")
-    p.add_argument("--save-npy", action="store_true", help="also write the final samples as samples.npy")
-    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
-    p.add_argument("--json", action="store_true", help="print the run summary as JSON on stdout")
-    p.add_argument("--version", action="version", version=version_text())
-    return p
-
-
 DEFAULT_OUT = "flexdit-images"
 OUR_FILES = re.compile(r"(\d{3,}_[A-Za-z0-9_-]*\.png|grid\.png|samples\.npy)")
 
@@ -129,8 +92,42 @@ def version_text() -> str:
     return f"flexdit-run {v}; {ort_v}; numpy {np.__version__}; engines: {', '.join(_backend_choices())}"
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def _version(ctx, param, value):
+    if value and not ctx.resilient_parsing:
+        click.echo(version_text())
+        ctx.exit(0)
+
+
+@click.command(name="flexdit-run", help=__doc__.splitlines()[0], context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("prompts", type=click.Path())
+@click.option("--bundle", required=True, type=click.Path(), help="bundle directory written by flexdit-export convert")
+@click.option("-o", "--out", help="output directory, new or empty (default: a fresh flexdit-images/run-DATE-TIME per run)")
+@click.option("--force", is_flag=True, help="replace the images of an earlier run in a non-empty -o (only PNGs and samples.npy)")
+@click.option("--steps", type=INT, help="sampling steps (default: the bundle's)")
+@click.option("--sampler", type=Choice(SAMPLERS), help="default: the bundle's (ddpm)")
+@click.option("--eta", type=FLOAT, help="DDIM eta in [0, 1] (0 = deterministic)")
+@click.option("--cfg-scale", type=FLOAT, help="classifier-free guidance scale; <= 1 disables guidance")
+@click.option("--clip-denoised/--no-clip-denoised", default=None,
+              help="clip the predicted x0 to [-1, 1] each step (default: the bundle's; pixel-space models)")
+@click.option("--spacing", type=Choice(("sections", "ddim")), default="sections",
+              help="timestep respacing: equal sections (reference default) or DDIM striding")
+@click.option("--seed", type=INT, default=0, help="noise seed (image i uses default_rng([seed, i]))")
+@click.option("--init-noise", type=click.Path(), help=".npy of x_T, shape (N, C, H, W) or (C, H, W)")
+@click.option("--batch", type=INT, help="images denoised together (default: what one graph call holds)")
+@click.option("--providers", help="comma-separated ONNX Runtime providers, e.g. cuda,cpu (default: best available)")
+@click.option("--threads", type=INT, help="intra-op threads (capped at the usable cores)")
+@click.option("--precision", help="override the bundle's per-stage precision policy: one precision for every stage "
+                                  "(fp32, fp16, int8, int8-dynamic, int8-static, fp8) or per stage, e.g. "
+                                  "'int8:stages=0-2,fp16:stages=3' (unnamed stages keep the bundle's default)")
+@click.option("--backend", type=Choice(_backend_choices()), default="onnx",
+              help="stage engine kind: onnx (ONNX Runtime, default), tensorrt (the bundle's engines), ...")
+@click.option("--save-npy", is_flag=True, help="also write the final samples as samples.npy")
+@output_options
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_version,
+              help="versions of the runtime, ONNX Runtime (and its providers) and the engine kinds")
+def command(**kwargs) -> int:
+    args = argparse.Namespace(**kwargs)
+    args.json = args.json_out
     try:
         return _run(args)
     except (BundleError, PromptError) as e:
@@ -142,6 +139,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("flexdit-run: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv=None) -> int:
+    return run(command, "flexdit-run", argv)
 
 
 def _safe(label: str) -> str:
