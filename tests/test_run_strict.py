@@ -108,3 +108,15 @@ def test_default_output_is_a_fresh_directory_and_reruns_leave_no_stale_images(fl
 def test_version_names_the_engines():
     p = run_cli("flexdit-run", "--version")
     assert p.stdout.startswith("flexdit-run ") and "onnxruntime" in p.stdout and "engines: onnx" in p.stdout
+
+
+def test_progress_is_log_friendly_when_stderr_is_not_a_terminal(capsys):
+    from flexdit_runtime.cli import Progress
+    bar = Progress(10, "sampling", every=0.0)
+    assert not bar.tty  # pytest captures stderr
+    for _ in range(10):
+        bar(1)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "\r" not in err and "sampling: 1/10 steps (10%)" in err and "s left" in err
+    assert err.splitlines()[-1].startswith("sampling: 10 steps in ")
