@@ -203,7 +203,7 @@ class Model:
         if not requests or any(not r.done for r in requests):
             raise BundleError("finish() needs finished requests (step them until request.done)")
         for r in requests:
-            if getattr(r, "failure", None):
+            if r.failure:
                 raise BundleError(r.failure)
         samples = np.concatenate([r.x for r in requests])
         dec_s = 0.0

@@ -45,6 +45,7 @@ class Request:
         self._rngs, self._noise_fn, self._shape = rngs, noise_fn, shape
         self.started = time.perf_counter()
         self.stage_seconds: dict[int, float] = defaultdict(float)  # this request's share of each stage's calls
+        self.failure: str | None = None  # why sampling stopped (non-finite values), set by Model
 
     @property
     def n(self) -> int:
