@@ -165,3 +165,22 @@ def test_end_to_end_bars():
     r = judge(fp32, {"class_accuracy": 0.789, "fd": 10.0}, ["fp16"])
     assert not r["passed"] and r["bar"] == "fp16" and "FAILED" in r["verdict"]
     assert not judge(fp32, {"class_accuracy": 0.80, "fd": 10.6}, ["fp16"])["passed"]
+
+
+@needs_data
+def test_eval_says_the_sample_size_and_a_time_estimate_first(tmp_path):
+    """A 1000-image eval runs for minutes on a CPU: it must say so before, not after."""
+    import subprocess
+    import sys
+
+    from conftest import run_cli
+
+    bundle = tmp_path / "fm"
+    run_cli("flexdit-export", "convert", ROOT / "models" / "fashion-flexdit", "-o", bundle)
+    p = subprocess.run([sys.executable, "-m", "flexdit_fashion", "eval", str(bundle), "--per-class", "1", "--steps", "2",
+                        "--json"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    lines = p.stderr.splitlines()
+    assert lines[0] == "sampling 10 images (1 per class), 2 ddpm steps ..."
+    assert lines[1].startswith("first step took ") and "for the 10 images" in lines[1]
+    assert json.loads(p.stdout)["n_images"] == 10

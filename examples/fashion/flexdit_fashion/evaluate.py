@@ -201,9 +201,26 @@ def _initial_noise(seed: int, n: int, shape) -> np.ndarray:
     return np.stack([np.random.default_rng([int(seed), i]).standard_normal(shape, dtype=np.float32) for i in range(n)])
 
 
+class _Estimate:
+    """Says the sample size before sampling starts and, after the first step, how long the rest
+    will take at that step's rate (an eval of 1000 images runs for minutes on a CPU)."""
+
+    def __init__(self, n: int, steps: int, sampler: str, log):
+        self.n, self.steps, self.log, self.done = n, steps, log, 0
+        self.log(f"sampling {n} images ({n // len(FASHION_CLASSES)} per class), {steps} {sampler} steps ...")
+        self.start = time.perf_counter()
+
+    def __call__(self, k: int = 1):
+        self.done += k
+        if self.done == 1:
+            first = time.perf_counter() - self.start
+            self.log(f"first step took {first:.1f} s: about {first * self.steps / 60:.1f} min for the {self.n} images")
+
+
 def sample_bundle(bundle_path, labels, *, steps=None, sampler=None, cfg_scale=None, seed=0, threads=None,
-                  pipeline=None):
-    """-> (Result, settings dict): the fp32 bundle sampled from the shared seeded noise."""
+                  pipeline=None, log=None):
+    """-> (Result, settings dict): the fp32 bundle sampled from the shared seeded noise. ``log``
+    (e.g. print to stderr) receives the sample size and a time estimate."""
     from flexdit_runtime import Pipeline
 
     pipe = pipeline or Pipeline.from_bundle(bundle_path, providers=["cpu"], threads=threads)
@@ -213,8 +230,9 @@ def sample_bundle(bundle_path, labels, *, steps=None, sampler=None, cfg_scale=No
     settings = {"steps": int(steps or pipe.defaults["steps"]), "sampler": sampler or pipe.defaults["sampler"],
                 "cfg_scale": float(pipe.defaults["cfg_scale"] if cfg_scale is None else cfg_scale)}
     noise = _noise_source(seed, n, shape)
+    progress = _Estimate(n, settings["steps"], settings["sampler"], log) if log else None
     res = pipe([int(v) for v in labels], **settings, seed=seed, init_noise=_initial_noise(seed, n, shape),
-               noise_fn=lambda k, idx: noise(k)[idx], batch=n)
+               noise_fn=lambda k, idx: noise(k)[idx], batch=n, progress=progress)
     return res, settings, pipe
 
 
@@ -269,8 +287,9 @@ def evaluate_bundle(bundle_path, per_class: int = 50, steps=None, sampler=None, 
     classifier, meta = load_classifier(classifier_dir)
     test_feats, test_acc = _test_reference(str(classifier_dir) if classifier_dir else None, data_dir)
     labels = np.repeat(np.arange(len(FASHION_CLASSES)), per_class)
+    say = log or (lambda msg: print(msg, file=sys.stderr))
     res, settings, pipe = sample_bundle(bundle_path, labels, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
-                                        seed=seed, threads=threads)
+                                        seed=seed, threads=threads, log=say)
     m = pipe.bundle.manifest
     if m["model"]["num_classes"] != len(FASHION_CLASSES):
         raise UserError(f"bundle has {m['model']['num_classes']} classes, not the 10 Fashion-MNIST classes")
