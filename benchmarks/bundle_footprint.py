@@ -7,7 +7,7 @@ and a dense bundle with the real CLI, then:
 - size: all bytes of the bundle directory / the fp32 parameter bytes of one dense model;
 - RSS: each bundle is loaded by the runtime in a fresh process (``Pipeline.from_bundle``, the
   flexdit-run settings: one shared thread pool) and sampled for a 8-step DDIM trajectory with
-  CFG, which passes through every stage; peak RSS (ru_maxrss) at the end;
+  CFG, which passes through every stage; peak RSS (VmHWM) at the end;
 - load: wall time of ``Pipeline.from_bundle`` in that process (after imports), i.e. reading the
   manifest, checksums, weights and building every stage session.
 Processes of the two bundles alternate (interleaved rounds); medians and ratios are reported.
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FASHION = ROOT / "models" / "fashion-flexdit"
 
 PROBE = r"""
-import json, resource, sys, time
+import json, sys, time
 t0 = time.perf_counter()
 from flexdit_runtime import Pipeline
 from flexdit_runtime.engines import share_thread_pool
@@ -40,8 +40,10 @@ pipe = Pipeline.from_bundle(sys.argv[1])
 t2 = time.perf_counter()
 res = pipe([0], steps=8, sampler="ddim", cfg_scale=4.0, seed=0)
 stages = sorted(res.stage_seconds)
-print(json.dumps({"load_s": t2 - t1, "import_s": t1 - t0, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "stages_run": stages}))
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork + exec, so a
+# benchmark process holding a checkpoint would inflate every child's number.
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"load_s": t2 - t1, "import_s": t1 - t0, "rss_mb": hwm / 1024, "stages_run": stages}))
 """
 
 
