@@ -15,6 +15,8 @@ filed in the component's ``parity`` map under "backend/precision".
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -50,7 +52,10 @@ class Component:
         return self.built[(backend, precision)]
 
 
-class Builder:
+class Builder(ABC):
+    """One artifact kind: ``build`` writes its files, ``check`` measures them (parity or a
+    quality gate; raises UserError on failure), ``describe`` gives the manifest artifact."""
+
     backend = ""
     precision = ""
     measures_parity = False
@@ -59,14 +64,17 @@ class Builder:
     def key(self) -> tuple[str, str]:
         return self.backend, self.precision
 
+    @abstractmethod
     def build(self, comp: Component, ctx: BuildContext) -> list[Path]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def check(self, comp: Component, ctx: BuildContext, files: list[Path]) -> dict:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def describe(self, comp: Component, ctx: BuildContext, files: list[Path], record: dict) -> dict:
-        raise NotImplementedError
+        ...
 
 
 def check_parity(what: str, stats: dict, tol: float) -> None:

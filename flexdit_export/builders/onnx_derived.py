@@ -4,6 +4,8 @@ the plan's tolerance for its precision)."""
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import onnx
 
 from ..errors import UserError
@@ -16,9 +18,9 @@ class DerivedOnnx(Builder):
     emulated = ""  # how ONNX Runtime runs it, if not natively (recorded in the check)
     may_not_run = False  # True: an ONNX Runtime that cannot load it marks it built-not-run instead of failing
 
+    @abstractmethod
     def make(self, src, dst, comp, ctx) -> dict:
         """Write the graph ``dst`` from the fp32 graph ``src``; -> the artifact's fields that say how."""
-        raise NotImplementedError
 
     def build(self, comp, ctx):
         dst = ctx.writer.path(f"{comp.stem}.{self.precision}.onnx")
