@@ -26,7 +26,6 @@ device (``run_device``; ``torch_sampler.run_on_device``): no host round trip per
 
 from __future__ import annotations
 
-import hashlib
 import platform
 import threading
 import weakref
@@ -37,6 +36,7 @@ from flexdit_bundle.manifest import Bundle, BundleError
 
 from .settings import RuntimeSettings
 from .stage_engine import StageEngine
+from .weights import read_weight_file as weight_bytes
 
 INSTALL_HINT = "the aoti backend needs PyTorch (pip install torch); the onnx backend does not"
 TORCH_DTYPES = ("float32", "float16", "bfloat16", "int8", "uint8", "int32", "int64", "bool")
@@ -113,15 +113,7 @@ def read_weight_file(bundle: Bundle, file_id: str, device: str) -> list:
     entry = bundle.weight_files.get(file_id)
     if entry is None:
         raise BundleError(f"the manifest lists no weight file {file_id!r}; re-run flexdit-export convert")
-    path = bundle.path(entry)
-    try:
-        buf = np.fromfile(path, dtype=np.uint8)
-    except OSError as e:
-        raise BundleError(f"cannot read weight file {entry['path']}: {e}") from None
-    if buf.size != entry["bytes"] or hashlib.sha256(buf).hexdigest() != entry["sha256"]:
-        raise BundleError(f"checksum mismatch for {entry['path']}: the bundle was modified or truncated; "
-                          "re-run flexdit-export convert")
-    raw = torch.from_numpy(buf)
+    raw = torch.from_numpy(weight_bytes(bundle, entry))
     out = []
     for t in entry["tensors"]:
         dtype = getattr(torch, t["dtype"] if t["dtype"] != "bool" else "bool")

@@ -18,18 +18,19 @@ the user cache dir), so a second start imports them instead of compiling again.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from pathlib import Path
 
 import numpy as np
 
+from flexdit_bundle.files import sha256_file
 from flexdit_bundle.manifest import Bundle, BundleError
 from flexdit_bundle.precision import PrecisionError, canonical
 
 from .settings import RuntimeSettings
 from .stage_engine import StageEngine
+from .weights import checksum_mismatch
 
 INSTALL_HINT = 'OpenVINO is not installed: pip install "flexdit-export[openvino]" (or pip install openvino)'
 ENV_CACHE = "FLEXDIT_OPENVINO_CACHE"
@@ -105,17 +106,12 @@ def verify_weight_file(bundle: Bundle, artifact: dict) -> None:
     with _VERIFY_LOCK:
         if key in _VERIFIED:
             return
-        h, size = hashlib.sha256(), 0
         try:
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 22), b""):
-                    h.update(chunk)
-                    size += len(chunk)
+            ok = path.stat().st_size == entry["bytes"] and sha256_file(path) == entry["sha256"]
         except OSError as e:
             raise BundleError(f"cannot read weight file {entry['path']}: {e}") from None
-        if size != entry["bytes"] or h.hexdigest() != entry["sha256"]:
-            raise BundleError(f"checksum mismatch for {entry['path']}: the bundle was modified or truncated; "
-                              "re-run flexdit-export convert")
+        if not ok:
+            raise checksum_mismatch(entry)
         _VERIFIED.add(key)
 
 

@@ -25,6 +25,23 @@ NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8, "
                 "int32": np.int32, "int64": np.int64, "bool": np.bool_}
 
 
+def checksum_mismatch(entry: dict) -> BundleError:
+    return BundleError(f"checksum mismatch for {entry['path']}: the bundle was modified or truncated; "
+                       "re-run flexdit-export convert")
+
+
+def read_weight_file(bundle: Bundle, entry: dict, verify: bool = True) -> np.ndarray:
+    """The bytes of a shared weight file (manifest ``weights[]`` entry), read once; their size is
+    always checked, their sha256 too unless the caller hashes them itself (``verify=False``)."""
+    try:
+        buf = np.fromfile(bundle.path(entry), dtype=np.uint8)
+    except OSError as e:
+        raise BundleError(f"cannot read weight file {entry['path']}: {e}") from None
+    if buf.size != entry["bytes"] or (verify and hashlib.sha256(buf).hexdigest() != entry["sha256"]):
+        raise checksum_mismatch(entry)
+    return buf
+
+
 class SharedWeights:
     """Lazily reads each weight file of ``bundle`` the first time a graph needs it; thread-safe
     (stage sessions may be created in parallel). Must outlive every session it was bound to."""
@@ -43,19 +60,12 @@ class SharedWeights:
             import onnxruntime as ort
 
             entry = self.bundle.weight_files[file_id]
-            path = self.bundle.path(entry)
-            try:
-                buf = np.fromfile(path, dtype=np.uint8)
-            except OSError as e:
-                raise BundleError(f"cannot read weight file {entry['path']}: {e}") from None
-            if buf.size != entry["bytes"]:
-                raise BundleError(f"checksum mismatch for {entry['path']}: the bundle was modified or truncated; "
-                                  "re-run flexdit-export convert")
+            buf = read_weight_file(self.bundle, entry, verify=False)
             # The sha256 of the bytes just read is computed while the stage sessions build (hashlib
             # releases the GIL); ``verify()`` joins it before any engine is handed out.
             def check(buf=buf, entry=entry):
                 if hashlib.sha256(buf).hexdigest() != entry["sha256"]:
-                    self._bad.append(entry["path"])
+                    self._bad.append(entry)
 
             self._hashes[file_id] = threading.Thread(target=check, daemon=True)
             self._hashes[file_id].start()
@@ -75,8 +85,7 @@ class SharedWeights:
         for thread in list(self._hashes.values()):
             thread.join()
         if self._bad:
-            raise BundleError(f"checksum mismatch for {self._bad[0]}: the bundle was modified or truncated; "
-                              "re-run flexdit-export convert")
+            raise checksum_mismatch(self._bad[0])
 
     def check_bindings(self, artifact: dict) -> None:
         """Every binding of the manifest must name an initializer of the graph that references
