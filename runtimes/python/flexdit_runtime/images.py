@@ -20,10 +20,20 @@ def to_uint8(x: np.ndarray, value_range=(-1.0, 1.0)) -> np.ndarray:
     return img.transpose(0, 2, 3, 1)
 
 
-def save_png(img: np.ndarray, path) -> None:
+def png_bytes(img: np.ndarray) -> bytes:
+    """One (H, W, C) uint8 image as PNG bytes: what ``save_png`` writes (and the server sends)."""
+    import io
+
     from PIL import Image
 
-    Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(path)
+    buf = io.BytesIO()
+    Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_png(img: np.ndarray, path) -> None:
+    with open(path, "wb") as f:
+        f.write(png_bytes(img))
 
 
 def grid(imgs: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarray:

@@ -1,0 +1,134 @@
+"""flexdit-serve BUNDLE: the bundle behind an HTTP API on Ray Serve.
+
+One machine (starts a local Ray):   flexdit-serve bundles/fashion --port 8000
+An existing Ray cluster:            flexdit-serve /shared/bundles/fashion --address auto --replicas 4 --detach
+
+Every failure a user can cause (bad option, missing or tampered bundle, Ray Serve not
+installed, a port in use, a deployment that never becomes ready) ends with one line on stderr
+and exit code 2. Ctrl-C / SIGTERM shut down gracefully: in-flight requests get ``--drain``
+seconds to finish, the rest are answered with 503.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+
+import click
+
+from flexdit_bundle.manifest import BundleError, load_bundle
+from flexdit_runtime.cli_common import FLOAT, INT, Choice, run
+
+from .config import BATCHING, ConfigError, ServeConfig
+
+PROG = "flexdit-serve"
+APP_NAME = "flexdit"
+
+
+class UserError(Exception):
+    pass
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("bundle")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address the HTTP proxy listens on")
+@click.option("--port", type=INT, default=8000, show_default=True)
+@click.option("--batching", type=Choice(BATCHING), default="stage", show_default=True,
+              help="stage: stage-aware continuous batching; request: Ray Serve's batching of whole trajectories; "
+                   "none: one request at a time")
+@click.option("--replicas", type=INT, default=1, show_default=True, help="replicas (each loads the bundle)")
+@click.option("--threads", type=INT, default=None, help="engine threads (and Ray CPUs) per replica")
+@click.option("--backend", default="onnx", show_default=True, help="engine kind, as flexdit-run --backend")
+@click.option("--precision", default=None, help="per-stage precision override, as flexdit-run --precision")
+@click.option("--max-inflight", type=INT, default=None, help="images denoised at once per replica "
+              "(default: the rows of one stage call)")
+@click.option("--max-queue", type=INT, default=None, help="images waiting beyond that; more answer 429 "
+              "(default 4 x max-inflight)")
+@click.option("--max-wait-calls", type=INT, default=None, help="starvation bound: engine calls an image may wait "
+              "between two of its steps (default 2 x stages)")
+@click.option("--max-images", type=INT, default=16, show_default=True, help="prompts per request")
+@click.option("--timeout", type=FLOAT, default=120.0, show_default=True, help="seconds a request may take, queue included")
+@click.option("--drain", type=FLOAT, default=30.0, show_default=True, help="seconds in-flight requests get at shutdown")
+@click.option("--address", default=None, help="an existing Ray cluster (e.g. auto, ray://head:10001); "
+              "default: start a local Ray")
+@click.option("--detach", is_flag=True, help="deploy and exit, leaving the application running on the cluster")
+def command(bundle, host, port, batching, replicas, threads, backend, precision, max_inflight, max_queue,
+            max_wait_calls, max_images, timeout, drain, address, detach):
+    """Serve BUNDLE over HTTP (POST /v1/images; /docs for the API)."""
+    try:
+        cfg = ServeConfig(bundle=os.path.abspath(bundle), batching=batching, replicas=replicas, threads=threads,
+                          backend=backend, precision=precision, max_inflight=max_inflight, max_queue=max_queue,
+                          max_wait_calls=max_wait_calls, max_images_per_request=max_images, timeout_s=timeout,
+                          drain_s=drain)
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+    if not 0 < port < 65536:
+        raise UserError(f"--port must be in 1..65535, got {port}")
+    try:  # fail here, in one line, before starting Ray, on a bundle that cannot be trusted
+        load_bundle(cfg.bundle, verify_checksums=True, defer_weights=True)
+    except BundleError as e:
+        raise UserError(str(e)) from None
+    if detach and address is None:
+        raise UserError("--detach needs --address (a local Ray ends with this process)")
+    serve_app(cfg, host, port, address, detach)
+    return 0
+
+
+def serve_app(cfg: ServeConfig, host: str, port: int, address: str | None, detach: bool) -> None:
+    try:
+        import ray
+        from ray import serve
+
+        from .app import build_app
+    except ImportError as e:
+        raise UserError(f"flexdit-serve needs Ray Serve ({e.name or e} is missing): pip install \".[serve]\"") from None
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    except Exception as e:  # ray raises ConnectionError, RuntimeError, ...
+        raise UserError(f"cannot start or reach Ray{f' at {address}' if address else ''}: {_first_line(e)}") from None
+    try:
+        try:
+            serve.start(http_options={"host": host, "port": port})
+            serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
+        except Exception as e:
+            raise UserError(f"the deployment did not become ready: {_first_line(e)}") from None
+        url = f"http://{host}:{port}"
+        print(f"{PROG}: serving {cfg.bundle} at {url} ({cfg.replicas} replica(s), batching {cfg.batching}); "
+              f"API: {url}/docs; Ctrl-C stops", file=sys.stderr, flush=True)
+        if detach:
+            return
+        while not stop.wait(0.5):
+            pass
+        print(f"{PROG}: shutting down (in-flight requests get {cfg.drain_s:g} s)", file=sys.stderr, flush=True)
+        if address is None:
+            serve.shutdown()
+        else:
+            serve.delete(APP_NAME)
+    finally:
+        if not detach:
+            ray.shutdown()
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    # Ray wraps the replica's own exception; its last line is the cause the user can act on
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    cause = next((ln for ln in reversed(lines) if "BundleError" in ln or "Error:" in ln), lines[0] if lines else "")
+    return (cause or type(e).__name__)[:400]
+
+
+def main(argv=None) -> int:
+    try:
+        return run(command, PROG, argv)
+    except UserError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
