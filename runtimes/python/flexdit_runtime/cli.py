@@ -23,6 +23,7 @@ from flexdit_bundle.files import StagingDirectory
 from flexdit_bundle.manifest import BundleError
 
 from .cli_common import FLOAT, INT, Choice, output_options, run
+from .device import DEVICES
 from .images import grid, save_png
 from .pipeline import Pipeline
 from .prompts import PromptError, read_prompts
@@ -119,8 +120,12 @@ def _version(ctx, param, value):
 @click.option("--precision", help="override the bundle's per-stage precision policy: one precision for every stage "
                                   "(fp32, fp16, int8, int8-dynamic, int8-static, fp8) or per stage, e.g. "
                                   "'int8:stages=0-2,fp16:stages=3' (unnamed stages keep the bundle's default)")
-@click.option("--backend", type=Choice(_backend_choices()), default="onnx",
+@click.option("--backend", type=Choice(_backend_choices()), default=None,
               help="stage engine kind: onnx (ONNX Runtime, default), tensorrt (the bundle's engines), ...")
+@click.option("--device", type=Choice(DEVICES), default=None,
+              help="run on this device: cpu (ONNX Runtime's CPU provider, or AOTI packages built for the CPU) or "
+                   "cuda (the bundle's AOTI packages for CUDA, else ONNX Runtime's CUDA provider); "
+                   "default: --backend/--providers decide")
 @click.option("--save-npy", is_flag=True, help="also write the final samples as samples.npy")
 @output_options
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_version,
@@ -240,7 +245,8 @@ def _run(args) -> int:
     for note in settings.notes:
         if not args.quiet:
             print(f"flexdit-run: note: {note}", file=sys.stderr)
-    pipe = Pipeline.from_bundle(args.bundle, precision=args.precision, backend=args.backend, settings=settings)
+    pipe = Pipeline.from_bundle(args.bundle, precision=args.precision, backend=args.backend, settings=settings,
+                                device=args.device)
     ids = [pipe.classes.resolve(p, f"{args.prompts}: ") for p in prompts]
     # the checks Pipeline makes anyway, before the progress bar
     params = pipe.model.params(steps=args.steps, sampler=args.sampler, cfg_scale=args.cfg_scale, eta=args.eta,
@@ -255,7 +261,7 @@ def _run(args) -> int:
     engines = pipe.runner.describe()
     total = res.seconds
     if args.json:
-        print(json.dumps({"out": str(out), "images": len(res.images), "labels": list(res.labels),
+        print(json.dumps({"out": str(out), "images": len(res.images), "labels": list(res.labels), "device": args.device,
                           "seconds": total, "stage_seconds": {str(k): v for k, v in sorted(res.stage_seconds.items())},
                           "decoder_seconds": res.decoder_seconds,
                           "engines": [{k: d.get(k) for k in ("stage", "kind", "precision", "batch", "path")}

@@ -22,22 +22,30 @@ __all__ = ["Pipeline", "Result"]
 
 
 class Pipeline:
-    def __init__(self, bundle, providers=None, threads=None, precision=None, backend="onnx",
-                 settings: RuntimeSettings | None = None):
+    def __init__(self, bundle, providers=None, threads=None, precision=None, backend=None,
+                 settings: RuntimeSettings | None = None, device: str | None = None):
         """``precision``: None (each stage's default from the bundle's policy), a spec string
         ("fp32", "int8:stages=0-2,fp16:stages=3"), or {stage id or "*": precision}.
-        ``providers``/``threads`` are shorthand for ``settings=RuntimeSettings(providers, threads)``."""
+        ``providers``/``threads`` are shorthand for ``settings=RuntimeSettings(providers, threads)``.
+        ``backend``: an engine kind (default onnx). ``device``: "cpu" or "cuda" picks the engine and
+        providers that run the bundle there (``device.resolve``: AOTI packages built for that
+        device, else the ONNX graphs on ONNX Runtime's CPU or CUDA provider), refusing with one
+        line what the bundle or this machine cannot do; None keeps ``backend`` and ``providers``."""
         if settings is None:
             settings = RuntimeSettings(providers=providers, threads=threads)
         elif providers is not None or threads is not None:
             raise TypeError("give providers/threads inside settings, not next to it")
+        from .device import resolve
+
+        backend, settings = resolve(bundle, device, backend, settings)
+        self.device = device
         self.model = Model(bundle, settings, precision, backend)
 
     @classmethod
-    def from_bundle(cls, path, providers=None, threads=None, precision=None, verify_checksums=True, backend="onnx",
-                    settings: RuntimeSettings | None = None):
+    def from_bundle(cls, path, providers=None, threads=None, precision=None, verify_checksums=True, backend=None,
+                    settings: RuntimeSettings | None = None, device: str | None = None):
         return cls(load_bundle(path, verify_checksums, defer_weights=True), providers, threads, precision, backend,
-                   settings)
+                   settings, device)
 
     # the loaded model's parts, as before the split
     bundle = property(lambda self: self.model.bundle)

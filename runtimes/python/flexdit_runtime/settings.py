@@ -16,6 +16,8 @@ from flexdit_bundle.manifest import BundleError
 
 
 OPTIMIZATION_LEVELS = ("auto", "all", "extended", "basic", "none")
+CONV_ALGO_SEARCH = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")  # the CUDA provider's cudnn_conv_algo_search values
+ARENA_EXTEND = ("kSameAsRequested", "kNextPowerOfTwo")  # its arena_extend_strategy values
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,23 @@ class RuntimeSettings:
     (``basic`` for fp32/fp16 graphs on the CPU provider, where the higher levels cost 10-30 ms
     of load per stage session and measured no faster steps; ``all`` for int8 graphs, whose
     quantised-MatMul fusions are extended-level, and for GPU providers), or one level for every
-    session: ``all``, ``extended``, ``basic``, ``none``."""
+    session: ``all``, ``extended``, ``basic``, ``none``.
+
+    GPU execution providers (ONNX Runtime's CUDA and TensorRT providers; ``ort_engine.provider_options``
+    turns these into the providers' options; unverified: no GPU was available to this work):
+    ``device_id``: the CUDA device. ``io_binding``: feed each stage session through one set of
+    device buffers bound once (``OrtValue`` + ``IOBinding``) instead of host arrays; None: on when
+    the session's first provider is a GPU provider, off on the CPU. ``cuda_graph``: the CUDA
+    provider's ``enable_cuda_graph`` (and the TensorRT provider's ``trt_cuda_graph_enable``): ONNX
+    Runtime captures the stage graph once and replays it; it needs inputs and outputs at fixed
+    device addresses, which the static batch and the bound buffers give; None: on whenever IO
+    binding is. ``cudnn_conv_algo_search``: EXHAUSTIVE (ONNX Runtime's default), HEURISTIC or
+    DEFAULT. ``arena_extend_strategy``: kSameAsRequested by default (every stage has its own
+    session and arena; kNextPowerOfTwo may reserve up to twice what each needs), or
+    kNextPowerOfTwo. ``gpu_mem_limit``: bytes per session arena (None: unlimited).
+    ``trt_cache_dir``: the TensorRT provider's engine and timing caches (None:
+    ``$FLEXDIT_ORT_TRT_CACHE``, else ``$XDG_CACHE_HOME/flexdit/ort-tensorrt``; "": no caches),
+    one subdirectory per GPU, TensorRT and ONNX Runtime version (``ort_engine.trt_cache_key``)."""
 
     providers: tuple[str, ...] | None = None
     threads: int | None = None
@@ -41,12 +59,30 @@ class RuntimeSettings:
     load_threads: int | None = None
     prepack_weights: bool = False
     graph_optimization: str = "auto"
+    device_id: int = 0
+    io_binding: bool | None = None
+    cuda_graph: bool | None = None
+    cudnn_conv_algo_search: str = "EXHAUSTIVE"
+    arena_extend_strategy: str = "kSameAsRequested"
+    gpu_mem_limit: int | None = None
+    trt_cache_dir: str | None = None
     notes: tuple = field(default=(), init=False, compare=False)  # what was adjusted (threads capped)
 
     def __post_init__(self):
         if self.graph_optimization not in OPTIMIZATION_LEVELS:
             raise BundleError(f"unknown graph optimisation level {self.graph_optimization!r} "
                               f"(choose from {', '.join(OPTIMIZATION_LEVELS)})")
+        for name, allowed in (("cudnn_conv_algo_search", CONV_ALGO_SEARCH), ("arena_extend_strategy", ARENA_EXTEND)):
+            if getattr(self, name) not in allowed:
+                raise BundleError(f"unknown {name} {getattr(self, name)!r} (choose from {', '.join(allowed)})")
+        for name in ("device_id", "gpu_mem_limit"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "device_id" else 1)):
+                raise BundleError(f"{name} must be a {'non-negative' if name == 'device_id' else 'positive'} "
+                                  f"integer, got {v!r}")
+        if self.cuda_graph and self.io_binding is False:
+            raise BundleError("cuda_graph needs io_binding: ONNX Runtime replays a captured graph on fixed device "
+                              "buffers, which only IO binding gives")
         if isinstance(self.providers, str):
             object.__setattr__(self, "providers", tuple(p for p in self.providers.split(",") if p))
         elif self.providers is not None:
