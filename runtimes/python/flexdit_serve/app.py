@@ -126,7 +126,7 @@ class FlexDiTServer:
     async def model_info(self):
         m = self.model
         return {"classes": m.classes.names, "num_classes": m.classes.num_classes, "defaults": m.defaults,
-                "stages": [{"id": st["id"], "timesteps": st["timesteps"], "batch": b}
+                "stages": [{"id": st["id"], "t_min": st["t_min"], "t_max": st["t_max"], "batch": b}
                            for st, b in zip(m.bundle.stages, m.runner.batches)],
                 "batching": self.config.batching, "max_images_per_request": self.max_images}
 
@@ -204,11 +204,9 @@ class FlexDiTServer:
 def deployment_options(cfg: ServeConfig) -> dict:
     """Ray Serve options from the config: replicas, CPUs per replica, and a Ray-side queue bound
     so that requests beyond what the replicas hold are refused (503) instead of piling up."""
-    from flexdit_runtime.settings import usable_cores
-
     hold = (cfg.max_queue if cfg.max_queue is not None else 64) + (cfg.max_inflight or 16)
     return {"num_replicas": cfg.replicas,
-            "ray_actor_options": {"num_cpus": cfg.threads or min(2, usable_cores())},
+            "ray_actor_options": {"num_cpus": cfg.ray_cpus if cfg.ray_cpus is not None else (cfg.threads or 1)},
             "max_ongoing_requests": hold, "max_queued_requests": hold,
             "graceful_shutdown_timeout_s": cfg.drain_s, "graceful_shutdown_wait_loop_s": 0.5}
 

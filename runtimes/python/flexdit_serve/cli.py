@@ -40,6 +40,7 @@ class UserError(Exception):
                    "none: one request at a time")
 @click.option("--replicas", type=INT, default=1, show_default=True, help="replicas (each loads the bundle)")
 @click.option("--threads", type=INT, default=None, help="engine threads (and Ray CPUs) per replica")
+@click.option("--ray-cpus", type=FLOAT, default=None, help="CPUs Ray reserves per replica (default: --threads, else 1)")
 @click.option("--backend", default="onnx", show_default=True, help="engine kind, as flexdit-run --backend")
 @click.option("--precision", default=None, help="per-stage precision override, as flexdit-run --precision")
 @click.option("--max-inflight", type=INT, default=None, help="images denoised at once per replica "
@@ -54,12 +55,12 @@ class UserError(Exception):
 @click.option("--address", default=None, help="an existing Ray cluster (e.g. auto, ray://head:10001); "
               "default: start a local Ray")
 @click.option("--detach", is_flag=True, help="deploy and exit, leaving the application running on the cluster")
-def command(bundle, host, port, batching, replicas, threads, backend, precision, max_inflight, max_queue,
+def command(bundle, host, port, batching, replicas, threads, ray_cpus, backend, precision, max_inflight, max_queue,
             max_wait_calls, max_images, timeout, drain, address, detach):
     """Serve BUNDLE over HTTP (POST /v1/images; /docs for the API)."""
     try:
         cfg = ServeConfig(bundle=os.path.abspath(bundle), batching=batching, replicas=replicas, threads=threads,
-                          backend=backend, precision=precision, max_inflight=max_inflight, max_queue=max_queue,
+                          ray_cpus=ray_cpus, backend=backend, precision=precision, max_inflight=max_inflight, max_queue=max_queue,
                           max_wait_calls=max_wait_calls, max_images_per_request=max_images, timeout_s=timeout,
                           drain_s=drain)
     except ConfigError as e:

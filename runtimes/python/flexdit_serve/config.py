@@ -22,12 +22,14 @@ class ServeConfig:
     max_inflight; more answers 429 at once); ``max_wait_calls``: the starvation bound of the
     stage policy (engine calls an image may wait between its steps; default 2 x stages);
     ``timeout_s``: the longest a request may take, queue included (a request may ask for less);
-    ``threads``: ONNX Runtime intra-op threads (and Ray CPUs) per replica."""
+    ``threads``: ONNX Runtime intra-op threads per replica; ``ray_cpus``: the CPUs Ray reserves
+    for each replica (default: ``threads``, else 1)."""
 
     bundle: str
     batching: str = "stage"
     replicas: int = 1
     threads: int | None = None
+    ray_cpus: float | None = None  # CPUs Ray reserves per replica (default: threads, or 1)
     backend: str = "onnx"
     precision: str | None = None
     max_inflight: int | None = None
@@ -49,6 +51,9 @@ class ServeConfig:
             lo = 0 if name == "max_queue" else 1
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= {lo}, got {v!r}")
+        if self.ray_cpus is not None and (isinstance(self.ray_cpus, bool) or not isinstance(self.ray_cpus, (int, float))
+                                          or not math.isfinite(self.ray_cpus) or self.ray_cpus < 0):
+            raise ConfigError(f"ray_cpus must be a number >= 0, got {self.ray_cpus!r}")
         for name in ("timeout_s", "batch_wait_s", "drain_s"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 \
@@ -68,7 +73,7 @@ class ServeConfig:
             if isinstance(v, str) and k not in ("bundle", "batching", "backend", "precision"):
                 try:
                     v = {"true": True, "false": False}[v.lower()] if k == "verify_checksums" else \
-                        (float(v) if k.endswith("_s") else int(v))
+                        (float(v) if k.endswith("_s") or k == "ray_cpus" else int(v))
                 except (ValueError, KeyError):
                     raise ConfigError(f"{k}={v!r} is not a valid value") from None
             typed[k] = v

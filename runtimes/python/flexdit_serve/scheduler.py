@@ -8,8 +8,10 @@ not depend on what shared its calls (noise is drawn per image; rows are independ
 graph), so every image equals what ``flexdit-run`` draws for the same prompt, seed and options.
 
 Policy (which stage runs next):
-  1. Starvation bound first: an image that has waited ``max_wait_calls`` engine calls since its
-     last step runs next (its stage; the oldest such image wins). No image waits longer.
+  1. Starvation bound first: once an image has waited ``max_wait_calls`` engine calls since its
+     last step, the stage of the longest-waiting image runs next. Starving images in other
+     stages are served oldest first, so no image waits more than ``max_wait_calls + stages - 1``
+     calls between two of its steps.
   2. Otherwise the stage with the most rows waiting (the fullest call), ties to the stage
      holding the longest-waiting image.
   3. Within the chosen stage, images are packed longest-waiting first, until the next one
