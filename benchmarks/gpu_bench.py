@@ -5,6 +5,7 @@ flexdit_export.builders.aoti), with MFU against a bf16 matrix product timed in t
 
     python3 benchmarks/gpu_bench.py --device cuda --out OUT       # the GPU check (< 6 min on an H100)
     python3 benchmarks/gpu_bench.py --device cpu --tiny --out OUT # the same code paths on a tiny model
+    python3 benchmarks/gpu_bench.py --device cpu --tiny --skip-compile --out OUT  # the suite's quick run (no compiles)
 
 Phases (so compiles never disturb timings): (1) every AOTI package is compiled in its own
 subprocess, several at once (a crash, e.g. the bf16 segfault of issue 9, costs that package
@@ -183,6 +184,19 @@ def aoti_engine(path, model_consts: dict, batch: int, cfg, device: str, sid: int
     return eng
 
 
+class EagerEngine:
+    """A stage module behind the interface the runtime's device loop calls (``run_device``), for
+    --skip-compile runs: the loop and its timing are exercised without a compiled package."""
+
+    def __init__(self, module, batch: int, device: str):
+        self.module, self.batch, self.device = module, batch, device
+        self.graph, self.graph_error = None, None
+
+    def run_device(self, x, t, y):
+        with torch.inference_mode():
+            return self.module(x, t, y)
+
+
 def per_image(call_ms: dict, stage_of_step: list, batch: int) -> float:
     """ms per image: sum over steps of the step's stage call / images per call (CFG: batch/2)."""
     return sum(call_ms[s] for s in stage_of_step) / max(1, batch // 2)
@@ -273,12 +287,19 @@ def run(args) -> dict:
                 jobs.append({"key": key, "config": c["name"], "family": fam, "s": s, "precision": args.precision,
                              "device": device, "tiny": tiny, "path": str(pkg_dir / (key.replace('/', '_') + ".pt2"))})
     compile_deadline = start + args.budget_s * args.compile_share
-    log(f"phase 1: {len(jobs)} AOTI packages, {args.parallel} at a time")
-    compiled = compile_all(jobs, args.parallel, compile_deadline, log)
+    if args.skip_compile:
+        compiled = {j["key"]: {"status": "skipped", "reason": "--skip-compile"} for j in jobs}
+        log(f"phase 1: {len(jobs)} AOTI packages skipped (--skip-compile)")
+    else:
+        log(f"phase 1: {len(jobs)} AOTI packages, {args.parallel} at a time")
+        compiled = compile_all(jobs, args.parallel, compile_deadline, log)
     peak = matmul_peak(device)
     log(f"bf16 matmul: {peak:.3g} TFLOP/s")
     results = {"environment": env, "bf16_matmul_tflops": peak, "precision": args.precision, "steps": STEPS,
-               "cfg_scale": CFG_SCALE, "compiles": compiled, "configs": {}}
+               "cfg_scale": CFG_SCALE, "compiles": compiled, "configs": {}, "skipped": []}
+    if args.skip_compile:
+        results["skipped"].append("torch.compile of the dense DiT and the AOTI packages (--skip-compile); the runtime "
+                                  "device loop ran with eager fp32 stage modules")
     from flexdit_export.flops import forward_macs
 
     for c in cfgs:
@@ -312,7 +333,7 @@ def run(args) -> dict:
             cands[f"FlexDiT s={s} eager bf16"] = eager(m, True)
             macs[f"s={s}"] = forward_macs(fcfg, s, "implementation") * B
         # torch.compile of the dense DiT: the baseline a user would pick
-        if time.time() < deadline - 60:
+        if not args.skip_compile and time.time() < deadline - 60:
             t0 = time.time()
             try:
                 compiled_dit = torch.compile(dit_stage, mode=args.compile_mode)
@@ -385,6 +406,12 @@ def run(args) -> dict:
             traj = trajectory({s: engines[("flexdit", s)] for s in set(stage_of)}, p4, fcfg, B, device,
                               rounds=2 if not tiny else 1)
             img["FlexDiT paper4 AOTI trajectory (runtime device loop)"] = traj["ms_per_image"]
+        elif args.skip_compile and time.time() < deadline - 15:
+            # the same device loop, its engines eager fp32 stage modules (no package was built)
+            traj = trajectory({s: EagerEngine(flex_stages[s], B, device) for s in set(stage_of)}, p4, fcfg, B, device,
+                              rounds=1)
+            traj["engines"] = "eager fp32"
+            img["FlexDiT paper4 eager fp32 trajectory (runtime device loop)"] = traj["ms_per_image"]
         mfu = {}
         for k, v in ms.items():
             mk = "DiT" if k.startswith("DiT") else k.split()[1]
@@ -428,7 +455,8 @@ def markdown(r: dict) -> str:
             lines.append(f"| {k} | {v:.2f} | {1e3 / v:.2f} | {'' if not base else f'{base / v:.2f}x'} |")
         t = c.get("trajectory")
         if t:
-            lines += ["", f"Runtime device loop: {t['trajectory_ms']:.1f} ms per trajectory of {t['images']} images, "
+            lines += ["", f"Runtime device loop ({t.get('engines', 'AOTI engines')}): {t['trajectory_ms']:.1f} ms per "
+                          f"trajectory of {t['images']} images, "
                           f"engines {t['engine_ms']:.1f} ms, outside the engines {100 * t['outside_engines_fraction']:.1f}%."]
         lines += ["", "AOTI rel RMS vs fp32 eager: " + ", ".join(f"{k} {v:.2e}" for k, v in c["aoti_rel_rms_vs_fp32"].items()),
                   "CUDA graphs: " + json.dumps(c["cuda_graphs"]) + (" errors: " + json.dumps(c["cuda_graph_errors"])
@@ -436,6 +464,8 @@ def markdown(r: dict) -> str:
     fails = {k: v for k, v in r["compiles"].items() if v["status"] != "ok"}
     if fails:
         lines += ["## packages not built", ""] + [f"- {k}: {v['status']} ({v.get('reason')})" for k, v in fails.items()]
+    for what in r.get("skipped", []):
+        lines.append(f"- skipped: {what}")
     for err in r.get("errors", []):
         lines.append(f"- error: {err}")
     return "\n".join(lines) + "\n"
@@ -453,6 +483,8 @@ def main(argv=None):
     ap.add_argument("--compile-share", type=float, default=0.55, help="share of the budget for AOTI compiles")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 10 on cuda, 3 on cpu)")
     ap.add_argument("--compile-mode", default="default", help="torch.compile mode of the DiT baseline")
+    ap.add_argument("--skip-compile", action="store_true",
+                    help="no AOTI packages and no torch.compile (the suite's quick run; says so in the output)")
     ap.add_argument("--compile-job", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.compile_job:
