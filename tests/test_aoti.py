@@ -10,6 +10,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ MICRO = dict(family="flexdit", hidden_size=32, num_heads=2, patch_size=2, input_
              num_classes=10, depth=3, num_poolingformer=1, num_dumbbell=1, dumbbell_group=[1, 0, 1, 0],
              num_normal_block=0, semantic_size=2)
 SCHEDULE = "500:2,0:dense"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _convert(tmp_path_factory, name, precision, schedule):
@@ -264,3 +266,63 @@ def test_onnx_runtime_path_never_imports_torch(aoti_bundle):
             "from flexdit_runtime import stage_engine, engines, model; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# ---------------------------------------------------------------- --device (issue 9, point 3)
+
+def test_device_cpu_runs_the_cpu_packages(aoti_bundle, tmp_path):
+    """--device cpu on a bundle whose AOTI packages were compiled for the CPU: the ONNX graphs by
+    default (torch-free), the packages with --backend aoti; both through the real CLI."""
+    from conftest import run_cli
+
+    (tmp_path / "p.txt").write_text("1\n2\n3\n")
+    runs = {}
+    for backend in (None, "aoti"):
+        extra = ["--backend", backend] if backend else []
+        p = run_cli("flexdit-run", tmp_path / "p.txt", "--bundle", aoti_bundle, "-o", tmp_path / f"o-{backend}",
+                    "--steps", "6", "--seed", "3", "--device", "cpu", "--json", "--save-npy", *extra)
+        r = json.loads(p.stdout)
+        assert r["device"] == "cpu" and [e["kind"] for e in r["engines"]] == [backend or "onnx"] * 2
+        runs[backend] = np.load(tmp_path / f"o-{backend}" / "samples.npy")
+    scale = np.abs(runs[None]).max()
+    assert np.abs(runs["aoti"] - runs[None]).max() <= 1e-4 * scale
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_device_cuda_on_cpu_packages_is_one_line(aoti_bundle, tmp_path):
+    import onnxruntime as ort
+
+    from conftest import run_cli
+
+    (tmp_path / "p.txt").write_text("1\n")
+    p = run_cli("flexdit-run", tmp_path / "p.txt", "--bundle", aoti_bundle, "-o", tmp_path / "o", "--device", "cuda",
+                "--backend", "aoti", check=False)
+    err = p.stderr.strip()
+    assert p.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "AOTI packages were compiled for cpu; rebuild with: flexdit-export convert" in err
+    assert err.endswith("--force --backend aoti --device cuda")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        p = run_cli("flexdit-run", tmp_path / "p.txt", "--bundle", aoti_bundle, "-o", tmp_path / "o", "--device",
+                    "cuda", check=False)
+        assert p.returncode == 2 and p.stderr.strip() == (
+            "flexdit-run: error: --device cuda: the bundle's AOTI packages were compiled for the CPU, and for its "
+            f"ONNX graphs this onnxruntime ({ort.__version__}) has no CUDA provider (install onnxruntime-gpu: README, GPU)")
+    assert not (tmp_path / "o").exists()
+
+
+def test_gpu_runtime_check_script_on_the_cpu(aoti_bundle):
+    """benchmarks/gpu_runtime_check.py (GPU_CHECK.md, step 2) on the CPU with this session's
+    bundle: every path runs and matches the ONNX Runtime reference, the CLI too."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from gpu_runtime_check import check
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    r = check(aoti_bundle, "cpu")
+    paths = r["paths"]
+    assert set(paths) == {"device default", "aoti", "onnx"} and all(p["status"] == "ok" for p in paths.values())
+    assert [e["kind"] for e in paths["aoti"]["engines"]] == ["aoti", "aoti"]
+    assert [e["kind"] for e in paths["device default"]["engines"]] == ["onnx", "onnx"]
+    assert paths["onnx"]["max_abs_diff_rel"] == 0.0 and paths["aoti"]["max_abs_diff_rel"] <= 1e-4
+    assert all(p["finite"] for p in paths.values())
+    assert r["cli"] == {"rc": 0, "stderr": "", "images": 3, "device": "cpu", "engines": ["onnx", "onnx"]}
