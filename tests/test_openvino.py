@@ -81,11 +81,28 @@ def test_bf16_and_int8_are_close_but_not_exact(ov_bundle):
             assert np.isfinite(g).all() and 0 < rel < (0.3 if prec == "bf16" else 2.0), (prec, st["id"], rel)
 
 
+def test_stages_of_one_structure_share_one_compiled_model(ov_bundle, monkeypatch):
+    """Stages 0 and 1 (s=2, s=3) are the same graph but for their pooling tables and token counts:
+    one compiled model with those constants as inputs (one repacked weight copy); the dense stage
+    2 has another structure and compiles alone. Sharing off: one static model per stage."""
+    b = load_bundle(ov_bundle, defer_weights=True)
+    run = StageRunner(b, RuntimeSettings(threads=1), {"*": "fp32"}, "openvino")
+    d = [e.describe() for e in run.engines]
+    assert d[0]["shared_with_stages"] == d[1]["shared_with_stages"] == [0, 1] and d[0]["stage_inputs"] > 0
+    assert run.engines[0].compiled is run.engines[1].compiled and "shared_with_stages" not in d[2]
+    monkeypatch.setenv(openvino_engine.ENV_SHARE, "0")
+    alone = StageRunner(b, RuntimeSettings(threads=1), {"*": "fp32"}, "openvino")
+    assert len({id(e.compiled) for e in alone.engines}) == 3
+    for st, e_shared, e_alone in zip(b.stages, run.engines, alone.engines):
+        assert "shared_with_stages" not in e_alone.describe()
+        assert np.abs(e_shared.run(*feeds(st)) - e_alone.run(*feeds(st))).max() <= 1e-5
+
+
 def test_second_load_hits_the_cache(ov_bundle, private_cache):
     b = load_bundle(ov_bundle, defer_weights=True)
     StageRunner(b, RuntimeSettings(threads=1), {"*": "fp32"}, "openvino")
     blobs = openvino_engine.cache_files(private_cache)
-    assert len(blobs) == len(b.stages)
+    assert len(blobs) == 2  # stages 0+1 share one model, the dense stage 2 has its own
     stamps = {p: p.stat().st_mtime_ns for p in blobs}
     StageRunner(b, RuntimeSettings(threads=1), {"*": "fp32"}, "openvino")
     assert {p: p.stat().st_mtime_ns for p in openvino_engine.cache_files(private_cache)} == stamps  # read, not rewritten
@@ -165,3 +182,29 @@ def test_convert_refuses_bf16_artifacts(ref_ckpt, tmp_path):
         convert(ref_ckpt, tmp_path / "x", ConvertOptions(num_heads=4, precision="bf16"))
     with pytest.raises(UserError, match="inference precision over the fp32 graph"):
         convert(ref_ckpt, tmp_path / "y", ConvertOptions(num_heads=4, precision="bf16", backend="openvino"))
+
+
+@pytest.mark.skipif(not openvino_engine.has_bf16(), reason="the CPU has no bf16")
+def test_bf16_meets_the_fp16_gate_on_the_shipped_model(tmp_path):
+    """The end-to-end gate (accuracy within 1 point, FD <= 1.05x fp32) for OpenVINO bf16 on the
+    shipped Fashion model, on a small sample: 100 images (10 per class), 25 DDPM steps. The
+    500-image, 100-step numbers are in benchmarks/README.md."""
+    pytest.importorskip("flexdit_fashion")
+    from flexdit_fashion.datasets import default_dir
+    from flexdit_fashion.evaluate import find_classifier_dir
+    from flexdit_fashion.quality import compare_policies
+
+    if not (default_dir() / "t10k-images-idx3-ubyte.gz").exists() or not (find_classifier_dir() / "classifier.safetensors").exists():
+        pytest.skip("needs the Fashion-MNIST test set (dataset-fashion-mnist) and the shipped classifier")
+    from pathlib import Path
+
+    from flexdit_export.convert import ConvertOptions, convert
+
+    out = tmp_path / "fashion"
+    convert(Path(__file__).resolve().parents[1] / "models" / "fashion-flexdit", out, ConvertOptions(),
+            log=lambda *_: None)
+    r = compare_policies(load_bundle(out), {"bf16": "openvino/bf16"}, per_class=10, steps=25, threads=2,
+                         log=lambda *_: None)
+    bf16 = r["policies"]["bf16"]
+    assert bf16["bar"] == "fp16" and bf16["policy"].startswith("bf16"), bf16
+    assert bf16["passed"], bf16["verdict"]

@@ -9,17 +9,33 @@ runtime offers both and ``engine_select`` measures. Precisions and what each one
     int8-static   the stage's openvino/int8-static model (NNCF post-training quantisation,
                   written at convert time from the stage's calibration rows)
 
-Weights: every stage graph of a v2 bundle references one weight file; OpenVINO's ONNX reader
-maps that file (mmap) instead of copying it, so the stages' constants are the same page-cache
-pages, and the runtime checks the file's sha256 once, streaming it, without keeping a copy.
-Compiled models go to a cache directory (``CACHE_DIR``; default ``$FLEXDIT_OPENVINO_CACHE``, else
-the user cache dir), so a second start imports them instead of compiling again.
+Memory: OpenVINO's CPU plugin repacks the weights of every compiled model into its own blocked
+layout and JIT-compiles its own kernels, and its weight cache is per compiled model, so four
+static stage models cost four repacked copies of the weights (Fashion: +50 MB per stage, 3.8x
+the RSS of ONNX Runtime's dense model; see benchmarks/README.md). But the stage graphs of a
+bundle are the same graph: they differ only in a few small constants (the pooling table, the
+recovery index, reshape targets holding the token count). So fp32/bf16 stages whose graphs have
+the same structure share **one compiled model**: the constants that differ between them become
+inputs (dimensions that differ become dynamic), and each stage engine feeds its own values. The
+weights are repacked once and every stage costs what one dense model costs. Which constants are
+identical is known without reading the weights: two initializers bound by the manifest to the
+same tensor of the same weight file are the same bytes (v2); everything else is compared by
+value. ``$FLEXDIT_OPENVINO_SHARE_STAGES=0`` compiles one static model per stage instead (no
+dynamic shapes: a little faster per call on small graphs, one weight copy per stage). NNCF int8
+models are calibrated per stage (different quantiser ranges, SmoothQuant-scaled weights), so
+they stay one static model each.
+
+Weights: OpenVINO's ONNX reader maps the bundle's weight file (mmap) instead of copying it, and
+the runtime checks the file's sha256 once, streaming it, without keeping a copy. Compiled
+models go to a cache directory (``CACHE_DIR``; default ``$FLEXDIT_OPENVINO_CACHE``, else the user
+cache dir), so a second start imports them instead of compiling again.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +50,8 @@ from .weights import checksum_mismatch
 
 INSTALL_HINT = 'OpenVINO is not installed: pip install "flexdit-export[openvino]" (or pip install openvino)'
 ENV_CACHE = "FLEXDIT_OPENVINO_CACHE"
+ENV_SHARE = "FLEXDIT_OPENVINO_SHARE_STAGES"  # "0": one static compiled model per stage
+STAGE_INPUT = "flexdit.stage_const."  # inputs of a shared model that carry a stage's own constants
 PRECISIONS = ("fp32", "bf16", "int8-static")  # what this engine runs; int8 is the alias of int8-static
 HINTS = {"fp32": "f32", "bf16": "bf16", "int8-static": "f32"}  # int8 layers are int8 whatever the hint
 OV_DTYPES = {"f32": "float32", "f16": "float16", "i64": "int64", "i32": "int32", "bf16": "bfloat16", "f64": "float64"}
@@ -146,11 +164,16 @@ class OpenVINOStageEngine(StageEngine):
 
     kind = "openvino"
 
-    def __init__(self, stage: dict, artifact: dict, compiled, cache: str | None):
+    def __init__(self, stage: dict, artifact: dict, compiled, cache: str | None, shared=None):
         super().__init__(stage, artifact)
         self.compiled, self.cache = compiled, cache
-        self._local = threading.local()  # one infer request per calling thread: run() is thread-safe
-        self.check_graph_io(*compiled_io(compiled))
+        self.shared = shared  # the SharedStageModel this stage runs on, or None (a static model of its own)
+        self._stage_feeds = shared.feeds[stage["id"]] if shared else {}
+        # one infer request per calling thread (run() is thread-safe); the stages of a shared
+        # model share it, since one thread runs one stage at a time
+        self._local = shared.local if shared else threading.local()
+        inputs, outputs = compiled_io(compiled)
+        self.check_graph_io({k: v for k, v in inputs.items() if not k.startswith(STAGE_INPUT)}, outputs)
 
     @classmethod
     def choose_artifact(cls, bundle: Bundle, stage: dict, want: str | None) -> dict:
@@ -175,10 +198,15 @@ class OpenVINOStageEngine(StageEngine):
                               "use fp32 or int8 on the openvino backend")
         verify_weight_file(bundle, artifact)
         cache = cache_dir(getattr(settings, "openvino_cache", None))
+        config = compile_config(precision, settings.threads, cache)
+        if precision in ("fp32", "bf16") and share_stages():
+            shared = shared_model(bundle, stage, precision, config)
+            if shared is not None:
+                return cls(stage, artifact, shared.compiled, cache, shared)
         path = bundle.path(artifact)
         try:
             # Compiling from the path lets a cache hit skip reading the graph altogether.
-            compiled = core().compile_model(str(path), "CPU", compile_config(precision, settings.threads, cache))
+            compiled = core().compile_model(str(path), "CPU", config)
         except RuntimeError as e:
             raise BundleError(f"cannot load graph {artifact['path']} in OpenVINO: {ov_error(e)}") from None
         return cls(stage, artifact, compiled, cache)
@@ -192,15 +220,144 @@ class OpenVINOStageEngine(StageEngine):
     def _run(self, feeds: dict) -> np.ndarray:
         req = self._request()
         try:
-            req.infer(feeds)
+            req.infer({**feeds, **self._stage_feeds} if self._stage_feeds else feeds)
             return req.get_tensor(self.output_name).data.copy()
         except RuntimeError as e:
             raise BundleError(f"stage {self.stage['id']} ({self.artifact['path']}) failed in OpenVINO: "
                               f"{ov_error(e)}") from None
 
     def describe(self) -> dict:
+        shared = {"shared_with_stages": list(self.shared.stage_ids),
+                  "stage_inputs": len(self._stage_feeds)} if self.shared else {}
         return {**super().describe(), "device": "CPU", "inference_precision": HINTS[self.precision],
-                "cache_dir": self.cache}
+                "cache_dir": self.cache, **shared}
+
+
+def share_stages() -> bool:
+    return os.environ.get(ENV_SHARE, "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+class SharedStageModel:
+    """One compiled model that runs several stages: ``feeds[stage id]`` are that stage's values
+    of the constants that differ between the stages (inputs named ``STAGE_INPUT + index``)."""
+
+    def __init__(self, compiled, feeds: dict, stage_ids: tuple):
+        self.compiled, self.feeds, self.stage_ids = compiled, feeds, stage_ids
+        self.local = threading.local()
+
+
+_SHARED = weakref.WeakValueDictionary()  # (key, stage ids) -> SharedStageModel, alive while an engine uses it
+_ALONE: set = set()  # (key, stage id): stages that share with no other (compiled one static model each)
+_SHARED_LOCK = threading.Lock()
+_KEY_LOCKS: dict = {}
+
+
+def _structure(model) -> tuple:
+    """What must be equal for two stage graphs to share one compiled model."""
+    return tuple((op.get_type_name(), op.get_input_size(), op.get_output_size()) for op in model.get_ordered_ops())
+
+
+def _bound(artifact: dict) -> dict:
+    """{initializer name: (weight file, tensor index)} of a v2 artifact (empty for v1)."""
+    ref = artifact.get("weights") or {}
+    return {n: (ref.get("file"), i) for n, i in (ref.get("bindings") or {}).items()}
+
+
+def shared_model(bundle: Bundle, stage: dict, precision: str, config: dict) -> SharedStageModel | None:
+    """The compiled model ``stage`` shares with every other stage of the same graph structure, or
+    None when it has no such stage (or the shared model cannot be built: then each stage compiles
+    its own static model, as before)."""
+    arts = {}
+    for st in bundle.stages:
+        try:
+            arts[st["id"]] = artifact_for(bundle, st, precision)
+        except BundleError:
+            continue
+    if len(arts) < 2 or stage["id"] not in arts:
+        return None
+    key = (str(Path(bundle.root).resolve()), tuple(a["sha256"] for a in arts.values()), precision,
+           tuple(sorted((k, str(v)) for k, v in config.items())))
+    with _SHARED_LOCK:
+        key_lock = _KEY_LOCKS.setdefault(key, threading.Lock())
+    with key_lock:  # the stages open in parallel: the first of a group builds, the others wait for it
+        if (key, stage["id"]) in _ALONE:
+            return None
+        for (k, ids), model in list(_SHARED.items()):
+            if k == key and stage["id"] in ids:
+                return model
+        found = _build_shared(bundle, arts, stage["id"], config)
+        if found is None:
+            _ALONE.add((key, stage["id"]))
+        else:
+            _SHARED[(key, found.stage_ids)] = found
+        return found
+
+
+def _build_shared(bundle: Bundle, arts: dict, stage_id, config: dict) -> SharedStageModel | None:
+    """Read every stage graph (the weights stay mapped, untouched), find the stages of the same
+    structure as ``stage_id`` and compile one model for them; None when there are none."""
+    ov = openvino()
+    c = core()
+    try:
+        models = {sid: c.read_model(str(bundle.path(a))) for sid, a in arts.items()}
+    except RuntimeError:
+        return None
+    mine = _structure(models[stage_id])
+    sids = [sid for sid, m in models.items() if sid == stage_id or _structure(m) == mine]
+    if len(sids) < 2:
+        return None
+    merged = _merge(ov, [models[s] for s in sids], [_bound(arts[s]) for s in sids])
+    del models
+    if merged is None:
+        return None
+    model, feeds = merged
+    try:
+        compiled = c.compile_model(model, "CPU", config)
+    except RuntimeError:
+        return None  # e.g. an op without dynamic-shape support: a static model per stage
+    return SharedStageModel(compiled, dict(zip(sids, feeds)), tuple(sids))
+
+
+def _merge(ov, models: list, bindings: list):
+    """-> (the first model with every constant that differs between ``models`` replaced by an
+    input, [per model {input name: its value}]), or None when they differ in more than values."""
+    consts = [[op for op in m.get_ordered_ops() if op.get_type_name() == "Constant"] for m in models]
+    if len({len(c) for c in consts}) != 1:
+        return None
+    differing = []
+    for i, ops in enumerate(zip(*consts)):
+        names = [frozenset(op.output(0).get_names()) for op in ops]
+        refs = [tuple(sorted(b.get(n) for n in ns if n in b)) for ns, b in zip(names, bindings)]
+        if refs[0] and all(r == refs[0] for r in refs) and all(ns == names[0] for ns in names):
+            continue  # the same tensor of the same weight file in every stage: equal without reading it
+        types = {op.get_element_type() for op in ops}
+        shapes = [tuple(op.get_output_shape(0)) for op in ops]
+        if len(types) != 1 or len({len(s) for s in shapes}) != 1:
+            return None
+        values = [op.get_data() for op in ops]
+        if all(v.shape == values[0].shape and np.array_equal(v, values[0]) for v in values[1:]):
+            continue
+        differing.append((i, shapes, values))
+    if not differing:
+        return None  # identical graphs: nothing to feed, but also nothing to gain over one static model each
+    base = models[0]
+    params = []
+    for i, shapes, _ in differing:
+        const = consts[0][i]
+        dims = [d if all(s[k] == d for s in shapes) else -1 for k, d in enumerate(shapes[0])]
+        param = ov.opset13.parameter(ov.PartialShape(dims), const.get_element_type(), name=f"{STAGE_INPUT}{i}")
+        param.output(0).get_tensor().set_names({f"{STAGE_INPUT}{i}"})
+        for target in list(const.output(0).get_target_inputs()):
+            target.replace_source_output(param.output(0))
+        params.append(param)
+    base.add_parameters(params)
+    try:
+        base.validate_nodes_and_infer_types()
+    except RuntimeError:
+        return None
+    feeds = [{f"{STAGE_INPUT}{i}": np.array(values[k], copy=True, order="C") for i, _, values in differing}
+             for k in range(len(models))]
+    return base, feeds
 
 
 def cache_files(directory) -> list[Path]:
