@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from factories import TINY_DIT, TINY_FLEX, random_model, save_reference_training, save_state_dict  # noqa: E402
 
-CLIS = {"flexdit-export": "flexdit_export.cli", "flexdit-run": "flexdit_runtime.cli"}
+CLIS = {"flexdit-export": "flexdit_export.cli", "flexdit-run": "flexdit_runtime.cli", "flexdit-serve": "flexdit_serve.cli"}
 
 
 def run_cli(name, *args, cwd=None, check=True):

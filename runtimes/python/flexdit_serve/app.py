@@ -204,10 +204,15 @@ class FlexDiTServer:
 def deployment_options(cfg: ServeConfig) -> dict:
     """Ray Serve options from the config: replicas, CPUs per replica, and a Ray-side queue bound
     so that requests beyond what the replicas hold are refused (503) instead of piling up."""
-    hold = (cfg.max_queue if cfg.max_queue is not None else 64) + (cfg.max_inflight or 16)
+    from ray.serve.config import BackpressureConfig
+
+    # The replica's scheduler is the authority on admission (429 beyond its queue); Ray lets a
+    # few more requests through to hear that answer, and refuses beyond (429 too) on its side.
+    hold = (cfg.max_queue if cfg.max_queue is not None else 64) + (cfg.max_inflight or 16) + 8
     return {"num_replicas": cfg.replicas,
             "ray_actor_options": {"num_cpus": cfg.ray_cpus if cfg.ray_cpus is not None else (cfg.threads or 1)},
             "max_ongoing_requests": hold, "max_queued_requests": hold,
+            "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=1),
             "graceful_shutdown_timeout_s": cfg.drain_s, "graceful_shutdown_wait_loop_s": 0.5}
 
 

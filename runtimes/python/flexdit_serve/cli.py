@@ -11,6 +11,7 @@ seconds to finish, the rest are answered with 503.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -68,7 +69,7 @@ def command(bundle, host, port, batching, replicas, threads, ray_cpus, backend, 
     if not 0 < port < 65536:
         raise UserError(f"--port must be in 1..65535, got {port}")
     try:  # fail here, in one line, before starting Ray, on a bundle that cannot be trusted
-        load_bundle(cfg.bundle, verify_checksums=True, defer_weights=True)
+        load_bundle(cfg.bundle, verify_checksums=True, defer_weights=False)
     except BundleError as e:
         raise UserError(str(e)) from None
     if detach and address is None:
@@ -86,18 +87,19 @@ def serve_app(cfg: ServeConfig, host: str, port: int, address: str | None, detac
     except ImportError as e:
         raise UserError(f"flexdit-serve needs Ray Serve ({e.name or e} is missing): pip install \".[serve]\"") from None
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    logging.getLogger("ray").setLevel(logging.ERROR)  # Ray's start-up notices; errors still show
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
     except Exception as e:  # ray raises ConnectionError, RuntimeError, ...
         raise UserError(f"cannot start or reach Ray{f' at {address}' if address else ''}: {_first_line(e)}") from None
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own SIGTERM handler
+        signal.signal(sig, lambda *_: stop.set())
     try:
         try:
             serve.start(http_options={"host": host, "port": port})
             serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
         except Exception as e:
-            raise UserError(f"the deployment did not become ready: {_first_line(e)}") from None
+            raise UserError(f"the deployment did not become ready: {_deploy_failure(serve, e)}") from None
         url = f"http://{host}:{port}"
         print(f"{PROG}: serving {cfg.bundle} at {url} ({cfg.replicas} replica(s), batching {cfg.batching}); "
               f"API: {url}/docs; Ctrl-C stops", file=sys.stderr, flush=True)
@@ -113,6 +115,18 @@ def serve_app(cfg: ServeConfig, host: str, port: int, address: str | None, detac
     finally:
         if not detach:
             ray.shutdown()
+
+
+def _deploy_failure(serve, e: Exception) -> str:
+    """Why the replicas failed (their constructor's exception, from the Serve status), else Ray's message."""
+    try:
+        app = serve.status().applications[APP_NAME]
+        text = "\n".join(d.message for d in app.deployments.values())
+    except Exception:  # the status itself may be unavailable
+        text = ""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    cause = next((ln for ln in reversed(lines) if "BundleError" in ln or "Error:" in ln), None)
+    return (cause.split("BundleError: ", 1)[-1] if cause else _first_line(e))[:400]
 
 
 def _first_line(e: Exception) -> str:

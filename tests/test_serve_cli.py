@@ -1,0 +1,90 @@
+"""The flexdit-serve command: one line and exit 2 for every bad input (before Ray starts), and
+the one-command start of the README: serve, answer, stop on SIGTERM."""
+
+import base64
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from conftest import run_cli
+from test_serve import free_port
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, ref_ckpt):
+    out = tmp_path_factory.mktemp("servecli") / "b4"
+    run_cli("flexdit-export", "convert", ref_ckpt, "-o", out, "--schedule", "600:2,0:dense", "--num-heads", "4",
+            "--batch", "4")
+    return out
+
+
+def test_bad_inputs_one_line_exit_2(bundle, tmp_path):
+    bad, gap = tmp_path / "tampered", tmp_path / "gap"
+    shutil.copytree(bundle, bad)
+    shutil.copytree(bundle, gap)
+    (gap / "manifest.json").write_text((gap / "manifest.json").read_text().replace('"t_min": 0', '"t_min": 1', 1))
+    weights = next((bad / "stages").glob("weights.*.bin"))
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    cases = [
+        ([tmp_path / "missing"], "bundle directory not found"),
+        ([bad], "checksum mismatch for stages/weights."),
+        ([gap], "stages do not cover timesteps"),
+        ([bundle, "--batching", "fastest"], "invalid choice: 'fastest'"),
+        ([bundle, "--port", "0"], "--port must be in 1..65535"),
+        ([bundle, "--timeout", "nan"], "timeout_s must be a finite positive number"),
+        ([bundle, "--replicas", "0"], "--replicas must be an integer >= 1"),
+        ([bundle, "--detach"], "--detach needs --address"),
+    ]
+    for args, needle in cases:
+        start = time.monotonic()
+        p = run_cli("flexdit-serve", *args, check=False)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2, (args, p.stderr)
+        assert len(lines) == 1 and lines[0].startswith("flexdit-serve: error: ") and needle in lines[0], (args, p.stderr)
+        assert time.monotonic() - start < 30  # refused before any Ray cluster starts
+
+
+def test_one_command_serve_answer_and_stop(bundle, tmp_path):
+    port = free_port()
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "-m", "flexdit_serve.cli", str(bundle), "--port", str(port),
+                             "--threads", "1", "--drain", "5"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}/readyz", timeout=5) as r:
+                    if r.status == 200 and json.loads(r.read())["status"] == "ready":
+                        break
+            except (urllib.error.URLError, ConnectionError, json.JSONDecodeError, TimeoutError):
+                pass
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(1)
+        else:
+            raise AssertionError("flexdit-serve never became ready")
+        req = urllib.request.Request(f"{url}/v1/images", json.dumps({"prompts": [1], "seed": 4, "steps": 6}).encode(),
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            served = base64.b64decode(json.loads(r.read())["images"][0]["png_base64"])
+        (tmp_path / "p.txt").write_text("1\n")
+        run_cli("flexdit-run", tmp_path / "p.txt", "--bundle", bundle, "-o", tmp_path / "out", "--steps", 6, "--seed",
+                4, "-q")
+        assert served == next((tmp_path / "out").glob("000_*.png")).read_bytes()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            err = proc.communicate(timeout=120)[1]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.returncode == 0, err
+    assert "serving" in err and "shutting down" in err
