@@ -1,5 +1,5 @@
 """``flexdit-export doctor``: what is installed and what can run here, so a user can tell which
-extra to install (``.[compiler]``, ``.[gpu]``, ``.[tensorrt]``, ``.[openvino]``) before a
+extra to install (``.[compiler]``, ``.[gpu]``, ``.[tensorrt]``, ``.[openvino]``, ``.[serve]``) before a
 conversion fails half-way. Imports nothing heavy unless it is there; never fails."""
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ PACKAGES = {
     "torch": ("compiler", "compiler"), "onnx": ("compiler", "compiler"), "onnxscript": ("compiler", "compiler"),
     "safetensors": ("compiler: project checkpoints", "compiler"), "onnxsim": ("convert --onnxsim", "simplify"),
     "tensorrt": ("TensorRT engines", "tensorrt"), "openvino": ("OpenVINO engines", "openvino"),
-    "nncf": ("OpenVINO int8 at convert time", "openvino-int8"), "click": ("(optional)", "-"),
+    "nncf": ("OpenVINO int8 at convert time", "openvino-int8"), "ray": ("flexdit-serve (Ray Serve)", "serve"),
+    "click": ("command lines", "(base)"),
 }
+SERVE_RAY = "2.60.0"  # the Ray version .[serve] pins (what the serving tests ran with)
 
 
 def _version(dist: str) -> str | None:
@@ -75,7 +77,8 @@ def report() -> dict:
     return {"python": sys.version.split()[0], "platform": platform.platform(), "cores": cores,
             "flexdit-export": _version("flexdit-export"), "packages": packages,
             "onnxruntime_providers": providers, "torch_cuda": cuda, "engines": _engines(),
-            "compiler_ready": all(packages[d] for d in ("torch", "onnx", "onnxscript", "safetensors"))}
+            "compiler_ready": all(packages[d] for d in ("torch", "onnx", "onnxscript", "safetensors")),
+            "server_ready": packages["ray"] == SERVE_RAY}
 
 
 def render(r: dict) -> str:
@@ -92,4 +95,6 @@ def render(r: dict) -> str:
                  ", ".join(f"{k}: {v}" for k, v in r["engines"].items()))
     lines.append("compiler (flexdit-export convert): " + ("ready" if r["compiler_ready"] else
                                                            "missing packages: pip install '.[compiler]'"))
+    lines.append("server (flexdit-serve): " + ("ready" if r["server_ready"] else
+                                                "needs ray[serve]==" + SERVE_RAY + ": pip install '.[serve]'"))
     return "\n".join(lines)

@@ -17,6 +17,7 @@ def test_doctor_says_what_is_installed_and_usable():
     assert r["engines"]["onnx"] == "usable"
     text = run_cli("flexdit-export", "doctor").stdout
     assert "stage engines (flexdit-run --backend): onnx: usable" in text and "compiler (flexdit-export convert): ready" in text
+    assert r["server_ready"] and "server (flexdit-serve): ready" in text  # .[dev] includes .[serve]
     if not r["packages"]["tensorrt"]:
         assert "pip install '.[tensorrt]'" in text
     assert run_cli("flexdit-export", "--version").stdout.startswith("flexdit-export ")
