@@ -120,7 +120,8 @@ def environment(device: str) -> dict:
         import torch
         env.update(torch=torch.__version__, cuda=torch.version.cuda)
         if device == "cuda" and torch.cuda.is_available():
-            env.update(gpu=torch.cuda.get_device_name(), compute_capability="%d.%d" % torch.cuda.get_device_capability())
+            env.update(gpu=torch.cuda.get_device_name(),
+                       compute_capability="%d.%d" % torch.cuda.get_device_capability())
     except ImportError:
         env["torch"] = None
     return env

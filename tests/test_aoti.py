@@ -306,7 +306,8 @@ def test_device_cuda_on_cpu_packages_is_one_line(aoti_bundle, tmp_path):
                     "cuda", check=False)
         assert p.returncode == 2 and p.stderr.strip() == (
             "flexdit-run: error: --device cuda: the bundle's AOTI packages were compiled for the CPU, and for its "
-            f"ONNX graphs this onnxruntime ({ort.__version__}) has no CUDA provider (install onnxruntime-gpu: README, GPU)")
+            f"ONNX graphs this onnxruntime ({ort.__version__}) has no CUDA provider "
+            "(install onnxruntime-gpu: README, GPU)")
     assert not (tmp_path / "o").exists()
 
 

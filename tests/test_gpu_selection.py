@@ -5,6 +5,8 @@ and the real CLI. Nothing here runs on a GPU: the CUDA/TensorRT branches are che
 options they build and the refusals they give where no GPU or no onnxruntime-gpu exists."""
 
 import json
+import subprocess
+import sys
 import types
 
 import numpy as np
@@ -82,7 +84,8 @@ def test_cpu_sessions_get_no_options_and_no_io_binding():
 def test_cuda_options():
     s = RuntimeSettings(device_id=1, cudnn_conv_algo_search="HEURISTIC", gpu_mem_limit=8 << 30)
     cuda, cpu = oe.provider_options([CUDA, CPU], s, "fp32")
-    assert cuda == {"device_id": "1", "cudnn_conv_algo_search": "HEURISTIC", "arena_extend_strategy": "kSameAsRequested",
+    assert cuda == {"device_id": "1", "cudnn_conv_algo_search": "HEURISTIC",
+                    "arena_extend_strategy": "kSameAsRequested",
                     "do_copy_in_default_stream": "1", "enable_cuda_graph": "1", "gpu_mem_limit": str(8 << 30)}
     assert cpu == {}
     assert oe.uses_io_binding([CUDA, CPU], s) and oe.uses_cuda_graph([CUDA, CPU], s)
@@ -213,7 +216,8 @@ def test_io_binding_gives_the_same_rows_at_fixed_addresses(flex_bundle):
     # a whole trajectory is the same image
     kw = dict(steps=4, seed=3, cfg_scale=2.0)
     a = Pipeline.from_bundle(flex_bundle, providers=["cpu"])([1, 7, 2], **kw).samples
-    b = Pipeline.from_bundle(flex_bundle, settings=RuntimeSettings(providers=("cpu",), io_binding=True))([1, 7, 2], **kw)
+    bound_settings = RuntimeSettings(providers=("cpu",), io_binding=True)
+    b = Pipeline.from_bundle(flex_bundle, settings=bound_settings)([1, 7, 2], **kw)
     np.testing.assert_array_equal(a, b.samples)
 
 
@@ -306,3 +310,17 @@ def test_device_cuda_without_a_gpu_through_the_cli(flex_bundle, tmp_path):
     p = run_cli("flexdit-run", tmp_path / "p.txt", "--bundle", flex_bundle, "-o", tmp_path / "o", "--device", "gpu",
                 check=False)
     assert "argument --device: invalid choice: 'gpu'" in _one_line(p)
+
+
+def test_device_paths_stay_torch_free(flex_bundle):
+    """--device cpu, and the --device cuda refusal for a bundle without CUDA packages, never
+    import torch (only the AOTI path needs it)."""
+    code = ("import sys\nfrom flexdit_bundle.manifest import BundleError\n"
+            "from flexdit_runtime.pipeline import Pipeline\n"
+            f"Pipeline.from_bundle({str(flex_bundle)!r}, device='cpu')([1], steps=2)\n"
+            + ("" if ORT_HAS_CUDA else
+               f"try:\n    Pipeline.from_bundle({str(flex_bundle)!r}, device='cuda')\n"
+               "    raise SystemExit('no refusal')\n"
+               "except BundleError:\n    pass\n")
+            + "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -93,7 +93,8 @@ def resolve(bundle: Bundle, device: str | None, backend: str | None, settings: R
                 raise BundleError(f"--device cpu --backend aoti: the bundle has no AOTI packages; run its ONNX graphs "
                                   f"(--backend onnx) or build them with: {_rebuild(bundle, 'cpu')}")
             if "cpu" not in aoti:
-                raise BundleError(f"--device cpu: the bundle's AOTI packages were compiled for {', '.join(sorted(aoti))}; "
+                built = ", ".join(sorted(aoti))
+                raise BundleError(f"--device cpu: the bundle's AOTI packages were compiled for {built}; "
                                   f"run its ONNX graphs (--backend onnx) or rebuild with: {_rebuild(bundle, 'cpu')}")
             return backend, settings
         return backend, dataclasses.replace(settings, providers=("cpu",)) if backend in ("onnx", "auto") else settings
@@ -115,9 +116,11 @@ def resolve(bundle: Bundle, device: str | None, backend: str | None, settings: R
         aoti_why = f"the bundle's AOTI packages need CUDA, but {why}"
     elif backend == "aoti":
         built = f"were compiled for {', '.join(sorted(aoti))}" if aoti else "do not exist"
-        raise BundleError(f"--device cuda: the bundle's AOTI packages {built}; rebuild with: {_rebuild(bundle, 'cuda')}")
+        raise BundleError(f"--device cuda: the bundle's AOTI packages {built}; "
+                          f"rebuild with: {_rebuild(bundle, 'cuda')}")
     else:
-        aoti_why = ("the bundle's AOTI packages were compiled for the CPU" if aoti else "the bundle has no AOTI packages")
+        aoti_why = ("the bundle's AOTI packages were compiled for the CPU" if aoti
+                    else "the bundle has no AOTI packages")
     # the ONNX graphs on ONNX Runtime's CUDA provider
     if not has_backend(bundle, "onnx"):
         raise BundleError(f"--device cuda: {aoti_why}, and it has no ONNX graphs")

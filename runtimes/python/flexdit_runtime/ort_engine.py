@@ -356,8 +356,12 @@ class OrtStageEngine(StageEngine):
             engine = cls(stage, artifact, session)
             if uses_io_binding(providers, settings):
                 device = "cpu" if providers[0] == CPU else "cuda"
-                engine.bound = BoundIO(session, stage, engine.input_names, engine.output_name, device,
-                                       settings.device_id)
+                try:
+                    engine.bound = BoundIO(session, stage, engine.input_names, engine.output_name, device,
+                                           settings.device_id)
+                except Exception as e:  # onnxruntime raises its own exception types
+                    raise BundleError(f"stage {stage['id']}: cannot bind its inputs and output to {device} "
+                                      f"memory: {ort_error(e)}") from None
             engine.options, engine.optimization = opts, level
             return engine
 

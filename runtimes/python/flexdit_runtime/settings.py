@@ -77,7 +77,8 @@ class RuntimeSettings:
                 raise BundleError(f"unknown {name} {getattr(self, name)!r} (choose from {', '.join(allowed)})")
         for name in ("device_id", "gpu_mem_limit"):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "device_id" else 1)):
+            least = 0 if name == "device_id" else 1
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < least):
                 raise BundleError(f"{name} must be a {'non-negative' if name == 'device_id' else 'positive'} "
                                   f"integer, got {v!r}")
         if self.cuda_graph and self.io_binding is False:
