@@ -28,7 +28,6 @@ import base64
 import http.client
 import json
 import random
-import statistics
 import subprocess
 import sys
 import tempfile

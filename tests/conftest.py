@@ -44,3 +44,13 @@ def flex_bundle(tmp_path_factory, ref_ckpt):
     run_cli("flexdit-export", "convert", ref_ckpt, "-o", out, "--schedule", "600:2,300:3,0:dense",
             "--formats", "onnx,torchscript", "--num-heads", "4")
     return out
+
+
+@pytest.fixture(scope="session")
+def serve_bundle(tmp_path_factory, ref_ckpt):
+    """3 stages (sparse, sparse, dense), static batch 8: room to pack several requests' images
+    into one engine call (the serving tests)."""
+    out = tmp_path_factory.mktemp("serve") / "b8"
+    run_cli("flexdit-export", "convert", ref_ckpt, "-o", out, "--schedule", "600:2,300:3,0:dense", "--num-heads", "4",
+            "--batch", "8")
+    return out

@@ -9,31 +9,22 @@ import shutil
 import socket
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from conftest import run_cli
 
-ray = pytest.importorskip("ray", reason="flexdit-serve needs Ray Serve: pip install '.[serve]'")
-from ray import serve  # noqa: E402
+import ray  # .[dev] installs .[serve]: these tests never skip
+from ray import serve
 
-from flexdit_serve.app import build_app  # noqa: E402
-from flexdit_serve.config import ServeConfig  # noqa: E402
+from flexdit_serve.app import build_app
+from flexdit_serve.config import ServeConfig
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def serve_bundle(tmp_path_factory, ref_ckpt):
-    out = tmp_path_factory.mktemp("serve") / "b8"
-    run_cli("flexdit-export", "convert", ref_ckpt, "-o", out, "--schedule", "600:2,300:3,0:dense", "--num-heads", "4",
-            "--batch", "8")
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -12,24 +12,14 @@ import time
 import urllib.error
 import urllib.request
 
-import pytest
-
 from conftest import run_cli
 from test_serve import free_port
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory, ref_ckpt):
-    out = tmp_path_factory.mktemp("servecli") / "b4"
-    run_cli("flexdit-export", "convert", ref_ckpt, "-o", out, "--schedule", "600:2,0:dense", "--num-heads", "4",
-            "--batch", "4")
-    return out
-
-
-def test_bad_inputs_one_line_exit_2(bundle, tmp_path):
+def test_bad_inputs_one_line_exit_2(serve_bundle, tmp_path):
     bad, gap = tmp_path / "tampered", tmp_path / "gap"
-    shutil.copytree(bundle, bad)
-    shutil.copytree(bundle, gap)
+    shutil.copytree(serve_bundle, bad)
+    shutil.copytree(serve_bundle, gap)
     (gap / "manifest.json").write_text((gap / "manifest.json").read_text().replace('"t_min": 0', '"t_min": 1', 1))
     weights = next((bad / "stages").glob("weights.*.bin"))
     weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
@@ -37,11 +27,11 @@ def test_bad_inputs_one_line_exit_2(bundle, tmp_path):
         ([tmp_path / "missing"], "bundle directory not found"),
         ([bad], "checksum mismatch for stages/weights."),
         ([gap], "stages do not cover timesteps"),
-        ([bundle, "--batching", "fastest"], "invalid choice: 'fastest'"),
-        ([bundle, "--port", "0"], "--port must be in 1..65535"),
-        ([bundle, "--timeout", "nan"], "timeout_s must be a finite positive number"),
-        ([bundle, "--replicas", "0"], "--replicas must be an integer >= 1"),
-        ([bundle, "--detach"], "--detach needs --address"),
+        ([serve_bundle, "--batching", "fastest"], "invalid choice: 'fastest'"),
+        ([serve_bundle, "--port", "0"], "--port must be in 1..65535"),
+        ([serve_bundle, "--timeout", "nan"], "timeout_s must be a finite positive number"),
+        ([serve_bundle, "--replicas", "0"], "--replicas must be an integer >= 1"),
+        ([serve_bundle, "--detach"], "--detach needs --address"),
     ]
     for args, needle in cases:
         start = time.monotonic()
@@ -52,10 +42,10 @@ def test_bad_inputs_one_line_exit_2(bundle, tmp_path):
         assert time.monotonic() - start < 30  # refused before any Ray cluster starts
 
 
-def test_one_command_serve_answer_and_stop(bundle, tmp_path):
+def test_one_command_serve_answer_and_stop(serve_bundle, tmp_path):
     port = free_port()
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen([sys.executable, "-m", "flexdit_serve.cli", str(bundle), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "flexdit_serve.cli", str(serve_bundle), "--port", str(port),
                              "--threads", "1", "--drain", "5"], stderr=subprocess.PIPE, text=True, env=env)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -76,7 +66,7 @@ def test_one_command_serve_answer_and_stop(bundle, tmp_path):
         with urllib.request.urlopen(req, timeout=60) as r:
             served = base64.b64decode(json.loads(r.read())["images"][0]["png_base64"])
         (tmp_path / "p.txt").write_text("1\n")
-        run_cli("flexdit-run", tmp_path / "p.txt", "--bundle", bundle, "-o", tmp_path / "out", "--steps", 6, "--seed",
+        run_cli("flexdit-run", tmp_path / "p.txt", "--bundle", serve_bundle, "-o", tmp_path / "out", "--steps", 6, "--seed",
                 4, "-q")
         assert served == next((tmp_path / "out").glob("000_*.png")).read_bytes()
     finally:

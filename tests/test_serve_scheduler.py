@@ -16,15 +16,6 @@ from flexdit_serve.scheduler import (BadRequest, Cancelled, QueueFull, Scheduler
 
 
 @pytest.fixture(scope="module")
-def serve_bundle(tmp_path_factory, ref_ckpt):
-    """3 stages (sparse, sparse, dense), static batch 8: room to pack several images per call."""
-    out = tmp_path_factory.mktemp("serve") / "b8"
-    run_cli("flexdit-export", "convert", ref_ckpt, "-o", out, "--schedule", "600:2,300:3,0:dense", "--num-heads", "4",
-            "--batch", "8")
-    return out
-
-
-@pytest.fixture(scope="module")
 def model(serve_bundle):
     return Model.from_bundle(serve_bundle)
 
