@@ -324,3 +324,52 @@ def test_device_paths_stay_torch_free(flex_bundle):
                "except BundleError:\n    pass\n")
             + "assert 'torch' not in sys.modules, 'torch was imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_cuda_graph_failure_reopens_the_stage_without_it(flex_bundle, monkeypatch):
+    """The CUDA-graph branch's control flow, with the GPU replaced: sessions are real CPU sessions
+    that record the options they were given, and a bound run fails while the options ask for a
+    CUDA graph (as ONNX Runtime does when a stage cannot be captured). The engine must reopen
+    the stage without the graph, keep IO binding, say why, and compute the same rows."""
+    from flexdit_runtime.model import Model
+
+    real_make, real_bound = oe.make_session, oe.BoundIO
+    given = []
+
+    def make_session(path, providers, *a, provider_options=None, **kw):
+        given.append(provider_options)
+        s = real_make(path, [CPU], *a, **kw)
+        s.asked = provider_options
+        return s
+
+    class CpuBound(real_bound):
+        def __init__(self, session, stage, names, out, device_type, device_id=0):
+            assert device_type == "cuda"
+            super().__init__(session, stage, names, out, "cpu", device_id)
+
+        def run(self, session, arrays):
+            if session.asked[0].get("enable_cuda_graph") == "1":
+                raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : graph capture is not supported here")
+            return super().run(session, arrays)
+
+    monkeypatch.setattr(oe, "resolve_providers", lambda names: [CUDA, CPU])
+    monkeypatch.setattr(oe, "make_session", make_session)
+    monkeypatch.setattr(oe, "BoundIO", CpuBound)
+    m = Model.from_bundle(flex_bundle, RuntimeSettings())
+    stages = len(m.runner.engines)
+    assert [g[0]["enable_cuda_graph"] for g in given].count("1") == stages  # every stage tried the graph first
+    for e in m.runner.engines:
+        d = e.describe()
+        assert d["cuda_graph"] is False and "graph capture is not supported here" in d["cuda_graph_error"]
+        assert d["io_binding"] is True and d["provider_options"][0]["enable_cuda_graph"] == "0"
+    monkeypatch.undo()
+    plain = Model.from_bundle(flex_bundle, RuntimeSettings(providers=("cpu",), graph_optimization="all"))
+    rows = _rows(plain, 4)  # (GPU providers get the "all" optimisation level)
+    np.testing.assert_array_equal(m.runner.run_rows(0, *rows), plain.runner.run_rows(0, *rows))
+    # and with the graph turned off nothing is tried twice
+    given.clear()
+    monkeypatch.setattr(oe, "resolve_providers", lambda names: [CUDA, CPU])
+    monkeypatch.setattr(oe, "make_session", make_session)
+    monkeypatch.setattr(oe, "BoundIO", CpuBound)
+    Model.from_bundle(flex_bundle, RuntimeSettings(cuda_graph=False))
+    assert len(given) == stages and all(g[0]["enable_cuda_graph"] == "0" for g in given)
