@@ -32,7 +32,13 @@ def test_bad_inputs_one_line_exit_2(serve_bundle, tmp_path):
         ([serve_bundle, "--timeout", "nan"], "timeout_s must be a finite positive number"),
         ([serve_bundle, "--replicas", "0"], "--replicas must be an integer >= 1"),
         ([serve_bundle, "--detach"], "--detach needs --address"),
+        ([serve_bundle, "--device", "cuda"], "--device cuda needs --gpus"),
+        ([serve_bundle, "--device", "tpu"], "invalid choice: 'tpu'"),
     ]
+    from flexdit_runtime.device import ort_cuda
+
+    if ort_cuda():  # no usable CUDA provider here: refused like flexdit-run, before Ray starts
+        cases.append(([serve_bundle, "--device", "cuda", "--gpus", "1"], "--device cuda: the bundle has no AOTI"))
     for args, needle in cases:
         start = time.monotonic()
         p = run_cli("flexdit-serve", *args, check=False)
@@ -78,3 +84,24 @@ def test_one_command_serve_answer_and_stop(serve_bundle, tmp_path):
             raise
     assert proc.returncode == 0, err
     assert "serving" in err and "shutting down" in err
+
+
+def test_config_from_serve_run_arguments(serve_bundle):
+    """``serve run flexdit_serve.app:build_app key=value ...`` passes strings; they are typed and
+    checked like the command line's options."""
+    from flexdit_serve.config import ConfigError, ServeConfig
+
+    cfg = ServeConfig.from_dict({"bundle": str(serve_bundle), "replicas": "2", "threads": "1", "timeout_s": "30",
+                                 "gpus": "0.5", "verify_checksums": "false", "batching": "request"})
+    assert (cfg.replicas, cfg.threads, cfg.timeout_s, cfg.gpus, cfg.verify_checksums) == (2, 1, 30.0, 0.5, False)
+    for bad, needle in [({"bundle": "b", "replicas": "two"}, "replicas='two' is not a valid value"),
+                        ({"bundle": "b", "colour": "red"}, "unknown option(s) colour"),
+                        ({"replicas": "1"}, "missing bundle=PATH"),
+                        ({"bundle": "b", "batching": "eager"}, "unknown batching 'eager'"),
+                        ({"bundle": "b", "gpus": "-1"}, "gpus must be a number >= 0")]:
+        try:
+            ServeConfig.from_dict(bad)
+        except ConfigError as e:
+            assert needle in str(e), (bad, str(e))
+        else:
+            raise AssertionError(f"{bad} was accepted")

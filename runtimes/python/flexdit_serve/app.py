@@ -74,16 +74,19 @@ def _error(e: ServeError) -> JSONResponse:
 @serve.ingress(api)
 class FlexDiTServer:
     def __init__(self, config: dict):
+        from flexdit_bundle.manifest import load_bundle
+        from flexdit_runtime.device import resolve
         from flexdit_runtime.model import Model
         from flexdit_runtime.settings import RuntimeSettings
 
         from .metrics import Metrics
 
         self.config = cfg = ServeConfig.from_dict(config)
-        settings = RuntimeSettings(threads=cfg.threads, shared_thread_pool=True)
         # Raises (BundleError) on a bundle that fails verification: the replica never becomes ready.
-        self.model = Model.from_bundle(cfg.bundle, settings, cfg.precision, cfg.backend,
-                                       verify_checksums=cfg.verify_checksums)
+        bundle = load_bundle(cfg.bundle, cfg.verify_checksums, defer_weights=True)
+        backend, settings = resolve(bundle, cfg.device, cfg.backend,
+                                    RuntimeSettings(threads=cfg.threads, shared_thread_pool=True))
+        self.model = Model(bundle, settings, cfg.precision, backend)
         self.metrics = Metrics()
         self.scheduler = Scheduler(self.model, policy="none" if cfg.batching == "none" else "stage",
                                    max_inflight=cfg.max_inflight, max_queue=cfg.max_queue,
@@ -210,7 +213,8 @@ def deployment_options(cfg: ServeConfig) -> dict:
     # few more requests through to hear that answer, and refuses beyond (429 too) on its side.
     hold = (cfg.max_queue if cfg.max_queue is not None else 64) + (cfg.max_inflight or 16) + 8
     return {"num_replicas": cfg.replicas,
-            "ray_actor_options": {"num_cpus": cfg.ray_cpus if cfg.ray_cpus is not None else (cfg.threads or 1)},
+            "ray_actor_options": {"num_cpus": cfg.ray_cpus if cfg.ray_cpus is not None else (cfg.threads or 1),
+                                  "num_gpus": cfg.gpus},
             "max_ongoing_requests": hold, "max_queued_requests": hold,
             "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=1),
             "graceful_shutdown_timeout_s": cfg.drain_s, "graceful_shutdown_wait_loop_s": 0.5}

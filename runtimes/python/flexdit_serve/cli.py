@@ -42,7 +42,9 @@ class UserError(Exception):
 @click.option("--replicas", type=INT, default=1, show_default=True, help="replicas (each loads the bundle)")
 @click.option("--threads", type=INT, default=None, help="engine threads (and Ray CPUs) per replica")
 @click.option("--ray-cpus", type=FLOAT, default=None, help="CPUs Ray reserves per replica (default: --threads, else 1)")
-@click.option("--backend", default="onnx", show_default=True, help="engine kind, as flexdit-run --backend")
+@click.option("--backend", default=None, help="engine kind, as flexdit-run --backend (default onnx, or what --device picks)")
+@click.option("--device", type=Choice(("cpu", "cuda")), default=None, help="where the engines run, as flexdit-run --device")
+@click.option("--gpus", type=FLOAT, default=0.0, show_default=True, help="GPUs Ray reserves per replica (0.5: two share one)")
 @click.option("--precision", default=None, help="per-stage precision override, as flexdit-run --precision")
 @click.option("--max-inflight", type=INT, default=None, help="images denoised at once per replica "
               "(default: the rows of one stage call)")
@@ -56,12 +58,12 @@ class UserError(Exception):
 @click.option("--address", default=None, help="an existing Ray cluster (e.g. auto, ray://head:10001); "
               "default: start a local Ray")
 @click.option("--detach", is_flag=True, help="deploy and exit, leaving the application running on the cluster")
-def command(bundle, host, port, batching, replicas, threads, ray_cpus, backend, precision, max_inflight, max_queue,
+def command(bundle, host, port, batching, replicas, threads, ray_cpus, backend, device, gpus, precision, max_inflight, max_queue,
             max_wait_calls, max_images, timeout, drain, address, detach):
     """Serve BUNDLE over HTTP (POST /v1/images; /docs for the API)."""
     try:
         cfg = ServeConfig(bundle=os.path.abspath(bundle), batching=batching, replicas=replicas, threads=threads,
-                          ray_cpus=ray_cpus, backend=backend, precision=precision, max_inflight=max_inflight, max_queue=max_queue,
+                          ray_cpus=ray_cpus, backend=backend, device=device, gpus=gpus, precision=precision, max_inflight=max_inflight, max_queue=max_queue,
                           max_wait_calls=max_wait_calls, max_images_per_request=max_images, timeout_s=timeout,
                           drain_s=drain)
     except ConfigError as e:
@@ -69,7 +71,14 @@ def command(bundle, host, port, batching, replicas, threads, ray_cpus, backend, 
     if not 0 < port < 65536:
         raise UserError(f"--port must be in 1..65535, got {port}")
     try:  # fail here, in one line, before starting Ray, on a bundle that cannot be trusted
-        load_bundle(cfg.bundle, verify_checksums=True, defer_weights=False)
+        checked = load_bundle(cfg.bundle, verify_checksums=True, defer_weights=False)
+        if cfg.device and not cfg.gpus and cfg.device == "cuda":
+            raise UserError("--device cuda needs --gpus (the GPUs Ray reserves per replica, e.g. 1 or 0.5)")
+        if cfg.device and address is None:  # the replicas run here: the same refusals as flexdit-run
+            from flexdit_runtime.device import resolve
+            from flexdit_runtime.settings import RuntimeSettings
+
+            resolve(checked, cfg.device, cfg.backend, RuntimeSettings(threads=cfg.threads))
     except BundleError as e:
         raise UserError(str(e)) from None
     if detach and address is None:

@@ -23,14 +23,17 @@ class ServeConfig:
     stage policy (engine calls an image may wait between its steps; default 2 x stages);
     ``timeout_s``: the longest a request may take, queue included (a request may ask for less);
     ``threads``: ONNX Runtime intra-op threads per replica; ``ray_cpus``: the CPUs Ray reserves
-    for each replica (default: ``threads``, else 1)."""
+    for each replica (default: ``threads``, else 1); ``device``/``gpus``: where each replica's
+    engines run (as ``flexdit-run --device``) and the GPUs Ray reserves for it."""
 
     bundle: str
     batching: str = "stage"
     replicas: int = 1
     threads: int | None = None
     ray_cpus: float | None = None  # CPUs Ray reserves per replica (default: threads, or 1)
-    backend: str = "onnx"
+    backend: str | None = None  # None: onnx, or what --device picks
+    device: str | None = None  # cpu | cuda: flexdit_runtime.device picks engine kind and providers
+    gpus: float = 0.0  # GPUs Ray reserves per replica (a fraction lets replicas share one)
     precision: str | None = None
     max_inflight: int | None = None
     max_queue: int | None = None
@@ -51,6 +54,9 @@ class ServeConfig:
             lo = 0 if name == "max_queue" else 1
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= {lo}, got {v!r}")
+        if isinstance(self.gpus, bool) or not isinstance(self.gpus, (int, float)) or not math.isfinite(self.gpus) \
+                or self.gpus < 0:
+            raise ConfigError(f"gpus must be a number >= 0, got {self.gpus!r}")
         if self.ray_cpus is not None and (isinstance(self.ray_cpus, bool) or not isinstance(self.ray_cpus, (int, float))
                                           or not math.isfinite(self.ray_cpus) or self.ray_cpus < 0):
             raise ConfigError(f"ray_cpus must be a number >= 0, got {self.ray_cpus!r}")
@@ -70,10 +76,10 @@ class ServeConfig:
             raise ConfigError(f"unknown option(s) {', '.join(unknown)} (known: {', '.join(known)})")
         typed = {}
         for k, v in args.items():
-            if isinstance(v, str) and k not in ("bundle", "batching", "backend", "precision"):
+            if isinstance(v, str) and k not in ("bundle", "batching", "backend", "precision", "device"):
                 try:
                     v = {"true": True, "false": False}[v.lower()] if k == "verify_checksums" else \
-                        (float(v) if k.endswith("_s") or k == "ray_cpus" else int(v))
+                        (float(v) if k.endswith("_s") or k in ("ray_cpus", "gpus") else int(v))
                 except (ValueError, KeyError):
                     raise ConfigError(f"{k}={v!r} is not a valid value") from None
             typed[k] = v
