@@ -327,7 +327,10 @@ class Scheduler:
         self._gauges()
         t._event.set()
         if t.on_done:
-            t.on_done(t)
+            try:
+                t.on_done(t)
+            except RuntimeError:  # the waiter's event loop is gone (shutdown): nobody to tell
+                pass
 
     def _count(self, outcome: str, t: Ticket | None = None) -> None:
         if self.metrics:
