@@ -5,6 +5,7 @@ and the real CLI. Nothing here runs on a GPU: the CUDA/TensorRT branches are che
 options they build and the refusals they give where no GPU or no onnxruntime-gpu exists."""
 
 import json
+import os
 import subprocess
 import sys
 import types
@@ -373,3 +374,15 @@ def test_cuda_graph_failure_reopens_the_stage_without_it(flex_bundle, monkeypatc
     monkeypatch.setattr(oe, "BoundIO", CpuBound)
     Model.from_bundle(flex_bundle, RuntimeSettings(cuda_graph=False))
     assert len(given) == stages and all(g[0]["enable_cuda_graph"] == "0" for g in given)
+
+
+def test_trt_cache_dirs_that_cannot_be_made_turn_the_caches_off(tmp_path):
+    dirs = oe.trt_cache_dirs(str(tmp_path / "c"), ENV, {"sha256": "ab" * 32, "precision": "fp32"})
+    assert oe.make_dirs(dirs) == (dirs, None) and all(os.path.isdir(d) for d in dirs.values())
+    (tmp_path / "file").write_text("x")  # a file where the cache directory should be
+    blocked = oe.trt_cache_dirs(str(tmp_path / "file"), ENV, {"sha256": "ab" * 32, "precision": "fp32"})
+    got, why = oe.make_dirs(blocked)
+    assert got is None and why.startswith("TensorRT caches off: cannot create ") and "\n" not in why
+    assert oe.make_dirs(None) == (None, None)
+    # and no cache options are given then
+    assert "trt_engine_cache_path" not in oe.provider_options([TRT, CUDA, CPU], RuntimeSettings(), "fp32", got)[0]

@@ -338,12 +338,10 @@ class OrtStageEngine(StageEngine):
     def open(cls, bundle: Bundle, stage: dict, artifact: dict, settings: RuntimeSettings, weights) -> "OrtStageEngine":
         providers = resolve_providers(settings.providers)
         level = optimization_level(settings.graph_optimization, artifact["precision"], providers)
-        trt_dirs = None
+        trt_dirs, cache_note = None, None
         if TRT in providers:
-            trt_dirs = trt_cache_dirs(trt_cache_root(settings.trt_cache_dir), gpu_environment(settings.device_id),
-                                      artifact)
-            for d in (trt_dirs or {}).values():
-                os.makedirs(d, exist_ok=True)
+            trt_dirs, cache_note = make_dirs(trt_cache_dirs(trt_cache_root(settings.trt_cache_dir),
+                                                            gpu_environment(settings.device_id), artifact))
         options = provider_options(providers, settings, artifact["precision"], trt_dirs)
 
         def session_with(opts):
@@ -376,6 +374,7 @@ class OrtStageEngine(StageEngine):
                 raise
             engine = engine_with(without_cuda_graph(options))
             engine.cuda_graph_error = str(e)
+        engine.trt_cache_note = cache_note
         return engine
 
     def warm_up(self, calls: int = 2) -> None:
@@ -401,9 +400,24 @@ class OrtStageEngine(StageEngine):
             d["io_device"] = self.bound.device_type
         if self.cuda_graph_error:
             d["cuda_graph_error"] = self.cuda_graph_error
+        if getattr(self, "trt_cache_note", None):
+            d["trt_cache"] = self.trt_cache_note
         if any(self.options):
             d["provider_options"] = self.options
         return d
+
+
+def make_dirs(dirs: dict | None) -> tuple[dict | None, str | None]:
+    """Create the cache directories; -> (dirs, None), or (None, why) when they cannot be made (a
+    read-only cache costs the TensorRT provider its caches, not the run)."""
+    if not dirs:
+        return None, None
+    try:
+        for d in dirs.values():
+            os.makedirs(d, exist_ok=True)
+    except OSError as e:
+        return None, f"TensorRT caches off: cannot create {e.filename}: {e.strerror or e}"
+    return dirs, None
 
 
 def without_cuda_graph(options: list) -> list:
