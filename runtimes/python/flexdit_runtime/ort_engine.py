@@ -317,9 +317,9 @@ class BoundIO:
 class OrtStageEngine(StageEngine):
     """A stage graph in an ONNX Runtime session (CPU, CUDA or TensorRT execution provider). With
     a GPU provider first, inputs and output live in device buffers bound once (``BoundIO``) and,
-    unless turned off, ONNX Runtime replays the stage as a CUDA graph; both are captured at load
-    with one warm-up call, and if the CUDA-graph session fails there the engine reopens the
-    stage without it and says why in ``describe()``."""
+    unless turned off, ONNX Runtime replays the stage as a CUDA graph, captured at load by two
+    warm-up calls on zeros; if the CUDA-graph session fails there, the engine reopens the stage
+    without the graph and says why in ``describe()``."""
 
     kind = "onnx"
 
@@ -332,6 +332,7 @@ class OrtStageEngine(StageEngine):
         self.options: list = []
         self.cuda_graph = False
         self.cuda_graph_error = None
+        self.trt_cache_note = None
         self.optimization = None
 
     @classmethod
@@ -400,7 +401,7 @@ class OrtStageEngine(StageEngine):
             d["io_device"] = self.bound.device_type
         if self.cuda_graph_error:
             d["cuda_graph_error"] = self.cuda_graph_error
-        if getattr(self, "trt_cache_note", None):
+        if self.trt_cache_note:
             d["trt_cache"] = self.trt_cache_note
         if any(self.options):
             d["provider_options"] = self.options
