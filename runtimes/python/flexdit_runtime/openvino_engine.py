@@ -341,23 +341,56 @@ def _merge(ov, models: list, bindings: list):
     if not differing:
         return None  # identical graphs: nothing to feed, but also nothing to gain over one static model each
     base = models[0]
-    params = []
-    for i, shapes, _ in differing:
+    params, fed = [], []
+    for i, shapes, values in differing:
         const = consts[0][i]
+        common = _common_reshape_target(ov, [c[i] for c in consts])
+        if common is not None:
+            # a reshape target holding the token count: one constant with -1 there keeps every
+            # other dimension static (as an input, the reshaped tensor would lose all of them)
+            for target in list(const.output(0).get_target_inputs()):
+                target.replace_source_output(common.output(0))
+            continue
         dims = [d if all(s[k] == d for s in shapes) else -1 for k, d in enumerate(shapes[0])]
         param = ov.opset13.parameter(ov.PartialShape(dims), const.get_element_type(), name=f"{STAGE_INPUT}{i}")
         param.output(0).get_tensor().set_names({f"{STAGE_INPUT}{i}"})
         for target in list(const.output(0).get_target_inputs()):
             target.replace_source_output(param.output(0))
         params.append(param)
-    base.add_parameters(params)
+        fed.append((i, values))
+    if params:
+        base.add_parameters(params)
     try:
         base.validate_nodes_and_infer_types()
     except RuntimeError:
         return None
-    feeds = [{f"{STAGE_INPUT}{i}": np.array(values[k], copy=True, order="C") for i, _, values in differing}
+    feeds = [{f"{STAGE_INPUT}{i}": np.array(values[k], copy=True, order="C") for i, values in fed}
              for k in range(len(models))]
     return base, feeds
+
+
+def _common_reshape_target(ov, consts: list):
+    """The stages' versions of one constant that is only ever the target shape of Reshapes: a
+    constant valid for all of them (their static output shapes, -1 in the one dimension that
+    differs), or None when it is used otherwise or more than one dimension differs."""
+    outs = []
+    for c in consts:
+        shapes = set()
+        for target in c.output(0).get_target_inputs():
+            node = target.get_node()
+            if (target.get_index() != 1 or node.get_type_name() != "Reshape"
+                    or not node.get_output_partial_shape(0).is_static):
+                return None
+            shapes.add(tuple(node.get_output_shape(0)))
+        if len(shapes) != 1:
+            return None
+        outs.append(list(shapes.pop()))
+    if len({len(o) for o in outs}) != 1 or len(outs[0]) != consts[0].get_output_shape(0)[0]:
+        return None
+    dims = [d if all(o[k] == d for o in outs) else -1 for k, d in enumerate(outs[0])]
+    if dims.count(-1) != 1:
+        return None
+    return ov.opset13.constant(np.array(dims, dtype=consts[0].get_data().dtype))
 
 
 def cache_files(directory) -> list[Path]:
