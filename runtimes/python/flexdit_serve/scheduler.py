@@ -17,8 +17,10 @@ Policy (which stage runs next):
   3. Within the chosen stage, images are packed longest-waiting first, until the next one
      would not fit the static batch.
 Admission: waiting requests enter in arrival order while the images in flight stay within
-``max_inflight``; the waiting queue holds at most ``max_queue`` images, beyond which ``submit``
-refuses at once (``QueueFull``: HTTP 429) instead of growing. Deadlines are checked between
+``max_inflight``. When a call would run less than half full while requests are arriving (one
+came within ``fill_wait_s``, default 20 ms) and there is room, the engine waits that long for
+them, so that arrivals moments apart start as one cohort (a lone request never waits). The
+waiting queue holds at most ``max_queue`` images, beyond which ``submit`` refuses at once (``QueueFull``: HTTP 429) instead of growing. Deadlines are checked between
 calls; a request past its deadline fails with ``TimedOut`` wherever it is.
 
 ``policy="none"`` admits one request at a time and runs it to the end (the unbatched baseline);
@@ -125,7 +127,8 @@ class Scheduler:
     in one background thread) does the engine work."""
 
     def __init__(self, model, *, policy: str = "stage", max_inflight: int | None = None, max_queue: int | None = None,
-                 max_wait_calls: int | None = None, metrics=None, clock: Callable[[], float] = time.monotonic):
+                 max_wait_calls: int | None = None, fill_wait_s: float = 0.02, metrics=None,
+                 clock: Callable[[], float] = time.monotonic):
         if policy not in POLICIES:
             raise ValueError(f"unknown batching policy {policy!r} (choose from {', '.join(POLICIES)})")
         self.model, self.policy, self.metrics, self.clock = model, policy, metrics, clock
@@ -143,6 +146,8 @@ class Scheduler:
         self._order = itertools.count()
         self._draining = False
         self._stopped = threading.Event()
+        self.fill_wait_s = fill_wait_s
+        self._last_submit = float("-inf")
 
     # ---- called by request handlers ----------------------------------------------------------
 
@@ -160,6 +165,7 @@ class Scheduler:
                 raise BadRequest(f"request id {ticket.id!r} is already in flight")
             self._waiting.append(ticket)
             self._tickets[ticket.id] = ticket
+            self._last_submit = self.clock()
             self._gauges()
             self._lock.notify_all()
         return ticket
@@ -197,6 +203,13 @@ class Scheduler:
             chosen = self._choose()
             if not chosen:
                 return False
+            if self._worth_waiting(chosen):
+                self._lock.wait(self.fill_wait_s)  # a submit wakes it early
+                self._expire()
+                self._admit()
+                chosen = self._choose()
+                if not chosen:
+                    return False
         sid = self.model.runner.stage_for(chosen[0].request.timestep)
         rows = sum(im.rows for im in chosen)
         start = time.perf_counter()
@@ -256,6 +269,18 @@ class Scheduler:
         self._stopped.set()
 
     # ---- policy --------------------------------------------------------------------------------
+
+    def _worth_waiting(self, chosen: list[_Image]) -> bool:
+        """Requests are arriving (one came within ``fill_wait_s``), there is room to admit them and
+        the call would run less than half full: wait up to ``fill_wait_s`` for them, so that
+        arrivals that come moments apart start as one cohort instead of a string of near-empty
+        calls (Triton's queue delay; with no arrivals a lone request never waits)."""
+        if not self.fill_wait_s or self.policy != "stage":
+            return False
+        sid = self.model.runner.stage_for(chosen[0].request.timestep)
+        rows = sum(im.rows for im in chosen)
+        return (rows * 2 < self.model.runner.batches[sid] and len(self._inflight) < self.max_inflight
+                and self.clock() - self._last_submit < self.fill_wait_s)
 
     def _admit(self) -> None:
         while self._waiting:
