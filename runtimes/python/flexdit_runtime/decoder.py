@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from flexdit_bundle.manifest import Bundle, BundleError
 
-from .ort_engine import make_session, ort_error, resolve_providers, session_io
+from .ort_engine import make_session, ort_error, provider_options, resolve_providers, session_io
 from .settings import RuntimeSettings
 from .static_batch import in_static_batches
 
@@ -18,8 +20,13 @@ class Decoder:
         settings = settings or RuntimeSettings()
         d = bundle.decoder
         self.artifact = art = bundle.artifact(d, "onnx")
-        self.session = make_session(bundle.path(art), resolve_providers(settings.providers), settings.threads,
-                                    weights, art, shared_pool=settings.apply(), prepack_weights=settings.prepack_weights)
+        providers = resolve_providers(settings.providers)
+        # the stage engines' provider options (device, precision flags), without a CUDA graph: the
+        # decoder runs once per request through plain run(), not through fixed bound buffers
+        options = provider_options(providers, dataclasses.replace(settings, cuda_graph=False), art["precision"])
+        self.session = make_session(bundle.path(art), providers, settings.threads, weights, art,
+                                    shared_pool=settings.apply(), prepack_weights=settings.prepack_weights,
+                                    provider_options=options)
         self.batch = d["inputs"][0]["shape"][0]
         self.in_name, self.out_name = d["inputs"][0]["name"], d["outputs"][0]["name"]
         inputs, outputs = session_io(self.session)
