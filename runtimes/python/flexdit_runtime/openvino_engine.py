@@ -11,7 +11,7 @@ runtime offers both and ``engine_select`` measures. Precisions and what each one
 
 Memory: OpenVINO's CPU plugin repacks the weights of every compiled model into its own blocked
 layout and JIT-compiles its own kernels, and its weight cache is per compiled model, so four
-static stage models cost four repacked copies of the weights (Fashion: +50 MB per stage, 3.8x
+static stage models cost four repacked copies of the weights (Fashion: +50 MB per stage, 3.7x
 the RSS of ONNX Runtime's dense model; see benchmarks/README.md). But the stage graphs of a
 bundle are the same graph: they differ only in a few small constants (the pooling table, the
 recovery index, reshape targets holding the token count). So fp32/bf16 stages whose graphs have
