@@ -147,6 +147,9 @@ def main():
     ap.add_argument("--model", default="fashion", help="fashion | S | B (random-weight DiT-S/2- or B/2-sized FlexDiT)")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16, 64])
+    ap.add_argument("--limit", nargs="*", default=[], metavar="MODE=N",
+                    help="run MODE only up to N clients (e.g. a=16: one-at-a-time on the padded batch-16 graph "
+                         "would keep 64 clients waiting minutes)")
     ap.add_argument("--batch", type=int, default=16, help="static batch of the serving bundle")
     ap.add_argument("--steps", type=int, nargs="+", default=[20],
                     help="sampling steps per request; several: each request draws one (a mixed workload)")
@@ -186,9 +189,12 @@ def main():
                           timeout_s=args.timeout, max_images_per_request=1,
                           max_queue=2 * max(args.concurrency))  # the clients' requests wait; none is refused
         serve.run(build_app(cfg), name=m, route_prefix=f"/{m}")
+    limits = {k: int(v) for k, v in (item.split("=") for item in args.limit)}
     rows = []
     for c in args.concurrency:
         for m in args.modes:
+            if c > limits.get(m, c):
+                continue
             r = run_window(args.port, f"/{m}", pairs, refs[MODES[m][1]], c, args.warmup, args.window,
                            seed=c)
             r["mode"] = m
