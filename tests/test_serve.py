@@ -27,11 +27,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_serve(tries: int = 5) -> int:
+    """Serve's HTTP proxy on a free port. Ray's own processes also take free ports, so a port
+    picked a moment before can be gone: pick again."""
+    for attempt in range(tries):
+        port = free_port()
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            return port
+        except Exception:  # Ray wraps "Failed to bind to address" in its task errors
+            serve.shutdown()
+            if attempt == tries - 1:
+                raise
+
+
 @pytest.fixture(scope="module")
 def cluster():
-    port = free_port()
     ray.init(include_dashboard=False, log_to_driver=False, num_cpus=4)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = start_serve()
     yield port
     serve.shutdown()
     ray.shutdown()

@@ -48,25 +48,39 @@ def test_bad_inputs_one_line_exit_2(serve_bundle, tmp_path):
         assert time.monotonic() - start < 30  # refused before any Ray cluster starts
 
 
-def test_one_command_serve_answer_and_stop(serve_bundle, tmp_path):
-    port = free_port()
+def start_cli(bundle, tries: int = 3):
+    """``flexdit-serve BUNDLE --port P`` until it is ready -> (process, url). Ray's own processes
+    take free ports too, so a port picked a moment before may be gone: then pick another."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen([sys.executable, "-m", "flexdit_serve.cli", str(serve_bundle), "--port", str(port),
-                             "--threads", "1", "--drain", "5"], stderr=subprocess.PIPE, text=True, env=env)
-    try:
+    for _ in range(tries):
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "flexdit_serve.cli", str(bundle), "--port", str(port),
+                                 "--threads", "1", "--drain", "5"], stderr=subprocess.PIPE, text=True, env=env)
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             try:
                 with urllib.request.urlopen(f"{url}/readyz", timeout=5) as r:
                     if r.status == 200 and json.loads(r.read())["status"] == "ready":
-                        break
+                        return proc, url
             except (urllib.error.URLError, ConnectionError, json.JSONDecodeError, TimeoutError):
                 pass
-            assert proc.poll() is None, proc.stderr.read()
+            if proc.poll() is not None:
+                err = proc.stderr.read()
+                assert proc.returncode == 2 and len(err.strip().splitlines()) == 1, err
+                if "bind" in err:
+                    break  # the port was taken: try another
+                raise AssertionError(err)
             time.sleep(1)
         else:
+            proc.kill()
             raise AssertionError("flexdit-serve never became ready")
+    raise AssertionError(f"no free port in {tries} tries")
+
+
+def test_one_command_serve_answer_and_stop(serve_bundle, tmp_path):
+    proc, url = start_cli(serve_bundle)
+    try:
         req = urllib.request.Request(f"{url}/v1/images", json.dumps({"prompts": [1], "seed": 4, "steps": 6}).encode(),
                                      {"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as r:
