@@ -20,7 +20,17 @@ PACKAGES = {
     "nncf": ("OpenVINO int8 at convert time", "openvino-int8"), "ray": ("flexdit-serve (Ray Serve)", "serve"),
     "click": ("command lines", "(base)"),
 }
-SERVE_RAY = "2.60.0"  # the Ray version .[serve] pins (what the serving tests ran with)
+def _serve_pin() -> str | None:
+    """The Ray version the ``.[serve]`` extra pins, read from this package's own metadata
+    (pyproject.toml is the one place it is written); None when the metadata is not there."""
+    try:
+        reqs = metadata.requires("flexdit-export") or []
+    except metadata.PackageNotFoundError:
+        return None
+    for r in reqs:
+        if r.startswith("ray[serve]==") and "serve" in r.split(";", 1)[-1]:
+            return r.split("==", 1)[1].split(";", 1)[0].strip()
+    return None
 
 
 def _version(dist: str) -> str | None:
@@ -78,7 +88,7 @@ def report() -> dict:
             "flexdit-export": _version("flexdit-export"), "packages": packages,
             "onnxruntime_providers": providers, "torch_cuda": cuda, "engines": _engines(),
             "compiler_ready": all(packages[d] for d in ("torch", "onnx", "onnxscript", "safetensors")),
-            "server_ready": packages["ray"] == SERVE_RAY}
+            "server_ready": bool(packages["ray"]) and packages["ray"] == (_serve_pin() or packages["ray"])}
 
 
 def render(r: dict) -> str:
@@ -96,5 +106,5 @@ def render(r: dict) -> str:
     lines.append("compiler (flexdit-export convert): " + ("ready" if r["compiler_ready"] else
                                                            "missing packages: pip install '.[compiler]'"))
     lines.append("server (flexdit-serve): " + ("ready" if r["server_ready"] else
-                                                "needs ray[serve]==" + SERVE_RAY + ": pip install '.[serve]'"))
+                                                "needs ray[serve]" + (f"=={_serve_pin()}" if _serve_pin() else "") + ": pip install '.[serve]'"))
     return "\n".join(lines)

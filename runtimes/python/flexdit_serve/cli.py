@@ -72,7 +72,7 @@ def command(bundle, host, port, batching, replicas, threads, ray_cpus, backend, 
         raise UserError(f"--port must be in 1..65535, got {port}")
     try:  # fail here, in one line, before starting Ray, on a bundle that cannot be trusted
         checked = load_bundle(cfg.bundle, verify_checksums=True, defer_weights=False)
-        if cfg.device and not cfg.gpus and cfg.device == "cuda":
+        if cfg.device == "cuda" and not cfg.gpus:
             raise UserError("--device cuda needs --gpus (the GPUs Ray reserves per replica, e.g. 1 or 0.5)")
         if cfg.device and address is None:  # the replicas run here: the same refusals as flexdit-run
             from flexdit_runtime.device import resolve
