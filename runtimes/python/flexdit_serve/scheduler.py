@@ -141,7 +141,6 @@ class Scheduler:
         self._waiting: list[Ticket] = []  # not yet admitted, arrival order
         self._inflight: list[_Image] = []
         self._tickets: dict[str, Ticket] = {}
-        self._left: dict[str, int] = {}  # ticket id -> images not yet finished
         self._calls = 0
         self._order = itertools.count()
         self._draining = False
@@ -157,7 +156,7 @@ class Scheduler:
                 raise ShuttingDown("the server is shutting down; retry on another replica")
             if ticket.n > self.max_inflight:
                 raise BadRequest(f"{ticket.n} images in one request; this server takes at most {self.max_inflight}")
-            queued = sum(t.n for t in self._waiting)
+            queued = self._queued()
             if queued + ticket.n > self.max_queue:
                 self._count("rejected")
                 raise QueueFull(f"queue full ({queued} images waiting, limit {self.max_queue}); retry later")
@@ -182,7 +181,7 @@ class Scheduler:
     @property
     def queue_depth(self) -> int:
         with self._lock:
-            return sum(t.n for t in self._waiting)
+            return self._queued()
 
     @property
     def inflight(self) -> int:
@@ -229,14 +228,14 @@ class Scheduler:
             self._calls += 1
             for im in chosen:
                 im.last_call = self._calls
-            for im in [im for im in chosen if im.request.done]:
-                if im in self._inflight:
-                    self._inflight.remove(im)
-                    left = self._left.get(im.ticket.id)
-                    if left is not None:
-                        self._left[im.ticket.id] = left - 1
-                        if left == 1:
-                            finished.append(im.ticket)
+            done = [im for im in chosen if im.request.done and im in self._inflight]
+            for im in done:
+                self._inflight.remove(im)
+            live = {id(im.ticket) for im in self._inflight}
+            for im in done:  # a ticket is finished once none of its images is left in flight
+                t = im.ticket
+                if id(t) not in live and t.id in self._tickets and t not in finished:
+                    finished.append(t)
             self._gauges()
         for t in finished:  # decode outside the lock (the decoder may take a while)
             self._complete(t)
@@ -290,7 +289,6 @@ class Scheduler:
             if self._inflight and len(self._inflight) + t.n > self.max_inflight:
                 return
             self._waiting.pop(0)
-            self._left[t.id] = t.n
             guided_rows = 2 if t.images[0].params.guided else 1
             for req in t.images:
                 self._inflight.append(_Image(t, req, guided_rows, self._calls, next(self._order)))
@@ -342,7 +340,6 @@ class Scheduler:
     def _end(self, t: Ticket, result: Result | None = None, error: ServeError | None = None) -> None:
         """Under the lock: remove ``t`` everywhere, record its outcome, wake its waiter."""
         self._tickets.pop(t.id, None)
-        self._left.pop(t.id, None)
         if t in self._waiting:
             self._waiting.remove(t)
         self._inflight = [im for im in self._inflight if im.ticket is not t]
@@ -357,13 +354,17 @@ class Scheduler:
             except RuntimeError:  # the waiter's event loop is gone (shutdown): nobody to tell
                 pass
 
+    def _queued(self) -> int:
+        """Images waiting for admission (under the lock)."""
+        return sum(t.n for t in self._waiting)
+
     def _count(self, outcome: str, t: Ticket | None = None) -> None:
         if self.metrics:
             self.metrics.request_done(outcome, t.n if t else 0, (t.finished - t.submitted) if t else None)
 
     def _gauges(self) -> None:
         if self.metrics:
-            self.metrics.gauges(sum(t.n for t in self._waiting), len(self._inflight))
+            self.metrics.gauges(self._queued(), len(self._inflight))
 
 
 def run_whole(model, tickets: list[Ticket]) -> None:
