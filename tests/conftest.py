@@ -54,3 +54,16 @@ def serve_bundle(tmp_path_factory, ref_ckpt):
     run_cli("flexdit-export", "convert", ref_ckpt, "-o", out, "--schedule", "600:2,300:3,0:dense", "--num-heads", "4",
             "--batch", "8")
     return out
+
+
+@pytest.fixture(scope="session")
+def fashion_data():
+    """The Fashion-MNIST test set and the shipped classifier, which `.ci/run` installs: a test that
+    needs them fails with the install command when they are missing (never a silent skip)."""
+    from flexdit_fashion.datasets import default_dir
+    from flexdit_fashion.evaluate import find_classifier_dir
+
+    missing = [str(p) for p in (default_dir() / "t10k-images-idx3-ubyte.gz",
+                                find_classifier_dir() / "classifier.safetensors") if not p.exists()]
+    if missing:
+        pytest.fail(f"missing {', '.join(missing)}: apt-get install dataset-fashion-mnist (see README, set-up)")

@@ -14,14 +14,13 @@ import torch
 from flexdit_export.checkpoints import load_checkpoint
 from flexdit_export.errors import UserError
 from flexdit_export.schedule import parse_schedule
-from flexdit_fashion.datasets import FASHION_CLASSES, default_dir, load_split, read_idx
+from flexdit_fashion.datasets import FASHION_CLASSES, load_split, read_idx
 from flexdit_fashion.evaluate import (CLASSIFIER_METRICS, class_accuracy, features, find_classifier_dir,
                                       frechet_distance, load_classifier)
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / "models" / "fashion-flexdit"
-needs_data = pytest.mark.skipif(not (default_dir() / "t10k-images-idx3-ubyte.gz").exists(),
-                                reason="Fashion-MNIST not installed (Debian package dataset-fashion-mnist)")
+needs_data = pytest.mark.usefixtures("fashion_data")  # fails, with the install command, where it is missing
 
 
 def _idx_bytes(arr: np.ndarray) -> bytes:

@@ -1,6 +1,6 @@
 """OpenVINO stage engines (issue 12): load, parity with ONNX Runtime, compiled-model cache,
-refusals, the precision policy and ``--backend auto``. Skipped only where openvino is absent
-(CI installs it through the dev extra)."""
+refusals, the precision policy and ``--backend auto``. openvino and nncf come with the dev extra:
+a missing one fails these tests (the bf16 gate alone needs a CPU with bf16)."""
 
 import json
 import sys
@@ -8,14 +8,14 @@ import sys
 import numpy as np
 import pytest
 
-ov = pytest.importorskip("openvino")
+import openvino  # noqa: F401  (the dev extra installs it: fail here, not skip, without it)
 
-from flexdit_bundle.manifest import BundleError, load_bundle  # noqa: E402
-from flexdit_bundle.precision import PrecisionError, allowed_by, canonical  # noqa: E402
-from flexdit_runtime import Model, RuntimeSettings  # noqa: E402
-from flexdit_runtime import engine_select, openvino_engine  # noqa: E402
-from flexdit_runtime.engines import StageRunner  # noqa: E402
-from flexdit_runtime.stage_engine import ENGINE_KINDS, backend_choices, engine_kind  # noqa: E402
+from flexdit_bundle.manifest import BundleError, load_bundle
+from flexdit_bundle.precision import PrecisionError, allowed_by, canonical
+from flexdit_runtime import Model, RuntimeSettings
+from flexdit_runtime import engine_select, openvino_engine
+from flexdit_runtime.engines import StageRunner
+from flexdit_runtime.stage_engine import ENGINE_KINDS, backend_choices, engine_kind
 
 POLICY = "int8-dynamic:stages=0,fp16:stages=1,fp32:stages=2"
 
@@ -23,7 +23,6 @@ POLICY = "int8-dynamic:stages=0,fp16:stages=1,fp32:stages=2"
 @pytest.fixture(scope="module")
 def ov_bundle(tmp_path_factory, ref_ckpt):
     """fp32 + the policy's ONNX variants + NNCF int8 models for every stage (convert --backend openvino)."""
-    pytest.importorskip("nncf")
     from flexdit_export.convert import ConvertOptions, convert
 
     out = tmp_path_factory.mktemp("ov") / "b"
@@ -185,17 +184,12 @@ def test_convert_refuses_bf16_artifacts(ref_ckpt, tmp_path):
 
 
 @pytest.mark.skipif(not openvino_engine.has_bf16(), reason="the CPU has no bf16")
-def test_bf16_meets_the_fp16_gate_on_the_shipped_model(tmp_path):
+def test_bf16_meets_the_fp16_gate_on_the_shipped_model(tmp_path, fashion_data):
     """The end-to-end gate (accuracy within 1 point, FD <= 1.05x fp32) for OpenVINO bf16 on the
     shipped Fashion model, on a small sample: 100 images (10 per class), 25 DDPM steps. The
     500-image, 100-step numbers are in benchmarks/README.md."""
-    pytest.importorskip("flexdit_fashion")
-    from flexdit_fashion.datasets import default_dir
-    from flexdit_fashion.evaluate import find_classifier_dir
     from flexdit_fashion.quality import compare_policies
 
-    if not (default_dir() / "t10k-images-idx3-ubyte.gz").exists() or not (find_classifier_dir() / "classifier.safetensors").exists():
-        pytest.skip("needs the Fashion-MNIST test set (dataset-fashion-mnist) and the shipped classifier")
     from pathlib import Path
 
     from flexdit_export.convert import ConvertOptions, convert

@@ -8,16 +8,13 @@ import pytest
 from conftest import run_cli
 from factories import random_model
 from flexdit_export.checkpoints import save_checkpoint
-from flexdit_fashion.datasets import FASHION_CLASSES, default_dir
-from flexdit_fashion.evaluate import find_classifier_dir
+from flexdit_fashion.datasets import FASHION_CLASSES
 
 TINY_FASHION = dict(family="flexdit", hidden_size=32, num_heads=2, patch_size=4, input_size=32, in_channels=1,
                     num_classes=10, depth=1 + 2 * 4 + 1, num_poolingformer=1, num_dumbbell=2,
                     dumbbell_group=[1, 1, 1, 1], num_normal_block=1, semantic_size=4)
 
-pytestmark = pytest.mark.skipif(
-    not (default_dir() / "t10k-images-idx3-ubyte.gz").exists() or not (find_classifier_dir() / "classifier.safetensors").exists(),
-    reason="needs the Fashion-MNIST test set (dataset-fashion-mnist) and the shipped classifier")
+pytestmark = pytest.mark.usefixtures("fashion_data")  # fails, with the install command, where it is missing
 
 
 def test_quality_gate_records_both_runs(tmp_path, capsys):
