@@ -10,7 +10,9 @@ and a dense bundle with the real CLI, then:
   CFG, which passes through every stage; peak RSS (VmHWM) at the end;
 - load: wall time of ``Pipeline.from_bundle`` in that process (after imports), i.e. reading the
   manifest, checksums, weights and building every stage session.
-Processes of the two bundles alternate (interleaved rounds); medians and ratios are reported.
+The multi-stage bundle is loaded twice per round: as the runtime does by default (its shared
+graph: one session for the stages of a precision) and with ``RuntimeSettings(shared_graphs=False)``
+(one session per stage). Processes alternate (interleaved rounds); medians and ratios are reported.
 
     python benchmarks/bundle_footprint.py --models fashion S B --rounds 5 --json benchmarks/results/bundle_footprint.json
 """
@@ -32,11 +34,11 @@ FASHION = ROOT / "models" / "fashion-flexdit"
 PROBE = r"""
 import json, sys, time
 t0 = time.perf_counter()
-from flexdit_runtime import Pipeline
+from flexdit_runtime import Pipeline, RuntimeSettings
 from flexdit_runtime.engines import share_thread_pool
 share_thread_pool(int(sys.argv[2]))
 t1 = time.perf_counter()
-pipe = Pipeline.from_bundle(sys.argv[1])
+pipe = Pipeline.from_bundle(sys.argv[1], settings=RuntimeSettings(shared_graphs=sys.argv[3] == "1"))
 t2 = time.perf_counter()
 res = pipe([0], steps=8, sampler="ddim", cfg_scale=4.0, seed=0)
 stages = sorted(res.stage_seconds)
@@ -85,8 +87,9 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _probe(bundle: Path, threads: int) -> dict:
-    p = subprocess.run([sys.executable, "-c", PROBE, str(bundle), str(threads)], capture_output=True, text=True)
+def _probe(bundle: Path, threads: int, shared_graphs: bool = True) -> dict:
+    p = subprocess.run([sys.executable, "-c", PROBE, str(bundle), str(threads), str(int(shared_graphs))],
+                       capture_output=True, text=True)
     if p.returncode:
         raise SystemExit(f"probe of {bundle} failed:\n{p.stderr}")
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -99,13 +102,14 @@ def measure(name: str, work: Path, rounds: int, threads: int) -> dict:
         ckpt, extra = _random_checkpoint(name, work / f"flex{name}.pt")
         multi = ["--schedule", "paper4"]
     flex, dense = work / f"{name}-stages", work / f"{name}-dense"
-    _cli("convert", ckpt, "-o", flex, *multi, *extra, "--force")
-    _cli("convert", ckpt, "-o", dense, "--schedule", "dense", *extra, "--force")
+    for b, sched in ((flex, multi), (dense, ["--schedule", "dense"])):
+        if not (b / "manifest.json").exists():  # --work keeps bundles between runs
+            _cli("convert", ckpt, "-o", b, *sched, *extra, "--force")
     weights = _param_bytes(ckpt)
-    runs = {"stages": [], "dense": []}
+    runs = {"stages": [], "dense": [], "per_stage_sessions": []}
     for _ in range(rounds):
-        for key, b in (("dense", dense), ("stages", flex)):
-            runs[key].append(_probe(b, threads))
+        for key, b, shared in (("dense", dense, True), ("stages", flex, True), ("per_stage_sessions", flex, False)):
+            runs[key].append(_probe(b, threads, shared))
     med = {k: {m: statistics.median(r[m] for r in v) for m in ("load_s", "rss_mb")} for k, v in runs.items()}
     n_stages = len(json.loads((flex / "manifest.json").read_text())["stages"])
     return {"model": name, "stages": n_stages, "param_bytes": weights,
@@ -115,6 +119,10 @@ def measure(name: str, work: Path, rounds: int, threads: int) -> dict:
             "rss_ratio": med["stages"]["rss_mb"] / med["dense"]["rss_mb"],
             "load_s": med["stages"]["load_s"], "dense_load_s": med["dense"]["load_s"],
             "load_ratio": med["stages"]["load_s"] / med["dense"]["load_s"],
+            # the same bundle with RuntimeSettings(shared_graphs=False): one session per stage
+            "per_stage_sessions_load_ratio": med["per_stage_sessions"]["load_s"] / med["dense"]["load_s"],
+            "per_stage_sessions_rss_ratio": med["per_stage_sessions"]["rss_mb"] / med["dense"]["rss_mb"],
+            "shared_graphs": [g["path"] for g in json.loads((flex / "manifest.json").read_text()).get("shared_graphs", [])],
             "stages_run": runs["stages"][0]["stages_run"], "rounds": rounds, "threads": threads}
 
 
@@ -124,16 +132,20 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--work", help="keep the converted bundles here (and reuse them on the next run)")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="flexdit-footprint-") as tmp:
+        work = Path(args.work) if args.work else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         for name in args.models:
-            rows.append(measure(name, Path(tmp), args.rounds, args.threads))
+            rows.append(measure(name, work, args.rounds, args.threads))
             r = rows[-1]
             print(f"{name}: {r['stages']} stages; size {r['bundle_bytes'] / 1e6:.1f} MB = {r['size_ratio']:.3f}x params "
                   f"(dense bundle {r['dense_size_ratio']:.3f}x); peak RSS {r['rss_mb']:.0f} vs {r['dense_rss_mb']:.0f} MB "
                   f"= {r['rss_ratio']:.2f}x; load {r['load_s'] * 1e3:.0f} vs {r['dense_load_s'] * 1e3:.0f} ms = "
-                  f"{r['load_ratio']:.2f}x", flush=True)
+                  f"{r['load_ratio']:.2f}x (one session per stage: {r['per_stage_sessions_load_ratio']:.2f}x, "
+                  f"RSS {r['per_stage_sessions_rss_ratio']:.2f}x)", flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"machine": os.uname().machine, "cpus": os.cpu_count(), "rows": rows},

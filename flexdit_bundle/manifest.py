@@ -131,6 +131,41 @@ def _validate_weights(m: dict) -> None:
             bad = [k for k, i in ref["bindings"].items() if i >= len(w["tensors"])]
             if bad:
                 raise BundleError(f"{a['path']} binds {bad[0]!r} to a tensor that {w['path']} does not have")
+    _validate_shared_graphs(m, files)
+
+
+def _validate_shared_graphs(m: dict, files: dict) -> None:
+    """Shared graphs: unique ids, their weight file listed, every binding and stage constant a
+    tensor of it, and each names exactly the stages whose artifacts point at it."""
+    graphs = {}
+    for g in m.get("shared_graphs") or []:
+        if m["format"]["version"] < 2:
+            raise BundleError("a format v1 manifest cannot have shared graphs")
+        if g["id"] in graphs:
+            raise BundleError(f"shared graph id {g['id']!r} appears twice")
+        graphs[g["id"]] = g
+        w = files.get(g["weights"]["file"])
+        if w is None:
+            raise BundleError(f"{g['path']} uses weight file {g['weights']['file']!r}, which the manifest does not list")
+        if any(i >= len(w["tensors"]) for i in g["weights"]["bindings"].values()):
+            raise BundleError(f"{g['path']} binds an initializer to a tensor that {w['path']} does not have")
+    users = {gid: [] for gid in graphs}
+    for st in m["stages"]:
+        for a in st["artifacts"]:
+            ref = a.get("shared_graph")
+            if ref is None:
+                continue
+            g = graphs.get(ref["id"])
+            if g is None or a["backend"] != "onnx" or a["precision"] != g["precision"]:
+                raise BundleError(f"{a['path']} names shared graph {ref['id']!r}, which the manifest does not list "
+                                  "for its backend and precision")
+            tensors = files[g["weights"]["file"]]["tensors"]
+            if sorted(ref["inputs"]) != sorted(g["stage_inputs"]) or any(i >= len(tensors) for i in ref["inputs"].values()):
+                raise BundleError(f"{a['path']}: its shared-graph inputs do not match {g['path']}'s stage inputs")
+            users[ref["id"]].append(st["id"])
+    for gid, stages in users.items():
+        if sorted(stages) != sorted(graphs[gid]["stages"]):
+            raise BundleError(f"shared graph {gid!r} lists stages {graphs[gid]['stages']}, but stages {stages} use it")
 
 
 def stage_for(stages: list, t: int) -> dict:
@@ -196,9 +231,15 @@ class Bundle:
         """Shared weight files by id (format v2; empty for self-contained graphs)."""
         return {w["id"]: w for w in self.manifest.get("weights") or []}
 
+    @property
+    def shared_graphs(self) -> dict:
+        """Graphs shared by several stages, by id (optional; see ``add_shared_graphs`` in the compiler)."""
+        return {g["id"]: g for g in self.manifest.get("shared_graphs") or []}
+
     def all_files(self):
-        """Every file entry the manifest checksums: shared weight files, graphs, external data."""
+        """Every file entry the manifest checksums: shared weight files, shared graphs, graphs, external data."""
         yield from self.manifest.get("weights") or []
+        yield from self.manifest.get("shared_graphs") or []
         for entry in self.stages + ([self.decoder] if self.decoder else []):
             for a in entry["artifacts"]:
                 yield a

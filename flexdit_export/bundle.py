@@ -17,6 +17,7 @@ from flexdit_bundle.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST, Bundl
 
 from .errors import UserError
 from .share_weights import share_weights
+from .shared_graph import add_shared_graphs
 
 
 SCRATCH_PREFIX = "flexdit-export-"
@@ -87,6 +88,7 @@ class BundleWriter:
 
     def _complete(self, manifest: dict) -> dict:
         manifest = share_weights(self.tmp, {"format": {"name": FORMAT_NAME, "version": FORMAT_VERSION}, **manifest})
+        manifest = add_shared_graphs(self.tmp, manifest)
         try:
             validate_manifest(manifest)
         except BundleError as e:

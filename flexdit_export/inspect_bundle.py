@@ -32,7 +32,8 @@ def summarise(bundle_path, verify_checksums: bool = True) -> dict:
             "diffusion": m["diffusion"], "stages": stages,
             "decoder": None if not dec else {"kind": dec["kind"], "scale_factor": dec["scale_factor"],
                                              "parity": dec.get("parity", {})},
-            "output": m["output"], "weights": weights, "sizes": sizes, "total_bytes": sizes["total"],
+            "output": m["output"], "weights": weights, "shared_graphs": _shared_graphs(b), "sizes": sizes,
+            "total_bytes": sizes["total"],
             "calibration": _calib_brief(m.get("calibration")),
             "quality": m.get("quality")}
 
@@ -59,10 +60,17 @@ def _weights_summary(b) -> tuple[list, dict]:
     def files(entries):
         return sum(a.get("bytes", 0) + a.get("external_data", {}).get("bytes", 0) for e in entries for a in e["artifacts"])
     sizes = {"shared_weights": sum(w["bytes"] for w in weights), "per_stage": files(b.stages),
+             "shared_graphs": sum(g["bytes"] for g in b.shared_graphs.values()),
              "decoder": files([b.decoder]) if b.decoder else 0,
              "manifest": (b.root / MANIFEST).stat().st_size if (b.root / MANIFEST).exists() else 0}
     sizes["total"] = sum(sizes.values())
     return weights, sizes
+
+
+def _shared_graphs(b) -> list:
+    """Graphs that stand for several stage graphs (one session for those stages at run time)."""
+    return [{"id": g["id"], "path": g["path"], "bytes": g["bytes"], "precision": g["precision"], "stages": g["stages"],
+             "stage_inputs": g["stage_inputs"], "verified": g["verified"]} for g in b.shared_graphs.values()]
 
 
 def _calib_brief(c):
@@ -126,9 +134,15 @@ def render(s: dict) -> str:
         users = ", ".join(map(str, w["stages"]))
         lines.append(f"shared weights {w['id']}: {w['path']} {mb(w['bytes'])}, {w['tensors']} tensors, stored once, "
                      f"used by stages {users or '(none)'}")
+    for g in s["shared_graphs"]:
+        v = g["verified"]
+        lines.append(f"shared graph {g['path']} ({g['precision']}, {g['bytes'] / 1e3:.0f} kB): one session for stages "
+                     f"{', '.join(map(str, g['stages']))}; feeds {len(g['stage_inputs'])} stage constants; "
+                     f"bit-identical to the stage graphs at ONNX Runtime level {v['graph_optimization']}")
     z = s["sizes"]
     lines.append(f"total size: {mb(z['total'])} = {mb(z['shared_weights'])} shared weights + {mb(z['per_stage'])} "
-                 f"per-stage files" + (f" + {mb(z['decoder'])} decoder" if z["decoder"] else "")
+                 f"per-stage files" + (f" + {z['shared_graphs'] / 1e3:.0f} kB shared graphs" if z["shared_graphs"] else "")
+                 + (f" + {mb(z['decoder'])} decoder" if z["decoder"] else "")
                  + f" + {z['manifest'] / 1e3:.0f} kB manifest")
     return "\n".join(lines)
 

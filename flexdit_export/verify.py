@@ -14,6 +14,7 @@ from .checkpoints import load_checkpoint
 from .errors import UserError
 from .export import parity_onnx
 from .reference_sampler import reference_sample
+from .shared_graph import check_published
 from .schedule import Stage
 from .stages import INPUT_NAMES, StageModule, sample_inputs
 
@@ -39,6 +40,10 @@ def _check_shared_weights(bundle) -> dict:
                 sw.check_bindings(a)
                 graphs += 1
                 bindings += len(a["weights"]["bindings"])
+    for g in bundle.shared_graphs.values():
+        sw.check_bindings(g)
+        graphs += 1
+        bindings += len(g["weights"]["bindings"])
     files = bundle.manifest.get("weights") or []
     return {"files": len(files), "bytes": sum(w["bytes"] for w in files), "graphs": graphs, "bindings": bindings}
 
@@ -53,6 +58,11 @@ def verify(bundle_path, ckpt=None, steps: int = 8, num_images: int = 2, sampler:
         sw = report["shared_weights"]
         log(f"shared weights: ok ({sw['files']} file(s), {sw['bytes'] / 1e6:.1f} MB stored once; {sw['bindings']} bindings "
             f"of {sw['graphs']} graphs match what the graphs reference)")
+    report["shared_graphs"] = check_published(bundle.root, bundle.manifest)
+    for g in report["shared_graphs"]:
+        report["ok"] &= g["ok"]
+        log(f"shared graph {g['path']}: " + (f"bit-identical to the graphs of stages {g['stages']}" if g["ok"]
+                                             else f"FAIL: {g['why']}"))
     if ckpt is None:
         return report
     m = bundle.manifest

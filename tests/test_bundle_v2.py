@@ -85,7 +85,8 @@ def test_inspect_and_verify_report_shared_weights(fashion_bundle):
     text = run_cli("flexdit-export", "inspect", fashion_bundle).stdout
     assert "shared weights fp32: stages/weights.fp32.bin" in text and "stored once" in text
     p = run_cli("flexdit-export", "verify", fashion_bundle, "--ckpt", FASHION, "--steps", "4")
-    assert "shared weights: ok" in p.stderr and "512 bindings of 4 graphs" in p.stderr
+    assert "shared weights: ok" in p.stderr and "640 bindings of 5 graphs" in p.stderr  # 4 stage graphs + the shared one
+    assert "shared graph stages/shared.fp32.onnx: bit-identical to the graphs of stages [0, 1, 2, 3]" in p.stderr
 
 
 def _copy(src, tmp_path, name="b"):
@@ -114,13 +115,19 @@ def test_tampered_weight_file_and_bindings_are_refused(fashion_bundle, tmp_path)
     _one_line_error(run_cli("flexdit-export", "verify", b, check=False), "checksum mismatch", True)
     b = _copy(fashion_bundle, tmp_path, "swap")
     m = json.loads((b / "manifest.json").read_text())
-    bind = m["stages"][1]["artifacts"][0]["weights"]["bindings"]
     k0, k1 = "model.x_embedder.proj.weight", "model.final_layer.adaLN_modulation.1.weight"
-    bind[k0], bind[k1] = bind[k1], bind[k0]
+    # the stages run through the shared graph (its bindings are what the runtime loads); verify
+    # checks every graph's, the stage graphs' included
+    for bind in (m["stages"][1]["artifacts"][0]["weights"]["bindings"], m["shared_graphs"][0]["weights"]["bindings"]):
+        bind[k0], bind[k1] = bind[k1], bind[k0]
     (b / "manifest.json").write_text(json.dumps(m))
     _one_line_error(run_cli("flexdit-run", prompts, "--bundle", b, "-o", tmp_path / "o2", "--steps", "2", check=False),
                     "is not what the graph references")
     _one_line_error(run_cli("flexdit-export", "verify", b, check=False), "is not what the graph references", True)
+    from flexdit_runtime import RuntimeSettings
+
+    with pytest.raises(BundleError, match="stage1_s5.onnx: the manifest binds initializer"):
+        Pipeline.from_bundle(b, settings=RuntimeSettings(shared_graphs=False))  # the stage graph's own check
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
 
@@ -146,8 +153,9 @@ def _to_v1(v2: Path, dst: Path) -> Path:
             model = onnx.load(str(path))  # external data read in
             onnx.save(model, str(path))
             a.pop("weights")
+            a.pop("shared_graph", None)
             a["sha256"], a["bytes"] = sha256_file(path), path.stat().st_size
-    for w in m.pop("weights"):
+    for w in m.pop("weights") + m.pop("shared_graphs", []):
         (dst / w["path"]).unlink()
     m["format"]["version"] = 1
     (dst / "manifest.json").write_text(json.dumps(m))
@@ -203,3 +211,118 @@ def test_sharing_pass_restamps_engines_built_from_the_unshared_graphs(fashion_bu
     header, off = read_header(eng)
     assert src["sha256"] != before and header["source_sha256"] == art["source_sha256"] == src["sha256"]
     assert art["sha256"] == sha256_file(eng) and eng.read_bytes()[off:] == b"PLAN"
+
+
+# --- shared graphs: one ONNX Runtime session for the stages of a precision (bundle-format 4.5) ---
+
+def _engines(pipe):
+    return pipe.runner.engines
+
+
+def test_four_stages_run_through_one_shared_session_bit_identical(fashion_bundle):
+    from flexdit_runtime import RuntimeSettings
+
+    m = json.loads((fashion_bundle / "manifest.json").read_text())
+    (g,) = m["shared_graphs"]
+    assert g["stages"] == [0, 1, 2, 3] and g["verified"]["graph_optimization"] == "basic"
+    assert all(st["artifacts"][0]["shared_graph"]["id"] == g["id"] for st in m["stages"])
+    shared = Pipeline.from_bundle(fashion_bundle, threads=2)
+    own = Pipeline.from_bundle(fashion_bundle, settings=RuntimeSettings(threads=2, shared_graphs=False))
+    assert len({id(e.session) for e in _engines(shared)}) == 1  # one session for the four stages
+    assert len({id(e.session) for e in _engines(own)}) == 4
+    assert [d["shared_graph"] for d in shared.runner.describe()] == [g["path"]] * 4
+    assert all("shared_graph" not in d for d in own.runner.describe())
+    for kw in (dict(steps=25, sampler="ddpm", cfg_scale=4.0), dict(steps=10, sampler="ddim", eta=0.5, cfg_scale=2.0)):
+        a = shared([1, 5, 9], seed=4, **kw)
+        b = own([1, 5, 9], seed=4, **kw)
+        assert sorted(a.stage_seconds) == [0, 1, 2, 3]
+        assert np.array_equal(a.samples, b.samples)  # bit for bit, not merely close
+    # rows of different stages through the one session, concurrently, still each stage's own result
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 1, 32, 32), dtype=np.float32)
+    from concurrent.futures import ThreadPoolExecutor
+
+    def both(i):
+        st = m["stages"][i]
+        t = np.full(2, (st["t_min"] + st["t_max"]) // 2, np.float32)
+        return [np.array_equal(p.runner.run_rows(i, x, t, np.array([3, 4])), own.runner.run_rows(i, x, t, np.array([3, 4])))
+                for p in (shared,)]
+    with ThreadPoolExecutor(4) as pool:
+        assert all(all(r) for r in pool.map(both, [0, 1, 2, 3, 3, 2, 1, 0]))
+
+
+def test_shared_graph_is_used_only_where_it_was_checked(fashion_bundle):
+    """Another optimisation level than the recorded one: one session per stage again."""
+    from flexdit_runtime import RuntimeSettings
+
+    pipe = Pipeline.from_bundle(fashion_bundle, settings=RuntimeSettings(graph_optimization="all"))
+    assert len({id(e.session) for e in _engines(pipe)}) == 4
+    assert all("shared_graph" not in d for d in pipe.runner.describe())
+
+
+def test_tampered_or_inconsistent_shared_graph_is_refused(fashion_bundle, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Sneaker\n")
+    b = _copy(fashion_bundle, tmp_path, "flip")
+    f = b / "stages" / "shared.fp32.onnx"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 1
+    f.write_bytes(bytes(data))
+    _one_line_error(run_cli("flexdit-run", prompts, "--bundle", b, "-o", tmp_path / "o1", "--steps", "2", check=False),
+                    "checksum mismatch for stages/shared.fp32.onnx")
+    for name, edit, needle in (
+        ("unknown", lambda m: m["stages"][2]["artifacts"][0]["shared_graph"].update(id="nope"),
+         "names shared graph 'nope', which the manifest does not list"),
+        ("stages", lambda m: m["shared_graphs"][0].update(stages=[0, 1, 2]), "lists stages [0, 1, 2], but stages"),
+        ("inputs", lambda m: m["stages"][0]["artifacts"][0]["shared_graph"]["inputs"].pop("rs.pool"),
+         "do not match stages/shared.fp32.onnx's stage inputs"),
+        ("index", lambda m: m["stages"][0]["artifacts"][0]["shared_graph"]["inputs"].update({"rs.pool": 10 ** 6}),
+         "do not match stages/shared.fp32.onnx's stage inputs"),
+    ):
+        b = _copy(fashion_bundle, tmp_path, name)
+        m = json.loads((b / "manifest.json").read_text())
+        edit(m)
+        (b / "manifest.json").write_text(json.dumps(m))
+        _one_line_error(run_cli("flexdit-run", prompts, "--bundle", b, "-o", tmp_path / f"o-{name}", "--steps", "2",
+                                check=False), needle)
+    # a stage fed another stage's constants: the graph accepts the shapes, so only the sha256 of
+    # the bundle stands between; with the manifest re-stamped the stage computes another stage
+    # (documented: the manifest is trusted once its checksums pass). Here: swapping in a constant
+    # of the wrong type is caught at load.
+    b = _copy(fashion_bundle, tmp_path, "dtype")
+    m = json.loads((b / "manifest.json").read_text())
+    ins = m["stages"][0]["artifacts"][0]["shared_graph"]["inputs"]
+    ins["rs.pool"], ins["val_63"] = ins["val_63"], ins["rs.pool"]
+    (b / "manifest.json").write_text(json.dumps(m))
+    _one_line_error(run_cli("flexdit-run", prompts, "--bundle", b, "-o", tmp_path / "o-dtype", "--steps", "2",
+                            check=False), "which the graph does not take")
+    assert not any((tmp_path / n).exists() for n in ("o1", "o-unknown", "o-stages", "o-inputs", "o-index", "o-dtype"))
+
+
+def test_compiler_publishes_no_shared_graph_that_is_not_bit_identical(fashion_bundle, tmp_path, monkeypatch):
+    """Without the explicit Gemm rewrite, ONNX Runtime computes the free-token graph in another
+    order (~1e-7 relative): the check must catch that and leave the bundle per-stage."""
+    from flexdit_export import shared_graph
+
+    b = _copy(fashion_bundle, tmp_path, "nogemm")
+    m = json.loads((b / "manifest.json").read_text())
+    monkeypatch.setattr(shared_graph, "_explicit_gemm", lambda g: 0)
+    notes = []
+    out = shared_graph.add_shared_graphs(b, m, log=notes.append)
+    assert "shared_graphs" not in out and not (b / "stages" / "shared.fp32.onnx").exists()
+    assert all("shared_graph" not in a for st in out["stages"] for a in st["artifacts"])
+    assert len(notes) == 1 and "differs from its own graph by" in notes[0], notes
+    monkeypatch.undo()
+    again = shared_graph.add_shared_graphs(b, json.loads(json.dumps(out)))  # and with it: published again
+    assert again["shared_graphs"][0]["stages"] == [0, 1, 2, 3]
+
+
+def test_recorded_conformance_trajectories_are_bit_identical_through_the_shared_graph():
+    from flexdit_runtime import RuntimeSettings
+
+    tiny = ROOT / "flexdit_bundle" / "conformance" / "tiny-bundle"
+    a = Pipeline.from_bundle(tiny)
+    b = Pipeline.from_bundle(tiny, settings=RuntimeSettings(shared_graphs=False))
+    assert [bool(d.get("shared_graph")) for d in a.runner.describe()] == [True, True, False]
+    for kw in (dict(steps=10, sampler="ddpm", cfg_scale=4.0), dict(steps=8, sampler="ddim", eta=0.5, cfg_scale=1.0)):
+        assert np.array_equal(a([1, 2, 3], seed=11, **kw).samples, b([1, 2, 3], seed=11, **kw).samples)

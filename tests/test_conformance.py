@@ -119,9 +119,13 @@ def test_tiny_bundle_verifies_and_stays_small(tmp_path):
     assert {st["batch"] for st in b.stages} == {2}
     assert [w["id"] for w in b.manifest["weights"]] == ["fp32"]
     assert all(a["weights"]["file"] == "fp32" for st in b.stages for a in st["artifacts"])
+    # the two sparse stages also run through one shared graph (docs/bundle-format.md 4.5): the
+    # recorded trajectories below are reproduced through it
+    (g,) = b.manifest["shared_graphs"]
+    assert g["stages"] == [0, 1] and [bool(st["artifacts"][0].get("shared_graph")) for st in b.stages] == [1, 1, 0]
     size = sum(f.stat().st_size for f in TINY.rglob("*") if f.is_file())
-    assert size < 300_000, f"tiny bundle grew to {size} bytes"
-    assert sum(f.stat().st_size for f in ROOT.rglob("*") if f.is_file()) < 900_000
+    assert size < 350_000, f"tiny bundle grew to {size} bytes"
+    assert sum(f.stat().st_size for f in ROOT.rglob("*") if f.is_file()) < 950_000
     # the checksums are real: one flipped byte of the shared weights is refused
     bad = tmp_path / "tampered"
     shutil.copytree(TINY, bad)

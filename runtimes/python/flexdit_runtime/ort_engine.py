@@ -272,6 +272,19 @@ def make_session(path, providers, threads: int | None = None, weights=None, arti
         raise BundleError(f"cannot load graph {path}: {ort_error(e)}") from None
 
 
+def shared_graph(bundle: Bundle, artifact: dict, settings: RuntimeSettings, providers, level: str) -> dict | None:
+    """The manifest's shared graph for this stage artifact, if the session would run where the
+    compiler checked it bit-identical to the stage graph: the CPU provider alone, host feeds, the
+    recorded optimisation level; else None (the stage gets its own session)."""
+    ref = artifact.get("shared_graph")
+    if not ref or not settings.shared_graphs or list(providers) != [CPU] or uses_io_binding(providers, settings):
+        return None
+    graph = bundle.shared_graphs.get(ref["id"])
+    if graph is None or graph.get("verified", {}).get("graph_optimization") != level:
+        return None
+    return graph
+
+
 def session_io(session) -> tuple[dict, dict]:
     """-> ({input name: (dtype, shape)}, {output name: (dtype, shape)}) as the graph declares
     them; a free dimension is None."""
@@ -323,10 +336,19 @@ class OrtStageEngine(StageEngine):
 
     kind = "onnx"
 
-    def __init__(self, stage: dict, artifact: dict, session, bound: BoundIO | None = None):
+    def __init__(self, stage: dict, artifact: dict, session, bound: BoundIO | None = None,
+                 constants: dict | None = None, shared_graph: dict | None = None):
         super().__init__(stage, artifact)
         self.session = session
-        self.check_graph_io(*session_io(session))
+        self.constants = constants or {}  # extra inputs of a shared graph: this stage's constants
+        self.shared_graph = shared_graph
+        inputs, outputs = session_io(session)
+        for name, value in self.constants.items():
+            dtype, shape = inputs.pop(name, (None, None))
+            if dtype != str(value.dtype) or len(shape) != value.ndim:
+                raise BundleError(f"{shared_graph['path']}: stage {stage['id']} feeds {name!r} as {value.dtype} "
+                                  f"{list(value.shape)}, which the graph does not take; re-run flexdit-export convert")
+        self.check_graph_io(inputs, outputs)
         self.bound = bound
         self._lock = threading.Lock()
         self.options: list = []
@@ -345,10 +367,20 @@ class OrtStageEngine(StageEngine):
                                                             gpu_environment(settings.device_id), artifact))
         options = provider_options(providers, settings, artifact["precision"], trt_dirs)
 
-        def session_with(opts):
-            return make_session(bundle.path(artifact), providers, settings.threads, weights, artifact,
+        shared = shared_graph(bundle, artifact, settings, providers, level)
+
+        def session_with(opts, graph=artifact):
+            return make_session(bundle.path(graph), providers, settings.threads, weights, graph,
                                 shared_pool=settings.apply(), prepack_weights=settings.prepack_weights,
                                 optimization=level, provider_options=opts)
+
+        if shared is not None:  # one session for every stage of the group, made by the first to ask
+            session = weights.once(("onnx", shared["id"], level), lambda: session_with(options, shared))
+            constants = {n: weights.array(shared["weights"]["file"], i)
+                         for n, i in artifact["shared_graph"]["inputs"].items()}
+            engine = cls(stage, artifact, session, constants=constants, shared_graph=shared)
+            engine.options, engine.optimization = options, level
+            return engine
 
         def engine_with(opts):
             session = session_with(opts)
@@ -389,7 +421,7 @@ class OrtStageEngine(StageEngine):
             if self.bound is not None:
                 with self._lock:  # one set of device buffers per engine
                     return self.bound.run(self.session, [feeds[n] for n in self.input_names])
-            return self.session.run([self.output_name], feeds)[0]
+            return self.session.run([self.output_name], {**feeds, **self.constants} if self.constants else feeds)[0]
         except Exception as e:  # onnxruntime raises its own exception types
             raise BundleError(f"stage {self.stage['id']} ({self.artifact['path']}) failed in ONNX Runtime: "
                               f"{ort_error(e)}") from None
@@ -403,6 +435,8 @@ class OrtStageEngine(StageEngine):
             d["cuda_graph_error"] = self.cuda_graph_error
         if self.trt_cache_note:
             d["trt_cache"] = self.trt_cache_note
+        if self.shared_graph is not None:
+            d["shared_graph"] = self.shared_graph["path"]
         if any(self.options):
             d["provider_options"] = self.options
         return d

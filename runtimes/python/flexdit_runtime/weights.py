@@ -44,7 +44,9 @@ def read_weight_file(bundle: Bundle, entry: dict, verify: bool = True) -> np.nda
 
 class SharedWeights:
     """Lazily reads each weight file of ``bundle`` the first time a graph needs it; thread-safe
-    (stage sessions may be created in parallel). Must outlive every session it was bound to."""
+    (stage sessions may be created in parallel). Must outlive every session it was bound to.
+    Also holds what the stage engines of one loaded bundle share beside the buffers (``once``:
+    one session for a graph several stages run)."""
 
     def __init__(self, bundle: Bundle):
         self.bundle = bundle
@@ -52,6 +54,8 @@ class SharedWeights:
         self._hashes: dict[str, threading.Thread] = {}
         self._bad: list[str] = []
         self._lock = threading.Lock()
+        self._buffers: dict[str, np.ndarray] = {}
+        self._once: dict = {}  # key -> [lock, made?, value]
 
     def _load(self, file_id: str) -> list:
         with self._lock:
@@ -61,6 +65,7 @@ class SharedWeights:
 
             entry = self.bundle.weight_files[file_id]
             buf = read_weight_file(self.bundle, entry, verify=False)
+            self._buffers[file_id] = buf
             # The sha256 of the bytes just read is computed while the stage sessions build (hashlib
             # releases the GIL); ``verify()`` joins it before any engine is handed out.
             def check(buf=buf, entry=entry):
@@ -119,6 +124,28 @@ class SharedWeights:
                 session_options.add_initializer(name, values[index])
                 n += 1
         return n
+
+    def array(self, file_id: str, index: int) -> np.ndarray:
+        """Tensor ``index`` of a weight file as a read-only numpy view of the bytes read once."""
+        self._load(file_id)
+        t = self.bundle.weight_files[file_id]["tensors"][index]
+        dtype = NUMPY_DTYPES.get(t["dtype"])
+        if dtype is None:
+            raise BundleError(f"tensor {index} of {self.bundle.weight_files[file_id]['path']} is {t['dtype']}, "
+                              "which cannot be fed as a graph input")
+        a = self._buffers[file_id][t["offset"]:t["offset"] + t["bytes"]].view(dtype).reshape(t["shape"])
+        a.flags.writeable = False
+        return a
+
+    def once(self, key, make):
+        """``make()`` the first time ``key`` is asked for, its result ever after; thread-safe (the
+        stage engines that share one session open in parallel). Lives as long as the weights."""
+        with self._lock:
+            slot = self._once.setdefault(key, [threading.Lock(), False, None])
+        with slot[0]:
+            if not slot[1]:
+                slot[2], slot[1] = make(), True
+            return slot[2]
 
     @property
     def resident_bytes(self) -> int:
