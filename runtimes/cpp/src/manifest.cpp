@@ -61,6 +61,13 @@ std::vector<Artifact> artifacts(const json& arr) {
       art.weights = wb;
     }
     if (a.contains("external_data") && a["external_data"].is_object()) art.external_data = file_entry(a["external_data"]);
+    if (a.contains("shared_graph") && a["shared_graph"].is_object()) {
+      SharedGraphRef ref;
+      ref.id = a["shared_graph"].at("id").get<std::string>();
+      for (auto it = a["shared_graph"].at("inputs").begin(); it != a["shared_graph"]["inputs"].end(); ++it)
+        ref.inputs.emplace_back(it.key(), it.value().get<size_t>());
+      art.shared_graph = std::move(ref);
+    }
     out.push_back(std::move(art));
   }
   return out;
@@ -83,6 +90,58 @@ void check_stage_io(const Stage& st, const Manifest& m) {
     if (e->shape != shape)
       bundle_error(where + " declares '" + e->name + "' with shape " + shape_str(e->shape) + ", but batch " +
                    std::to_string(B) + " and the model config make it " + shape_str(shape));
+}
+
+std::string int_list(const std::vector<int>& v) {  // Python's repr of a list of ints
+  std::string out = "[";
+  for (size_t i = 0; i < v.size(); ++i) out += (i ? ", " : "") + std::to_string(v[i]);
+  return out + "]";
+}
+
+// The rules of flexdit_bundle.manifest._validate_shared_graphs, with its messages: unique ids,
+// the weight file listed, every binding and stage constant a tensor of it, and each graph naming
+// exactly the stages whose artifacts point at it.
+void check_shared_graphs(const Manifest& m) {
+  std::set<std::string> ids;
+  for (auto& g : m.shared_graphs) {
+    if (!ids.insert(g.id).second) bundle_error("shared graph id '" + g.id + "' appears twice");
+    const WeightFile* w = m.weight_file(g.graph.weights->file);
+    if (!w)
+      bundle_error(g.graph.path + " uses weight file '" + g.graph.weights->file + "', which the manifest does not list");
+    for (auto& [name, index] : g.graph.weights->bindings)
+      if (index >= w->tensors.size())
+        bundle_error(g.graph.path + " binds an initializer to a tensor that " + w->path + " does not have");
+  }
+  std::map<std::string, std::vector<int>> users;
+  for (auto& g : m.shared_graphs) users[g.id];
+  for (auto& st : m.stages)
+    for (auto& a : st.artifacts) {
+      if (!a.shared_graph) continue;
+      const SharedGraph* g = m.shared_graph(a.shared_graph->id);
+      if (!g || a.backend != "onnx" || a.precision != g->graph.precision)
+        bundle_error(a.path + " names shared graph '" + a.shared_graph->id +
+                     "', which the manifest does not list for its backend and precision");
+      const WeightFile* w = m.weight_file(g->graph.weights->file);
+      std::vector<std::string> names, want = g->stage_inputs;
+      bool fits = true;
+      for (auto& [name, index] : a.shared_graph->inputs) {
+        names.push_back(name);
+        fits = fits && index < w->tensors.size();
+      }
+      std::sort(names.begin(), names.end());
+      std::sort(want.begin(), want.end());
+      if (names != want || !fits)
+        bundle_error(a.path + ": its shared-graph inputs do not match " + g->graph.path + "'s stage inputs");
+      users[g->id].push_back(st.id);
+    }
+  for (auto& g : m.shared_graphs) {
+    std::vector<int> used = users[g.id], listed = g.stages;
+    std::sort(used.begin(), used.end());
+    std::sort(listed.begin(), listed.end());
+    if (used != listed)
+      bundle_error("shared graph '" + g.id + "' lists stages " + int_list(g.stages) + ", but stages " +
+                   int_list(users[g.id]) + " use it");
+  }
 }
 
 void check_weights(const Manifest& m) {
@@ -112,6 +171,7 @@ void check_weights(const Manifest& m) {
   };
   for (auto& st : m.stages) check(st.artifacts);
   if (m.decoder) check(m.decoder->artifacts);
+  check_shared_graphs(m);
 }
 
 }  // namespace
@@ -132,6 +192,12 @@ const Stage& Manifest::stage_for(int t) const {
 const WeightFile* Manifest::weight_file(const std::string& id) const {
   for (auto& w : weights)
     if (w.id == id) return &w;
+  return nullptr;
+}
+
+const SharedGraph* Manifest::shared_graph(const std::string& id) const {
+  for (auto& g : shared_graphs)
+    if (g.id == id) return &g;
   return nullptr;
 }
 
@@ -205,6 +271,24 @@ Manifest validate_manifest(const json& j) {
           wf.tensors.push_back({t.at("offset").get<uint64_t>(), t.at("bytes").get<uint64_t>(),
                                 t.at("dtype").get<std::string>(), t.at("shape").get<std::vector<int64_t>>()});
         m.weights.push_back(std::move(wf));
+      }
+    }
+    if (j.contains("shared_graphs") && j["shared_graphs"].is_array()) {
+      for (auto& g : j["shared_graphs"]) {
+        SharedGraph sg;
+        sg.id = g.at("id").get<std::string>();
+        static_cast<FileEntry&>(sg.graph) = file_entry(g);
+        sg.graph.backend = "onnx";
+        sg.graph.precision = g.at("precision").get<std::string>();
+        WeightBindings wb;
+        wb.file = g.at("weights").at("file").get<std::string>();
+        for (auto it = g["weights"].at("bindings").begin(); it != g["weights"]["bindings"].end(); ++it)
+          wb.bindings.emplace_back(it.key(), it.value().get<size_t>());
+        sg.graph.weights = std::move(wb);
+        for (auto& s : g.at("stages")) sg.stages.push_back(get_int(s));
+        sg.stage_inputs = g.at("stage_inputs").get<std::vector<std::string>>();
+        sg.graph_optimization = g.at("verified").at("graph_optimization").get<std::string>();
+        m.shared_graphs.push_back(std::move(sg));
       }
     }
   } catch (const json::exception& e) {
@@ -284,6 +368,7 @@ Bundle load_bundle(const fs::path& dir, bool verify_checksums, bool defer_weight
                    ": the bundle was modified or truncated; re-run flexdit-export convert");
   };
   for (auto& w : b.manifest.weights) check(w, defer_weights);
+  for (auto& g : b.manifest.shared_graphs) check(g.graph, false);
   auto arts = [&](const std::vector<Artifact>& list) {
     for (auto& a : list) {
       check(a, false);

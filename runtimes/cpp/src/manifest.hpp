@@ -41,10 +41,28 @@ struct WeightBindings {
   std::vector<std::pair<std::string, size_t>> bindings;  // initializer name -> tensor index
 };
 
+// An ONNX stage artifact's `shared_graph`: the shared graph it can run through, and the tensors
+// of that graph's weight file it feeds as the graph's stage inputs.
+struct SharedGraphRef {
+  std::string id;
+  std::vector<std::pair<std::string, size_t>> inputs;  // stage-input name -> tensor index
+};
+
 struct Artifact : FileEntry {
   std::string backend, precision;
   std::optional<WeightBindings> weights;
   std::optional<FileEntry> external_data;
+  std::optional<SharedGraphRef> shared_graph;
+};
+
+// One entry of the manifest's `shared_graphs`: a graph that several stages of one precision can
+// run through (their stage graphs differ only in constants, which are its stage inputs).
+struct SharedGraph {
+  std::string id;
+  Artifact graph;                       // path, sha256, bytes, precision, weights (backend "onnx")
+  std::vector<int> stages;              // the stages whose artifacts name it
+  std::vector<std::string> stage_inputs;
+  std::string graph_optimization;       // verified.graph_optimization: none | basic | extended | all
 };
 
 struct Stage {
@@ -82,9 +100,11 @@ struct Manifest {
   std::optional<DecoderEntry> decoder;
   double value_lo = -1.0, value_hi = 1.0;
   std::vector<WeightFile> weights;
+  std::vector<SharedGraph> shared_graphs;  // optional (empty: one graph per stage)
 
   const Stage& stage_for(int t) const;  // the stage whose [t_min, t_max] holds original timestep t
   const WeightFile* weight_file(const std::string& id) const;
+  const SharedGraph* shared_graph(const std::string& id) const;
 };
 
 // Schema + semantic rules of flexdit_bundle.manifest.validate_manifest; throws Error(Bundle).
@@ -100,7 +120,7 @@ struct Bundle {
   std::filesystem::path path_of(const FileEntry& entry) const;  // confined to root
 };
 
-// Reads, validates and checksums a bundle. defer_weights: check only the size of shared weight
+// Reads, validates and checksums a bundle (weight files, shared graphs, every artifact). defer_weights: check only the size of shared weight
 // files here, because the caller hashes the bytes it reads from them (weights.cpp).
 Bundle load_bundle(const std::filesystem::path& dir, bool verify_checksums = true, bool defer_weights = true);
 
