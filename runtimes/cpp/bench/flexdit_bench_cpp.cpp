@@ -1,8 +1,9 @@
 // flexdit-bench-cpp: time the C++ runtime on a bundle for benchmarks/cpp_vs_python.py. Loads the
 // bundle once, runs one untimed warm-up request, then REPEATS timed requests and prints one JSON
 // line: per-image seconds (median over repeats), the share of time outside ONNX Runtime Run calls,
-// the process CPU time per image (robust to other load on the machine) and the load time.
-//   usage: flexdit-bench-cpp BUNDLE N_IMAGES STEPS SAMPLER CFG THREADS REPEATS [--no-prepack]
+// the process CPU time per image (robust to other load on the machine), the load time
+// (Model::load) and the warm-up request's time (ONNX Runtime finishes some set-up on first runs).
+//   usage: flexdit-bench-cpp BUNDLE N_IMAGES STEPS SAMPLER CFG THREADS REPEATS [--no-prepack] [--no-shared-graphs]
 #include <algorithm>
 #include <chrono>
 #include <ctime>
@@ -22,13 +23,23 @@ static double now() {
 
 int main(int argc, char** argv) {
   if (argc < 8) {
-    std::fprintf(stderr, "usage: %s BUNDLE N_IMAGES STEPS SAMPLER CFG THREADS REPEATS [--no-prepack]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s BUNDLE N_IMAGES STEPS SAMPLER CFG THREADS REPEATS [--no-prepack] [--no-shared-graphs]\n",
+                 argv[0]);
     return 2;
   }
   try {
     LoadOptions lo;
     lo.threads = std::atoi(argv[6]);
-    lo.prepack_weights = !(argc > 8 && std::strcmp(argv[8], "--no-prepack") == 0);
+    for (int i = 8; i < argc; ++i) {
+      if (std::strcmp(argv[i], "--no-prepack") == 0) {
+        lo.prepack_weights = false;
+      } else if (std::strcmp(argv[i], "--no-shared-graphs") == 0) {
+        lo.shared_graphs = false;
+      } else {
+        std::fprintf(stderr, "flexdit-bench-cpp: error: unknown option %s\n", argv[i]);
+        return 2;
+      }
+    }
     double t0 = now();
     auto model = Model::load(argv[1], lo);
     double load_s = now() - t0;
@@ -39,7 +50,9 @@ int main(int argc, char** argv) {
     o.sampler = std::string(argv[4]);
     o.cfg_scale = std::atof(argv[5]);
     o.steps = 2;
+    double w0 = now();
     model->sample(ids, o);  // warm-up: every stage's first call
+    double warmup_s = now() - w0;
     o.steps = std::atoi(argv[3]);
     std::vector<double> per_image, outside, cpu;
     for (int r = 0; r < repeats; ++r) {
@@ -52,8 +65,10 @@ int main(int argc, char** argv) {
     std::sort(per_image.begin(), per_image.end());
     std::sort(outside.begin(), outside.end());
     std::sort(cpu.begin(), cpu.end());
-    std::printf("{\"per_image_s\": %.6f, \"cpu_per_image_s\": %.6f, \"outside_ort_share\": %.6f, \"load_s\": %.4f, \"prepack\": %s}\n",
-                per_image[per_image.size() / 2], cpu[cpu.size() / 2], outside[outside.size() / 2], load_s, lo.prepack_weights ? "true" : "false");
+    std::printf("{\"per_image_s\": %.6f, \"cpu_per_image_s\": %.6f, \"outside_ort_share\": %.6f, \"load_s\": %.4f, "
+                "\"warmup_s\": %.4f, \"prepack\": %s, \"shared_graphs\": %s, \"sessions\": %zu}\n",
+                per_image[per_image.size() / 2], cpu[cpu.size() / 2], outside[outside.size() / 2], load_s, warmup_s,
+                lo.prepack_weights ? "true" : "false", lo.shared_graphs ? "true" : "false", model->session_count());
     return 0;
   } catch (const Error& e) {
     std::fprintf(stderr, "flexdit-bench-cpp: error: %s\n", e.what());

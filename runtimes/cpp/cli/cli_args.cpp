@@ -50,8 +50,8 @@ std::string usage_text() {
                        [--spacing {sections,ddim}] [--seed SEED] [--init-noise INIT_NOISE]
                        [--step-noise STEP_NOISE] [--batch BATCH] [--providers PROVIDERS]
                        [--threads THREADS] [--precision PRECISION] [--backend {onnx}]
-                       [--no-prepack] [--save-npy] [--force] [-q] [--json] [--version]
-                       prompts
+                       [--no-prepack] [--no-shared-graphs] [--save-npy] [--force] [-q] [--json]
+                       [--version] prompts
 
 flexdit-run-cpp: prompts.txt -> one PNG per prompt plus a grid, from a bundle (C++ runtime).
 
@@ -86,6 +86,8 @@ options:
                         'int8:stages=0-2,fp16:stages=3' (unnamed stages keep the bundle's default)
   --backend {onnx}      run the ONNX graphs with ONNX Runtime
   --no-prepack          do not let ONNX Runtime pre-pack weights (as the Python runtime)
+  --no-shared-graphs    one ONNX Runtime session per stage, even where the bundle has a graph shared by
+                        several stages (same results; the shared graph loads faster)
   --save-npy            also write the final samples as samples.npy
   -q, --quiet           print nothing but errors
   --json                print the run summary as JSON on stdout
@@ -123,6 +125,7 @@ Args parse_args(const std::vector<std::string>& argv) {
       {"--force", [&] { a.force = true; }},
       {"--json", [&] { a.json = true; }},
       {"--no-prepack", [&] { a.prepack = false; }},
+      {"--no-shared-graphs", [&] { a.shared_graphs = false; }},
       {"-q", [&] { a.quiet = true; }},
       {"--quiet", [&] { a.quiet = true; }},
       {"-h", [&] { a.help = true; }},

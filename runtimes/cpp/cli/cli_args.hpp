@@ -21,7 +21,8 @@ struct Args {
   std::optional<bool> clip_denoised;
   std::string spacing = "sections", backend = "onnx";
   long long seed = 0;
-  bool save_npy = false, quiet = false, force = false, json = false, help = false, version = false, prepack = true;
+  bool save_npy = false, quiet = false, force = false, json = false, help = false, version = false, prepack = true,
+       shared_graphs = true;
 };
 
 Args parse_args(const std::vector<std::string>& argv);  // throws UsageError

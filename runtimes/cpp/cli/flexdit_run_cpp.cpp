@@ -104,6 +104,7 @@ int run(const flexdit_cli::Args& args) {
   lo.providers = args.providers.value_or("");
   lo.backend = args.backend;
   lo.prepack_weights = args.prepack;
+  lo.shared_graphs = args.shared_graphs;
   auto model = Model::load(args.bundle, lo);
   std::vector<int> ids;
   for (auto& p : prompts) ids.push_back(model->resolve_class(p, args.prompts + ": "));
@@ -162,6 +163,7 @@ int run(const flexdit_cli::Args& args) {
   });
   double total = res.seconds;
   auto precisions = model->precisions();
+  auto shared = model->shared_graph_paths();
   if (args.json) {
     json j = {{"out", out.string()}, {"images", res.images.n}, {"labels", res.labels}, {"seconds", total},
               {"ort_seconds", res.ort_seconds}, {"decoder_seconds", res.decoder_seconds}};
@@ -171,6 +173,7 @@ int run(const flexdit_cli::Args& args) {
       j["stage_seconds"][std::to_string(s)] = res.stage_seconds[s];
       const Stage& st = model->manifest().stages[s];
       j["engines"].push_back({{"stage", st.id}, {"kind", "onnx"}, {"precision", precisions[s]}, {"batch", st.batch}});
+      if (!shared[s].empty()) j["engines"].back()["shared_graph"] = shared[s];
     }
     std::printf("%s\n", j.dump(2).c_str());
   } else if (!args.quiet) {

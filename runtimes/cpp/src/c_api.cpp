@@ -71,6 +71,7 @@ void flexdit_load_options_init(flexdit_load_options* o) {
   o->precision = nullptr;
   o->verify_checksums = 1;
   o->prepack_weights = 1;
+  o->shared_graphs = 1;
 }
 
 flexdit_status flexdit_model_load(const char* dir, const flexdit_load_options* options, flexdit_model** out) {
@@ -86,6 +87,7 @@ flexdit_status flexdit_model_load(const char* dir, const flexdit_load_options* o
     lo.precision = o.precision ? o.precision : "";
     lo.verify_checksums = o.verify_checksums != 0;
     lo.prepack_weights = o.prepack_weights != 0;
+    lo.shared_graphs = o.shared_graphs != 0;
     auto handle = std::make_unique<flexdit_model>();
     handle->model = flexdit::Model::load(dir, lo);
     handle->precisions = handle->model->precisions();

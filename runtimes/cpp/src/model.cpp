@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <future>
+#include <set>
 #include <thread>
 
 #include "error.hpp"
@@ -119,7 +120,8 @@ std::unique_ptr<Model> Model::load(const std::string& dir, const LoadOptions& o)
   impl->ort = &OrtProcess::get(o.threads);
   impl->weights = std::make_unique<SharedWeights>(impl->bundle);
   if (o.prepack_weights) impl->prepacked = std::make_unique<PrepackedWeights>();
-  SessionSettings settings{o.prepack_weights, impl->prepacked.get()};
+  SessionSettings settings{o.prepack_weights, impl->prepacked.get(), o.shared_graphs};
+  SharedSessions shared;  // the shared graphs' sessions, made by the first stage that needs each
   impl->engines.resize(m.stages.size());
   // sessions are built in parallel (the shared weights are read once, by the first that needs them)
   size_t workers = std::max<size_t>(1, std::min<size_t>(m.stages.size(), std::thread::hardware_concurrency()));
@@ -129,7 +131,7 @@ std::unique_ptr<Model> Model::load(const std::string& dir, const LoadOptions& o)
     jobs.push_back(std::async(std::launch::async, [&] {
       for (size_t i; (i = next++) < m.stages.size();)
         impl->engines[i] = std::make_unique<StageEngine>(*impl->ort, impl->bundle, m.stages[i], *arts[i],
-                                                         *impl->weights, settings);
+                                                         *impl->weights, settings, &shared);
     }));
   std::exception_ptr first;
   for (auto& j : jobs) {
@@ -164,6 +166,18 @@ std::vector<int64_t> Model::image_shape() const {
 }
 
 uint64_t Model::shared_weight_bytes() const { return impl_->weights->resident_bytes(); }
+
+std::vector<std::string> Model::shared_graph_paths() const {
+  std::vector<std::string> out;
+  for (auto& e : impl_->engines) out.push_back(e->shared_graph() ? e->shared_graph()->graph.path : "");
+  return out;
+}
+
+size_t Model::session_count() const {
+  std::set<const GraphSession*> sessions;
+  for (auto& e : impl_->engines) sessions.insert(&e->graph());
+  return sessions.size();
+}
 
 int Model::capacity(double cfg_scale) const {
   int B = impl_->engines.front()->batch();

@@ -21,6 +21,7 @@ struct LoadOptions {
   std::string backend = "onnx";
   bool verify_checksums = true;
   bool prepack_weights = true;  // share ORT's pre-packed weights between stage sessions
+  bool shared_graphs = true;    // one session per shared graph of the manifest instead of one per stage
 };
 
 struct SamplingParams {
@@ -77,6 +78,9 @@ class Model {
   std::vector<int64_t> latent_shape() const;    // C, H, W
   std::vector<int64_t> image_shape() const;     // H, W, C of the uint8 images
   uint64_t shared_weight_bytes() const;
+  // The shared graph each stage runs through ("" for a stage with its own session).
+  std::vector<std::string> shared_graph_paths() const;
+  size_t session_count() const;  // ONNX Runtime sessions of the stages (the decoder not counted)
 
   struct Impl;
 

@@ -53,15 +53,23 @@ double now() {
 
 }  // namespace
 
+GraphOptimizationLevel ort_level(const std::string& name) {
+  if (name == "none") return ORT_DISABLE_ALL;
+  if (name == "basic") return ORT_ENABLE_BASIC;
+  if (name == "extended") return ORT_ENABLE_EXTENDED;
+  if (name == "all") return ORT_ENABLE_ALL;
+  fail(ErrorKind::Bundle, "unknown graph optimisation level '" + name + "'");
+}
+
 GraphSession::GraphSession(OrtProcess& ort, const Bundle& bundle, const Artifact& art, SharedWeights& weights,
-                           const SessionSettings& settings)
+                           const SessionSettings& settings, GraphOptimizationLevel level)
     : artifact(&art) {
   if (art.backend != "onnx")
     fail(ErrorKind::Argument, "the C++ runtime runs ONNX graphs only, not " + art.backend + " artifacts");
   auto path = bundle.path_of(art);
   try {
     Ort::SessionOptions so;
-    so.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
+    so.SetGraphOptimizationLevel(level);
     so.SetLogSeverityLevel(4);
     so.DisablePerSessionThreads();
     so.AddConfigEntry("session.use_env_allocators", "1");
@@ -76,8 +84,8 @@ GraphSession::GraphSession(OrtProcess& ort, const Bundle& bundle, const Artifact
   }
 }
 
-void GraphSession::check_io(const std::vector<TensorDecl>& inputs, const TensorDecl& output,
-                            const std::string& where) const {
+void GraphSession::check_io(const std::vector<TensorDecl>& inputs, const TensorDecl& output, const std::string& where,
+                            const std::vector<ExtraInput>& extra, const std::string& extra_where) const {
   Ort::AllocatorWithDefaultOptions alloc;
   std::map<std::string, std::pair<std::string, std::vector<int64_t>>> gin, gout;
   for (size_t i = 0; i < session.GetInputCount(); ++i) {
@@ -89,6 +97,13 @@ void GraphSession::check_io(const std::vector<TensorDecl>& inputs, const TensorD
     Ort::TypeInfo type = session.GetOutputTypeInfo(i);
     auto info = type.GetTensorTypeAndShapeInfo();
     gout[session.GetOutputNameAllocated(i, alloc).get()] = {dtype_name(info.GetElementType()), info.GetShape()};
+  }
+  for (auto& e : extra) {  // a shared graph's stage inputs: checked here, then out of the comparison
+    auto it = gin.find(e.name);
+    if (it == gin.end() || it->second.first != e.dtype || it->second.second.size() != e.shape.size())
+      fail(ErrorKind::Bundle, extra_where + " feeds '" + e.name + "' as " + e.dtype + " " + shape_text(e.shape) +
+                                  ", which the graph does not take; re-run flexdit-export convert");
+    gin.erase(it);
   }
   auto names = [](const auto& m) {
     std::string s = "[";
@@ -118,10 +133,62 @@ void GraphSession::check_io(const std::vector<TensorDecl>& inputs, const TensorD
   }
 }
 
+SharedSessions::Ptr SharedSessions::get(const std::string& id, const std::function<Ptr()>& make) {
+  std::promise<Ptr> made;
+  std::shared_future<Ptr> session;
+  bool mine = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = sessions_.find(id);
+    if (it == sessions_.end()) {
+      session = sessions_[id] = made.get_future().share();
+      mine = true;
+    } else {
+      session = it->second;
+    }
+  }
+  if (mine) {
+    try {
+      made.set_value(make());
+    } catch (...) {
+      made.set_exception(std::current_exception());
+    }
+  }
+  return session.get();
+}
+
+size_t SharedSessions::size() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return sessions_.size();
+}
+
 StageEngine::StageEngine(OrtProcess& ort, const Bundle& bundle, const Stage& st, const Artifact& art,
-                         SharedWeights& weights, const SessionSettings& settings)
-    : stage(st), artifact(art), graph_(ort, bundle, art, weights, settings) {
-  graph_.check_io(st.inputs, st.outputs[0], art.path + " (stage " + std::to_string(st.id) + ")");
+                         SharedWeights& weights, const SessionSettings& settings, SharedSessions* shared)
+    : stage(st), artifact(art) {
+  // A stage of a shared group runs at the level its graph was checked bit-identical to the
+  // shared graph, with or without the shared session: the setting changes how many sessions
+  // exist, never the results. Other graphs run at ORT_ENABLE_ALL.
+  const SharedGraph* group = art.shared_graph ? bundle.manifest.shared_graph(art.shared_graph->id) : nullptr;
+  GraphOptimizationLevel level = group ? ort_level(group->graph_optimization) : ORT_ENABLE_ALL;
+  std::string where = art.path + " (stage " + std::to_string(st.id) + ")";
+  if (group && settings.shared_graphs && shared) {
+    shared_ = group;
+    graph_ = shared->get(group->id, [&] {
+      return std::make_shared<const GraphSession>(ort, bundle, group->graph, weights, settings, level);
+    });
+    const WeightFile& file = *bundle.manifest.weight_file(group->graph.weights->file);
+    std::vector<GraphSession::ExtraInput> extra;
+    for (auto& [name, index] : art.shared_graph->inputs) {
+      const_names_.push_back(name);
+      const_values_.push_back(weights.tensor(file.id, index));
+      extra.push_back({name, file.tensors[index].dtype, file.tensors[index].shape});
+    }
+    where = group->graph.path + " (stage " + std::to_string(st.id) + ")";
+    graph_->check_io(st.inputs, st.outputs[0], where, extra, group->graph.path + ": stage " + std::to_string(st.id));
+  } else {
+    graph_ = std::make_shared<const GraphSession>(ort, bundle, art, weights, settings, level);
+    graph_->check_io(st.inputs, st.outputs[0], where);
+  }
   x_row_ = product(st.inputs[0].shape);
   out_row_ = product(st.outputs[0].shape);
   t_dtype_ = st.inputs[1].dtype;
@@ -154,10 +221,19 @@ void StageEngine::run_batch(const float* x, int t, const int64_t* y, float* out)
   values[2] = Ort::Value::CreateTensor<int64_t>(mem, const_cast<int64_t*>(y), B, tshape, 1);
   const auto& os = stage.outputs[0].shape;
   Ort::Value output = Ort::Value::CreateTensor<float>(mem, out, B * out_row_, os.data(), os.size());
-  const char* in_names[3] = {stage.inputs[0].name.c_str(), stage.inputs[1].name.c_str(), stage.inputs[2].name.c_str()};
+  const size_t n_in = 3 + const_names_.size();
+  std::vector<const char*> in_names = {stage.inputs[0].name.c_str(), stage.inputs[1].name.c_str(),
+                                       stage.inputs[2].name.c_str()};
+  std::vector<const OrtValue*> in_values = {values[0], values[1], values[2]};
+  for (size_t i = 0; i < const_names_.size(); ++i) {  // a shared graph: this stage's constants
+    in_names.push_back(const_names_[i].c_str());
+    in_values.push_back(const_values_[i]);
+  }
   const char* out_names[1] = {stage.outputs[0].name.c_str()};
+  OrtValue* out_values[1] = {output};
   try {
-    graph_.session.Run(Ort::RunOptions{nullptr}, in_names, values, 3, out_names, &output, 1);
+    Ort::ThrowOnError(Ort::GetApi().Run(graph_->session, nullptr, in_names.data(), in_values.data(), n_in, out_names,
+                                        1, out_values));
   } catch (const Ort::Exception& e) {
     fail(ErrorKind::Runtime, "stage " + std::to_string(stage.id) + " (" + artifact.path +
                                  ") failed in ONNX Runtime: " + ort_message(e));

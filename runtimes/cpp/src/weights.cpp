@@ -102,6 +102,17 @@ size_t SharedWeights::bind(Ort::SessionOptions& options, const Artifact& artifac
   return n;
 }
 
+const OrtValue* SharedWeights::tensor(const std::string& file_id, size_t index) {
+  std::lock_guard<std::mutex> lock(mu_);
+  File& f = load(file_id);
+  if (!f.values.at(index)) {
+    const WeightFile& w = *bundle_.manifest.weight_file(file_id);
+    fail(ErrorKind::Bundle, "tensor " + std::to_string(index) + " of " + w.path + " is " + w.tensors[index].dtype +
+                                ", which cannot be fed as a graph input");
+  }
+  return f.values[index];
+}
+
 uint64_t SharedWeights::resident_bytes() const {
   std::lock_guard<std::mutex> lock(mu_);
   uint64_t n = 0;

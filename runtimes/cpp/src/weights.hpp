@@ -29,6 +29,11 @@ class SharedWeights {
   // -> how many. Thread-safe. Must outlive every session it was bound to.
   size_t bind(Ort::SessionOptions& options, const Artifact& artifact);
 
+  // Tensor `index` of weight file `file_id` as an OrtValue over the bytes read once (no copy),
+  // loading the file on first use: a shared graph's stage inputs. Throws Error(Bundle) for a
+  // dtype ONNX Runtime cannot take. Thread-safe; valid as long as this object.
+  const OrtValue* tensor(const std::string& file_id, size_t index);
+
   uint64_t resident_bytes() const;  // bytes of weight files read so far (each once)
 
  private:

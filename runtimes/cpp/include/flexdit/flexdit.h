@@ -29,7 +29,8 @@
 extern "C" {
 #endif
 
-#define FLEXDIT_API_VERSION 1
+/* 2: flexdit_load_options.shared_graphs (the struct grew: rebuild callers against this header) */
+#define FLEXDIT_API_VERSION 2
 
 typedef enum flexdit_status {
   FLEXDIT_OK = 0,
@@ -59,6 +60,9 @@ typedef struct flexdit_load_options {
   const char* precision;    /* NULL or a precision override, e.g. "int8:stages=0-2,fp32:stages=3" */
   int verify_checksums;     /* 1 (default): sha256 of every bundle file before use */
   int prepack_weights;      /* 1 (default): ONNX Runtime pre-packs weights once, shared by stages */
+  int shared_graphs;        /* 1 (default): stages whose graphs the bundle shares (manifest
+                               shared_graphs) run through one session of that graph; 0: one
+                               session per stage. Same results either way. */
 } flexdit_load_options;
 
 /* Fills the defaults. Thread-safe. */
