@@ -279,10 +279,6 @@ def test_pipeline_keeps_noise_fn_meaning(flex_bundle):
 def _rename_graph_io(bundle_dir, names):
     """Rename the stage graphs' inputs/outputs (old -> new) in the ONNX files and the manifest,
     keeping checksums consistent: a valid bundle whose tensors are not called x, t, y, out."""
-    import onnx
-
-    from flexdit_bundle.files import sha256_file
-
     mf = bundle_dir / "manifest.json"
     m = json.loads(mf.read_text())
     for st in m["stages"]:
@@ -291,17 +287,27 @@ def _rename_graph_io(bundle_dir, names):
         for a in st["artifacts"]:
             if a["backend"] != "onnx":
                 continue
-            f = bundle_dir / a["path"]
-            g = onnx.load(str(f), load_external_data=False)
-            for v in list(g.graph.input) + list(g.graph.output):
-                v.name = names.get(v.name, v.name)
-            for node in g.graph.node:
-                node.input[:] = [names.get(n, n) for n in node.input]
-                node.output[:] = [names.get(n, n) for n in node.output]
-            onnx.save(g, str(f))
-            a["sha256"], a["bytes"] = sha256_file(f), f.stat().st_size
+            _rename_in_graph(bundle_dir, a, names)
+    for a in m.get("shared_graphs") or []:  # the graph the stages run through (docs/bundle-format.md 4.5)
+        _rename_in_graph(bundle_dir, a, names)
     mf.write_text(json.dumps(m))
     return m
+
+
+def _rename_in_graph(bundle_dir, a, names):
+    import onnx
+
+    from flexdit_bundle.files import sha256_file
+
+    f = bundle_dir / a["path"]
+    g = onnx.load(str(f), load_external_data=False)
+    for v in list(g.graph.input) + list(g.graph.output):
+        v.name = names.get(v.name, v.name)
+    for node in g.graph.node:
+        node.input[:] = [names.get(n, n) for n in node.input]
+        node.output[:] = [names.get(n, n) for n in node.output]
+    onnx.save(g, str(f))
+    a["sha256"], a["bytes"] = sha256_file(f), f.stat().st_size
 
 
 def test_engines_bind_by_manifest_names(flex_bundle, tmp_path):
