@@ -61,6 +61,10 @@ GraphOptimizationLevel ort_level(const std::string& name) {
   fail(ErrorKind::Bundle, "unknown graph optimisation level '" + name + "'");
 }
 
+GraphOptimizationLevel cpu_level(const std::string& precision) {
+  return precision == "fp32" || precision == "fp16" ? ORT_ENABLE_BASIC : ORT_ENABLE_ALL;
+}
+
 GraphSession::GraphSession(OrtProcess& ort, const Bundle& bundle, const Artifact& art, SharedWeights& weights,
                            const SessionSettings& settings, GraphOptimizationLevel level)
     : artifact(&art) {
@@ -165,11 +169,14 @@ size_t SharedSessions::size() const {
 StageEngine::StageEngine(OrtProcess& ort, const Bundle& bundle, const Stage& st, const Artifact& art,
                          SharedWeights& weights, const SessionSettings& settings, SharedSessions* shared)
     : stage(st), artifact(art) {
-  // A stage of a shared group runs at the level its graph was checked bit-identical to the
-  // shared graph, with or without the shared session: the setting changes how many sessions
-  // exist, never the results. Other graphs run at ORT_ENABLE_ALL.
+  // The Python runtime's level rule (flexdit_runtime.ort_engine.optimization_level, CPU provider):
+  // `basic` for fp32/fp16 graphs, where the higher levels cost load time and measured no faster
+  // steps, `all` for int8, whose quantised-MatMul fusions are extended-level. Same graphs, same
+  // level: the two runtimes compute the same bits. A shared graph is used only at the level it
+  // was checked bit-identical at, so turning it off changes the session count, never the results.
   const SharedGraph* group = art.shared_graph ? bundle.manifest.shared_graph(art.shared_graph->id) : nullptr;
-  GraphOptimizationLevel level = group ? ort_level(group->graph_optimization) : ORT_ENABLE_ALL;
+  GraphOptimizationLevel level = cpu_level(art.precision);
+  if (group && ort_level(group->graph_optimization) != level) group = nullptr;
   std::string where = art.path + " (stage " + std::to_string(st.id) + ")";
   if (group && settings.shared_graphs && shared) {
     shared_ = group;

@@ -42,6 +42,7 @@ struct SessionSettings {
 
 // ONNX Runtime's level for a manifest's name of it (none | basic | extended | all).
 GraphOptimizationLevel ort_level(const std::string& name);
+GraphOptimizationLevel cpu_level(const std::string& precision);  // the level a stage graph runs at
 
 class GraphSession {
  public:
