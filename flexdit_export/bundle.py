@@ -34,9 +34,10 @@ def check_target(target, force: bool) -> None:
 
 
 class BundleWriter:
-    def __init__(self, target, force: bool = False):
+    def __init__(self, target, force: bool = False, log=None):
         self.target = Path(target)
         self.force = force
+        self._log, self._notes = log, set()  # notes of the final passes, each given once
         check_target(self.target, force)
         try:
             self.staging = StagingDirectory(self.target)
@@ -44,6 +45,12 @@ class BundleWriter:
             raise UserError(f"cannot write the bundle directory {self.target}: {e.strerror or e}") from None
         self.tmp = self.staging.path
         self._scratch = None
+
+    def _note(self, line: str) -> None:
+        """The manifest is completed twice when gates run (preview, then commit): say things once."""
+        if self._log and line not in self._notes:
+            self._notes.add(line)
+            self._log(line)
 
     def scratch(self) -> Path:
         """A private work directory in $TMPDIR (``flexdit-export-<pid>-*``), removed with the
@@ -88,7 +95,7 @@ class BundleWriter:
 
     def _complete(self, manifest: dict) -> dict:
         manifest = share_weights(self.tmp, {"format": {"name": FORMAT_NAME, "version": FORMAT_VERSION}, **manifest})
-        manifest = add_shared_graphs(self.tmp, manifest)
+        manifest = add_shared_graphs(self.tmp, manifest, self._note)
         try:
             validate_manifest(manifest)
         except BundleError as e:

@@ -38,7 +38,7 @@ def convert(ckpt_path, out, opts: ConvertOptions, log=print, gates=()) -> Path:
 
         log(f"precision policy: {describe_policy(dict(plan.policy))}")
         calib = stage_calibration(plan, log)
-    with BundleWriter(out, plan.force) as w:
+    with BundleWriter(out, plan.force, log) as w:
         ctx = BuildContext(plan=plan, writer=w, work=w.scratch(), calib=calib, log=log)
         stages = []
         for sid in range(len(plan.stages)):
