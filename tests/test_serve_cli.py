@@ -22,7 +22,8 @@ def test_bad_inputs_one_line_exit_2(serve_bundle, tmp_path):
     shutil.copytree(serve_bundle, gap)
     (gap / "manifest.json").write_text((gap / "manifest.json").read_text().replace('"t_min": 0', '"t_min": 1', 1))
     weights = next((bad / "stages").glob("weights.*.bin"))
-    weights.write_bytes(weights.read_bytes()[:-1] + b"\x00")
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # flipped, whatever the last byte was
     cases = [
         ([tmp_path / "missing"], "bundle directory not found"),
         ([bad], "checksum mismatch for stages/weights."),
