@@ -164,6 +164,29 @@ def test_auto_picks_only_allowed_precisions(ov_bundle, monkeypatch):
     assert np.isfinite(m.finish(req).samples).all()
 
 
+def test_auto_times_candidates_inside_the_sampler(ov_bundle):
+    """The timing trajectory visits every stage at least twice, and every candidate of a stage
+    with a choice gets a positive time from the real sampler (Model.step with that engine)."""
+    from flexdit_runtime.diffusion import space_timesteps
+
+    b = load_bundle(ov_bundle, defer_weights=True)
+    def twice(steps):
+        seen = [b.stage_for(t)["id"] for t in space_timesteps(b.diffusion["num_timesteps"], str(steps))]
+        return all(seen.count(st["id"]) >= 2 for st in b.stages)
+
+    n = engine_select.covering_steps(b)
+    assert twice(n) and (n == 2 * len(b.stages) or not twice(n - 1))  # the fewest that do
+    from flexdit_runtime.weights import SharedWeights
+
+    weights = SharedWeights(b)
+    per_stage = [engine_select.candidates(b, st, "fp32") for st in b.stages]
+    opened = engine_select._open_all(b, RuntimeSettings(threads=1), weights, per_stage)
+    named = [{engine_select.label(k, a): e for (k, a), e in zip(c, o)} for c, o in zip(per_stage, opened)]
+    timed = engine_select.time_in_sampler(b, RuntimeSettings(threads=1), weights, named, rounds=1)
+    assert [set(t) for t in timed] == [set(n) for n in named] == [{"onnx/fp32", "openvino/fp32"}] * len(b.stages)
+    assert all(v > 0 for t in timed for v in t.values())
+
+
 def test_auto_profile_reused(ov_bundle, private_cache):
     b = load_bundle(ov_bundle, defer_weights=True)
     first = Model(b, RuntimeSettings(threads=1), precision="fp32", backend="auto").engines()

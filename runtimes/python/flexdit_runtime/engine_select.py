@@ -6,8 +6,8 @@ on one CPU and 1.1x on another; OpenVINO bf16 needs bf16 hardware). Allowed prec
 override, every precision of the stage's policy tier or better (``precision.allowed_by``: an
 fp32 policy allows only exact engines, fp16 allows bf16, int8 allows every int8 form); with an
 override, exactly that precision (``int8``: any int8 form). Every candidate is opened, then
-timed on its stage's real shapes, interleaved (each round times every candidate once, in turn),
-and the median decides. The choice is saved as a profile next to OpenVINO's compiled-model
+timed inside the real sampler (``time_in_sampler``: short trajectories, candidates interleaved
+round by round), and the median per stage decides. The choice is saved as a profile next to OpenVINO's compiled-model
 cache, keyed by the bundle, the threads and the CPU, so a second start opens only the winners.
 """
 
@@ -19,6 +19,7 @@ import os
 import platform
 import statistics
 import time
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from .stage_engine import StageEngine, engine_kind
 
 CPU_KINDS = ("onnx", "openvino")  # TensorRT needs its own engines and a GPU: name it explicitly
 ENV_PROFILE = "FLEXDIT_AUTO_PROFILE"  # "off": always measure, never read or write a profile
+CALLS_PER_STEP = 4  # engine calls per denoising step while timing: a batch of prompts, as flexdit-run is used
 
 
 def installed_kinds() -> list[str]:
@@ -87,19 +89,56 @@ def sample_inputs(stage: dict, seed: int = 0) -> tuple:
     return x, t, np.zeros(b, np.int64)
 
 
-def time_engines(engines: dict, stage: dict, rounds: int = 5, warmup: int = 2, settle_ms: float = 20.0) -> dict:
-    """{name: StageEngine} -> {name: median ms}, interleaved (see benchmarks/timing.py: the
-    pause lets the previous engine's spinning threads park)."""
-    x, t, y = sample_inputs(stage)
-    times = {k: [] for k in engines}
+def covering_steps(bundle: Bundle, visits: int = 2) -> int:
+    """The fewest respaced steps ("sections" spacing) that visit every stage ``visits`` times."""
+    from .diffusion import space_timesteps
+
+    T = bundle.diffusion["num_timesteps"]
+    for n in range(visits * len(bundle.stages), T + 1):
+        seen = [bundle.stage_for(t)["id"] for t in space_timesteps(T, str(n))]
+        if all(seen.count(st["id"]) >= visits for st in bundle.stages):
+            return n
+    return T
+
+
+def time_in_sampler(bundle: Bundle, settings: RuntimeSettings, weights, named: list[dict], rounds: int = 5,
+                    warmup: int = 1, settle_ms: float = 20.0) -> list[dict]:
+    """Per stage {label: median ms per engine call}, measured inside the real sampler: for each
+    label, a short trajectory (``covering_steps``: every stage visited twice; the bundle's
+    default guidance; ``CALLS_PER_STEP`` full engine calls per step, i.e. a batch of prompts)
+    runs with that label's engine on every stage that has one (other stages: their first
+    candidate, not counted), labels interleaved round by round. Why not time single calls: on
+    the 2-core machine here, calls timed one at a time after a pause put ONNX Runtime ahead of
+    OpenVINO on two of four Fashion stages, while whole flexdit-run processes were 1.3x faster on
+    OpenVINO on every stage; inside the sampler, with calls back to back as a batch makes them,
+    the timing agrees with the whole runs (benchmarks/README.md, "--backend auto")."""
+    from .engines import StageRunner
+    from .model import Model
+
+    labels = sorted({n for per in named for n in per})
+    steps = covering_steps(bundle)
+    models = {}
+    for n in labels:
+        engines = [per.get(n) or next(iter(per.values())) for per in named]
+        models[n] = Model(bundle, settings, runner=StageRunner.from_engines(bundle, engines, weights), decoder=False)
+    any_model = next(iter(models.values()))
+    params = any_model.params(steps=steps, sampler="ddim", spacing="sections")
+    n_images = CALLS_PER_STEP * any_model.capacity(params.cfg_scale)
+    visits = defaultdict(int)  # engine calls per stage in one trajectory (one per step)
+    for t in any_model.diffusion(steps).timestep_map:
+        visits[bundle.stage_for(int(t))["id"]] += 1
+    times = [{n: [] for n in per} for per in named]
     for r in range(warmup + rounds):
-        for name, e in engines.items():
+        for n, model in models.items():
             time.sleep(settle_ms / 1e3)
-            t0 = time.perf_counter()
-            e.run(x, t, y)
-            if r >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            req = model.start([0] * n_images, params, seed=r)
+            model.run(req)
+            if r < warmup:
+                continue
+            for sid, per in enumerate(named):
+                if n in per:
+                    times[sid][n].append(req.stage_seconds[sid] / (visits[sid] * CALLS_PER_STEP))
+    return [{n: statistics.median(v) * 1e3 for n, v in per.items()} for per in times]
 
 
 def label(kind: str, artifact: dict) -> str:
@@ -140,12 +179,17 @@ def select_engines(bundle: Bundle, settings: RuntimeSettings, wants: list, weigh
         engines = _open_all(bundle, settings, weights, [[c] for c in chosen])
         return tuple(e[0] for e in engines), [{**p, "from": f"profile {path}"} for p in profile]
     opened = _open_all(bundle, settings, weights, per_stage)
+    named = [{label(k, a): e for (k, a), e in zip(cands, engs)} for cands, engs in zip(per_stage, opened)]
+    if any(len(per) > 1 for per in named):
+        timed = time_in_sampler(bundle, settings, weights, named, rounds)
+    else:
+        timed = [{n: None for n in per} for per in named]
     picks, record = [], []
-    for st, cands, engs in zip(bundle.stages, per_stage, opened):
-        named = {label(k, a): e for (k, a), e in zip(cands, engs)}
-        ms = time_engines(named, st, rounds) if len(named) > 1 else {n: None for n in named}
-        best = min(named, key=lambda n: ms[n] or 0.0)
-        picks.append(named[best])
+    for per, ms in zip(named, timed):
+        if len(per) == 1:
+            ms = {n: None for n in per}
+        best = min(per, key=lambda n: ms[n] or 0.0)
+        picks.append(per[best])
         record.append({"chosen": best, "ms": {n: (round(v, 3) if v else v) for n, v in ms.items()}})
     if path is not None:
         try:

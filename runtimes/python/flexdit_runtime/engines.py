@@ -85,6 +85,15 @@ class StageRunner:
             self.engines: tuple[StageEngine, ...] = tuple(pool.map(open_stage, range(len(arts))))
         self.weights.verify()  # the weight files' sha256, computed while the sessions built
 
+    @classmethod
+    def from_engines(cls, bundle: Bundle, engines, weights, backend: str = "auto") -> "StageRunner":
+        """A runner over engines opened elsewhere (``engine_select`` times candidate sets with
+        the real sampler); ``weights`` must outlive them."""
+        self = cls.__new__(cls)
+        self.bundle, self.backend, self.weights, self.selection = bundle, backend, weights, None
+        self.engines = tuple(engines)
+        return self
+
     @property
     def batches(self) -> list[int]:
         return [e.batch for e in self.engines]

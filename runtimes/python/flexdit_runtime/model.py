@@ -37,11 +37,14 @@ from .settings import RuntimeSettings
 
 
 class Model:
-    def __init__(self, bundle: Bundle, settings: RuntimeSettings | None = None, precision=None, backend: str = "onnx"):
+    def __init__(self, bundle: Bundle, settings: RuntimeSettings | None = None, precision=None, backend: str = "onnx",
+                 *, runner: StageRunner | None = None, decoder: bool = True):
         """``precision``: None (each stage's default from the bundle's policy), a spec string
         ("fp32", "int8:stages=0-2,fp16:stages=3"), or {stage id or "*": precision}.
         ``backend``: an engine kind of ``stage_engine.ENGINE_KINDS``, or "auto" (per stage the
-        fastest installed engine and precision the policy allows: ``engine_select``)."""
+        fastest installed engine and precision the policy allows: ``engine_select``).
+        ``runner``: engines already open (``StageRunner.from_engines``) instead of opening them;
+        ``decoder=False``: leave the bundle's decoder unloaded (for timing the sampler)."""
         self.bundle = bundle
         self.settings = settings = settings or RuntimeSettings()
         settings.apply()
@@ -50,8 +53,8 @@ class Model:
         self.classes = ClassIndex(m["model"]["class_names"], m["model"]["num_classes"])
         if isinstance(precision, str):
             precision = precision_overrides(bundle, precision, backend)
-        self.runner = StageRunner(bundle, settings, precision, backend)
-        self.decoder = Decoder(bundle, settings, self.runner.weights) if bundle.decoder else None
+        self.runner = runner if runner is not None else StageRunner(bundle, settings, precision, backend)
+        self.decoder = Decoder(bundle, settings, self.runner.weights) if bundle.decoder and decoder else None
         self.defaults = bundle.sampling_defaults
         self.latent_shape = (self.cfg["in_channels"], self.cfg["input_size"], self.cfg["input_size"])
 
