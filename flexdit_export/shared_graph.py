@@ -69,7 +69,8 @@ def _value(t) -> tuple:
 def add_shared_graphs(root, manifest: dict, log=None) -> dict:
     """Write the shared graphs of ``manifest``'s ONNX stage artifacts under ``root`` (after
     ``share_weights``); -> the manifest with ``shared_graphs`` and per-artifact ``shared_graph``.
-    Idempotent: earlier shared graphs are removed and rebuilt from the stage graphs."""
+    Idempotent: earlier shared graphs are removed and rebuilt from the stage graphs, and stage
+    constants the weight file already holds are not stored again."""
     import onnx
 
     root = Path(root)
@@ -288,6 +289,12 @@ def _append_tensors(root: Path, wfile: dict, values: list) -> list:
     path = root / wfile["path"]
     offset, stored, out = wfile["bytes"], {}, []
     align = wfile.get("alignment", ALIGNMENT)
+    wanted = {(str(v.dtype), tuple(v.shape)) for vals in values for v in vals.values()}
+    with open(path, "rb") as f:  # constants the file already holds (a second pass) are not stored again
+        for i, t in enumerate(wfile["tensors"]):
+            if (t["dtype"], tuple(t["shape"])) in wanted:
+                f.seek(t["offset"])
+                stored.setdefault((t["dtype"], tuple(t["shape"]), f.read(t["bytes"])), i)
     with open(path, "ab") as f:
         for vals in values:
             idx = {}
@@ -295,7 +302,7 @@ def _append_tensors(root: Path, wfile: dict, values: list) -> list:
                 if str(value.dtype) not in known:
                     raise ValueError(f"cannot store a {value.dtype} stage constant in a weight file")
                 raw = np.ascontiguousarray(value).tobytes()
-                key = (str(value.dtype), value.shape, raw)
+                key = (str(value.dtype), tuple(value.shape), raw)
                 if key not in stored:
                     pad = (-offset) % align
                     f.write(b"\0" * pad + raw)

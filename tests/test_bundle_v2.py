@@ -313,8 +313,13 @@ def test_compiler_publishes_no_shared_graph_that_is_not_bit_identical(fashion_bu
     assert all("shared_graph" not in a for st in out["stages"] for a in st["artifacts"])
     assert len(notes) == 1 and "differs from its own graph by" in notes[0], notes
     monkeypatch.undo()
+    before = json.loads(json.dumps(out["weights"]))
     again = shared_graph.add_shared_graphs(b, json.loads(json.dumps(out)))  # and with it: published again
     assert again["shared_graphs"][0]["stages"] == [0, 1, 2, 3]
+    assert again["weights"] == before  # the constants the first pass stored are found, not stored twice
+    from flexdit_bundle.manifest import validate_manifest
+
+    validate_manifest(again)
 
 
 def test_recorded_conformance_trajectories_are_bit_identical_through_the_shared_graph():
