@@ -13,8 +13,8 @@ Exactness: with the token count no longer static, ONNX Runtime would stop fusing
 into Gemm (its fusion inserts the 2-D reshapes only for known shapes) and the results would
 move by ~1e-6. The pass therefore writes those pairs as the explicit Reshape -> Gemm -> Reshape
 that the fusion produces on the stage graphs, and then *checks* the result: every stage is run
-through its own graph and through the shared graph (CPU provider, the optimisation level
-recorded in the manifest, random rows) and the shared graph is published only if every output
+through its own graph and through the shared graph (CPU provider, the optimisation level the
+runtimes use for that precision, recorded in the manifest, random rows) and the shared graph is published only if every output
 is bit-identical; otherwise it is left out and the bundle is exactly what it was. The stage
 constants are appended to the precision's weight file (tensor table) and each stage artifact
 names them (``shared_graph.inputs``); the per-stage graphs stay complete and standalone
@@ -29,14 +29,15 @@ from pathlib import Path
 import numpy as np
 
 from flexdit_bundle.files import sha256_file
+from flexdit_bundle.precision import cpu_optimization_level
 
 from .share_weights import ALIGNMENT, _dtypes
 
-# The level at which the shared graph is checked bit-identical to the stage graphs, and at which
-# a runtime may use it: ONNX Runtime's `basic` level is what the runtime picks for fp32/fp16
-# graphs on the CPU provider. (At `extended`/`all` other fusions depend on static shapes.)
-VERIFIED_LEVEL = "basic"
-PRECISIONS = ("fp32", "fp16")  # the ones the runtime runs at VERIFIED_LEVEL
+# A shared graph is checked bit-identical to the stage graphs at the level the runtimes run that
+# precision at on the CPU (``cpu_optimization_level``: basic for fp32/fp16, all for int8), and
+# may be used only there. (fp32 graphs at `extended`/`all` differ by ~1e-6: other fusions there
+# depend on static shapes.) fp8/bf16 ONNX graphs do not run on ONNX Runtime's CPU provider.
+PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-static")
 VERIFY_THREADS = (1, 2)
 _VERIFIED: dict = {}  # (shared graph, stage graphs, weight file sha256s) -> _verify's answer
 
@@ -117,7 +118,7 @@ def add_shared_graphs(root, manifest: dict, log=None) -> dict:
         entries.append({"id": gid, "precision": prec, "path": rel, "sha256": sha256_file(path),
                         "bytes": path.stat().st_size, **({"opset": first["opset"]} if "opset" in first else {}),
                         "stages": [st["id"] for st, _, _ in members], "stage_inputs": inputs,
-                        "verified": {"graph_optimization": VERIFIED_LEVEL, "threads": list(VERIFY_THREADS),
+                        "verified": {"graph_optimization": cpu_optimization_level(prec), "threads": list(VERIFY_THREADS),
                                      "onnxruntime": _ort_version()},
                         "weights": {"file": first["weights"]["file"],
                                     "bindings": {k: v for k, v in first["weights"]["bindings"].items() if k in kept}}})
@@ -263,9 +264,11 @@ def _verify(root: Path, shared: Path, members, values) -> str | None:
             else:
                 f[e["name"]] = rng.standard_normal(shape).astype(e["dtype"])
         feeds.append(f)
+    level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[
+        cpu_optimization_level(members[0][1]["precision"])]
     for threads in VERIFY_THREADS:
         so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.graph_optimization_level = level
         so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 4
         try:
             one = ort.InferenceSession(str(shared), so, providers=["CPUExecutionProvider"])

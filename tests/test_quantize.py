@@ -269,3 +269,23 @@ def test_derived_graphs_need_their_fp32_source(quant_bundle, tmp_path):
     f.write_bytes(f.read_bytes()[:-10])
     with pytest.raises(BundleError, match="checksum mismatch"):
         load_bundle(b)
+
+
+def test_quantised_shared_graphs_are_used_and_bit_identical(quant_bundle):
+    """Shared graphs of every precision the compiler could make exact (it checks each at the
+    level the runtime runs that precision at: basic for fp32/fp16, all for int8): the runtime
+    opens them and samples exactly what the per-stage sessions give."""
+    from flexdit_runtime import RuntimeSettings
+
+    m = _manifest(quant_bundle)
+    graphs = {g["precision"]: g for g in m.get("shared_graphs", [])}
+    assert {"fp32", "int8-dynamic"} <= set(graphs), sorted(graphs)
+    assert graphs["fp32"]["verified"]["graph_optimization"] == "basic"
+    assert graphs["int8-dynamic"]["verified"]["graph_optimization"] == "all"
+    for prec, g in graphs.items():
+        a = Pipeline.from_bundle(quant_bundle, precision=prec, threads=1)
+        b = Pipeline.from_bundle(quant_bundle, precision=prec, settings=RuntimeSettings(threads=1, shared_graphs=False))
+        used = [d.get("shared_graph") for d in a.runner.describe()]
+        assert used.count(g["path"]) == len(g["stages"]), (prec, used)
+        kw = dict(steps=8, sampler="ddim", cfg_scale=3.0, seed=5)
+        assert np.array_equal(a([1, 2, 3], **kw).samples, b([1, 2, 3], **kw).samples), prec

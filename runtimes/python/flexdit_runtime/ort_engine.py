@@ -26,6 +26,7 @@ import threading
 import numpy as np
 
 from flexdit_bundle.manifest import Bundle, BundleError
+from flexdit_bundle.precision import cpu_optimization_level
 
 from .settings import RuntimeSettings, process_shares_pool, use_env_arena
 from .stage_engine import NUMPY_DTYPES, StageEngine
@@ -230,7 +231,7 @@ def optimization_level(setting: str, precision: str, providers) -> str:
     if setting != "auto":
         return setting
     cpu_only = all(p == "CPUExecutionProvider" for p in providers)
-    return "basic" if cpu_only and precision in ("fp32", "fp16") else "all"
+    return cpu_optimization_level(precision) if cpu_only else "all"
 
 
 def make_session(path, providers, threads: int | None = None, weights=None, artifact: dict | None = None, *,
