@@ -102,7 +102,8 @@ def add_shared_graphs(root, manifest: dict, log=None) -> dict:
         rel = shared_graph_name(prec, per_precision[prec])
         path = root / rel
         onnx.save(model, str(path))
-        key = (sha256_file(path), *(a["sha256"] for _, a, _ in members), files[members[0][1]["weights"]["file"]]["sha256"])
+        digest = sha256_file(path)
+        key = (digest, *(a["sha256"] for _, a, _ in members), files[members[0][1]["weights"]["file"]]["sha256"])
         if key not in _VERIFIED:  # the writer completes a manifest twice (preview for the gates, then commit)
             _VERIFIED[key] = _verify(root, path, [(st, a) for st, a, _ in members], values)
         diff = _VERIFIED[key]
@@ -115,7 +116,7 @@ def add_shared_graphs(root, manifest: dict, log=None) -> dict:
         first = members[0][1]
         kept = {t.name for t in model.graph.initializer}
         gid = rel.removeprefix("stages/").removesuffix(".onnx")
-        entries.append({"id": gid, "precision": prec, "path": rel, "sha256": sha256_file(path),
+        entries.append({"id": gid, "precision": prec, "path": rel, "sha256": digest,
                         "bytes": path.stat().st_size, **({"opset": first["opset"]} if "opset" in first else {}),
                         "stages": [st["id"] for st, _, _ in members], "stage_inputs": inputs,
                         "verified": {"graph_optimization": cpu_optimization_level(prec), "threads": list(VERIFY_THREADS),

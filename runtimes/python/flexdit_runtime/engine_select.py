@@ -7,8 +7,9 @@ override, every precision of the stage's policy tier or better (``precision.allo
 fp32 policy allows only exact engines, fp16 allows bf16, int8 allows every int8 form); with an
 override, exactly that precision (``int8``: any int8 form). Every candidate is opened, then
 timed inside the real sampler (``time_in_sampler``: short trajectories, candidates interleaved
-round by round), and the median per stage decides. The choice is saved as a profile next to OpenVINO's compiled-model
-cache, keyed by the bundle, the threads and the CPU, so a second start opens only the winners.
+round by round), and the median per stage decides. The choice is saved as a profile next to
+OpenVINO's compiled-model cache, keyed by the bundle, the threads and the CPU, so a second start
+opens only the winners.
 """
 
 from __future__ import annotations
@@ -180,13 +181,11 @@ def select_engines(bundle: Bundle, settings: RuntimeSettings, wants: list, weigh
         return tuple(e[0] for e in engines), [{**p, "from": f"profile {path}"} for p in profile]
     opened = _open_all(bundle, settings, weights, per_stage)
     named = [{label(k, a): e for (k, a), e in zip(cands, engs)} for cands, engs in zip(per_stage, opened)]
-    if any(len(per) > 1 for per in named):
-        timed = time_in_sampler(bundle, settings, weights, named, rounds)
-    else:
-        timed = [{n: None for n in per} for per in named]
+    timed = time_in_sampler(bundle, settings, weights, named, rounds) if any(len(per) > 1 for per in named) \
+        else [{} for _ in named]
     picks, record = [], []
     for per, ms in zip(named, timed):
-        if len(per) == 1:
+        if len(per) == 1:  # nothing to choose: no time reported
             ms = {n: None for n in per}
         best = min(per, key=lambda n: ms[n] or 0.0)
         picks.append(per[best])

@@ -42,6 +42,11 @@ def read_weight_file(bundle: Bundle, entry: dict, verify: bool = True) -> np.nda
     return buf
 
 
+def _view(buf: np.ndarray, t: dict) -> np.ndarray:
+    """Tensor ``t`` of the tensor table as a numpy view of the file's bytes (no copy)."""
+    return buf[t["offset"]:t["offset"] + t["bytes"]].view(NUMPY_DTYPES[t["dtype"]]).reshape(t["shape"])
+
+
 class SharedWeights:
     """Lazily reads each weight file of ``bundle`` the first time a graph needs it; thread-safe
     (stage sessions may be created in parallel). Must outlive every session it was bound to.
@@ -74,14 +79,8 @@ class SharedWeights:
 
             self._hashes[file_id] = threading.Thread(target=check, daemon=True)
             self._hashes[file_id].start()
-            values = []
-            for t in entry["tensors"]:
-                dtype = NUMPY_DTYPES.get(t["dtype"])
-                if dtype is None:
-                    values.append(None)
-                    continue
-                arr = buf[t["offset"]:t["offset"] + t["bytes"]].view(dtype).reshape(t["shape"])
-                values.append(ort.OrtValue.ortvalue_from_numpy(arr))
+            values = [None if t["dtype"] not in NUMPY_DTYPES else ort.OrtValue.ortvalue_from_numpy(_view(buf, t))
+                      for t in entry["tensors"]]
             self._values[file_id] = values
             return values
 
@@ -129,11 +128,10 @@ class SharedWeights:
         """Tensor ``index`` of a weight file as a read-only numpy view of the bytes read once."""
         self._load(file_id)
         t = self.bundle.weight_files[file_id]["tensors"][index]
-        dtype = NUMPY_DTYPES.get(t["dtype"])
-        if dtype is None:
+        if t["dtype"] not in NUMPY_DTYPES:
             raise BundleError(f"tensor {index} of {self.bundle.weight_files[file_id]['path']} is {t['dtype']}, "
                               "which cannot be fed as a graph input")
-        a = self._buffers[file_id][t["offset"]:t["offset"] + t["bytes"]].view(dtype).reshape(t["shape"])
+        a = _view(self._buffers[file_id], t)
         a.flags.writeable = False
         return a
 
