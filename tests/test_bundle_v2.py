@@ -76,6 +76,38 @@ def test_runtime_reads_each_weight_file_once(fashion_bundle):
     assert sw.resident_bytes == 0  # nothing read until a graph asks
 
 
+ENGINE_OUTLIVES_RUNNER = r"""
+import gc, sys
+import numpy as np
+from flexdit_runtime import RuntimeSettings, load_bundle
+from flexdit_runtime.engines import StageRunner
+from flexdit_runtime.engine_select import sample_inputs
+b = load_bundle(sys.argv[1], defer_weights=True)
+for shared in (True, False):
+    runner = StageRunner(b, RuntimeSettings(threads=1, shared_graphs=shared), backend="onnx")
+    engines = runner.engines
+    feeds = [sample_inputs(st) for st in b.stages]
+    before = [e.run(*f) for e, f in zip(engines, feeds)]
+    del runner
+    gc.collect()
+    junk = [np.full(1 << 20, 7.0) for _ in range(64)]  # reuse whatever memory the runner gave back
+    after = [e.run(*f) for e, f in zip(engines, feeds)]
+    assert all(np.array_equal(x, y) for x, y in zip(before, after)), shared
+print("ok")
+"""
+
+
+def test_engines_keep_the_shared_weights_alive(fashion_bundle):
+    """The sessions run on the weight buffers in place: an engine kept after its runner is gone
+    must still compute the same bits (it used to read freed memory and crash the process)."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", ENGINE_OUTLIVES_RUNNER, str(fashion_bundle)], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", (p.returncode, p.stderr[-2000:])
+
+
 def test_inspect_and_verify_report_shared_weights(fashion_bundle):
     s = json.loads(run_cli("flexdit-export", "inspect", fashion_bundle, "--json").stdout)
     (w,) = s["weights"]

@@ -76,7 +76,7 @@ class StageRunner:
                 for st, want in zip(bundle.stages, wants)]
 
         def open_stage(i):
-            return engine_cls.open(bundle, bundle.stages[i], arts[i], settings, self.weights)
+            return engine_cls.load(bundle, bundle.stages[i], arts[i], settings, self.weights)
 
         # Sessions build their graphs in parallel (ONNX Runtime releases the GIL while it loads
         # and optimises); the shared weights are read once, by whichever stage needs them first.
@@ -88,7 +88,7 @@ class StageRunner:
     @classmethod
     def from_engines(cls, bundle: Bundle, engines, weights, backend: str = "auto") -> "StageRunner":
         """A runner over engines opened elsewhere (``engine_select`` times candidate sets with
-        the real sampler); ``weights`` must outlive them."""
+        the real sampler); ``weights``: the SharedWeights they were loaded with."""
         self = cls.__new__(cls)
         self.bundle, self.backend, self.weights, self.selection = bundle, backend, weights, None
         self.engines = tuple(engines)

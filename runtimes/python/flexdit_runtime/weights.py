@@ -49,7 +49,8 @@ def _view(buf: np.ndarray, t: dict) -> np.ndarray:
 
 class SharedWeights:
     """Lazily reads each weight file of ``bundle`` the first time a graph needs it; thread-safe
-    (stage sessions may be created in parallel). Must outlive every session it was bound to.
+    (stage sessions may be created in parallel). Must outlive every session it was bound to:
+    each engine holds it (``StageEngine.load``).
     Also holds what the stage engines of one loaded bundle share beside the buffers (``once``:
     one session for a graph several stages run)."""
 
