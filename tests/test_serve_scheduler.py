@@ -251,3 +251,31 @@ def test_metrics_record_fill_and_outcomes(model):
     fills = Counter(line.split("{")[0] for line in text.splitlines() if line.startswith("flexdit_batch_fill_count"))
     assert fills["flexdit_batch_fill_count"] >= 1
     assert "flexdit_step_seconds_bucket" in text and "flexdit_queue_depth 0.0" in text
+
+
+def test_ticket_cancelled_while_decoding_does_not_end_a_retry_with_its_id(model, monkeypatch):
+    """A client cancels while its images are being decoded (outside the lock) and retries under
+    the same id: the first ticket stays Cancelled and the retry is answered (the scheduler used to
+    match endings by id, so it re-ended the first and dropped the retry, whose waiter then hung)."""
+    sched = Scheduler(model, fill_wait_s=0)
+    params = model.params(steps=4, cfg_scale=1)
+    state, real_finish = {}, model.finish
+
+    def finish(reqs):  # what another thread may do meanwhile
+        if not state:
+            state["cancelled"] = sched.cancel("req-1")
+            state["retry"] = sched.submit(make_ticket(model, "req-1", [3], params, seed=0, timeout_s=60))
+        return real_finish(reqs)
+
+    monkeypatch.setattr(model, "finish", finish)
+    first = sched.submit(make_ticket(model, "req-1", [3], params, seed=0, timeout_s=60))
+    for _ in range(100):
+        if "retry" in state and state["retry"].done:
+            break
+        sched.run_once()
+    retry = state["retry"]
+    assert state["cancelled"] and isinstance(first.error, Cancelled) and first.result is None
+    assert retry.done and retry.error is None, retry.error
+    assert np.array_equal(retry.result.samples, reference(model, [3], 0, steps=4, cfg_scale=1).samples)
+    assert sched.queue_depth == 0 and sched.inflight == 0
+    sched.close(0)

@@ -217,7 +217,7 @@ class Scheduler:
         except Exception as e:  # an engine failure fails the requests in this call, not the server
             with self._lock:
                 for im in chosen:
-                    if im.ticket.id in self._tickets:
+                    if self._tickets.get(im.ticket.id) is im.ticket:  # not ended meanwhile (nor its id reused)
                         self._end(im.ticket, error=ServeError(f"engine call failed: {str(e).splitlines()[0][:300]}"))
             return True
         seconds = time.perf_counter() - start
@@ -333,7 +333,7 @@ class Scheduler:
         except BundleError as e:
             result, error = None, SamplingFailed(str(e))
         with self._lock:
-            if t.id not in self._tickets:  # cancelled or expired while decoding
+            if self._tickets.get(t.id) is not t:  # cancelled or expired while decoding (its id may be reused)
                 return
             self._end(t, result=result, error=error)
 
