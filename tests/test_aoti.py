@@ -114,6 +114,41 @@ def test_frequency_table_stays_float32_under_a_dtype_cast():
     assert e.freqs.dtype == torch.float32 and torch.equal(e.freqs, timestep_frequencies(256))
 
 
+def test_cuda_graph_output_is_the_callers_own():
+    """With a captured CUDA graph every call replays into one static output buffer; run_device
+    must hand back a copy made under the engine lock, or a second call (another thread, or the
+    next chunk of a batch) overwrites the first call's result before it is read. No GPU here:
+    the real engine code runs against a stand-in whose replay() writes the static buffers in place,
+    as a CUDA graph replay does."""
+    import threading
+
+    from flexdit_runtime.aoti_engine import AotiStageEngine
+
+    B = 2
+    stage = {"id": 0, "batch": B, "inputs": [{"name": "x", "dtype": "float32", "shape": [B, 1, 4, 4]},
+                                              {"name": "t", "dtype": "float32", "shape": [B]},
+                                              {"name": "y", "dtype": "int64", "shape": [B]}],
+             "outputs": [{"name": "out", "dtype": "float32", "shape": [B, 1, 4, 4]}]}
+    e = AotiStageEngine.__new__(AotiStageEngine)
+    super(AotiStageEngine, e).__init__(stage, {"precision": "fp32", "path": "stub.pt2"})
+    e.torch, e.device, e._lock = torch, "cpu", threading.Lock()
+    e.static_in = (torch.zeros(B, 1, 4, 4), torch.zeros(B), torch.zeros(B, dtype=torch.int64))
+    e.static_out = torch.zeros(B, 1, 4, 4)
+
+    class Replay:
+        def replay(self):
+            sx, st, sy = e.static_in
+            e.static_out.copy_(sx * 2 + st.view(-1, 1, 1, 1) + sy.view(-1, 1, 1, 1))
+
+    e.graph = Replay()
+    x1, x2 = torch.ones(B, 1, 4, 4), torch.full((B, 1, 4, 4), 5.0)
+    t, y = torch.zeros(B), torch.zeros(B, dtype=torch.int64)
+    first = e.run_device(x1, t, y)
+    second = e.run_device(x2, t, y)
+    assert torch.equal(first, x1 * 2) and torch.equal(second, x2 * 2)
+    assert first.data_ptr() != e.static_out.data_ptr()
+
+
 # ---------------------------------------------------------------- torch sampler (no compile)
 
 @pytest.mark.parametrize("sampler,eta,variance", [("ddpm", 0.0, "learned_range"), ("ddim", 0.0, "learned_range"),

@@ -240,8 +240,8 @@ class AotiStageEngine(StageEngine):
 
     def run_device(self, x, t, y):
         """One call on tensors already on the device (exactly ``batch`` rows); -> the output on
-        the device. With a CUDA graph the result is the graph's static output buffer: read it
-        before the next call of this engine."""
+        the device, the caller's own: with a CUDA graph, a copy of the graph's static output made
+        under the lock (another thread's replay would overwrite that buffer)."""
         with self._lock:
             if self.graph is not None:
                 sx, st, sy = self.static_in
@@ -249,7 +249,7 @@ class AotiStageEngine(StageEngine):
                 st.copy_(t)
                 sy.copy_(y)
                 self.graph.replay()
-                return self.static_out
+                return self.static_out.clone()
             with self.torch.inference_mode():
                 return self.runner(x, t, y)
 

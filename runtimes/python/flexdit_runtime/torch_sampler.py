@@ -95,7 +95,7 @@ def _call(engine, x, t, y):
         n = c[0].shape[0]
         if n < B:
             c = [torch.cat([a, a[:1].expand(B - n, *a.shape[1:])]) for a in c]
-        outs.append(engine.run_device(*c)[:n].clone())
+        outs.append(engine.run_device(*c)[:n])
     return torch.cat(outs)
 
 
