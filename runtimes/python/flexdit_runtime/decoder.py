@@ -27,6 +27,11 @@ class Decoder:
         self.session = make_session(bundle.path(art), providers, settings.threads, weights, art,
                                     shared_pool=settings.apply(), prepack_weights=settings.prepack_weights,
                                     provider_options=options)
+        # A decoder bound to a shared weight file runs on its buffers in place: keep them alive as
+        # long as the decoder, and check the file's sha256 before the first image is decoded.
+        self.weights = weights
+        if weights is not None:
+            weights.verify()
         self.batch = d["inputs"][0]["shape"][0]
         self.in_name, self.out_name = d["inputs"][0]["name"], d["outputs"][0]["name"]
         inputs, outputs = session_io(self.session)
