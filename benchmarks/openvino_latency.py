@@ -1,5 +1,5 @@
 """Per-stage latency of one denoising step: ONNX Runtime fp32 / int8-dynamic vs OpenVINO fp32 /
-bf16 / int8 (NNCF) on the same bundle's stage graphs (and, for the random-weight bodies, PyTorch
+bf16 / int8-dynamic (int8 weights at load) / int8 (NNCF) on the same bundle's stage graphs (and, for the random-weight bodies, PyTorch
 eager), interleaved (``timing.interleaved_medians``), medians and ratios to ONNX Runtime fp32.
 Every engine is opened as the runtime opens it (``StageRunner``: ONNX Runtime at the runtime's
 graph optimisation level, per-session pools; OpenVINO with the stages of one structure sharing
@@ -42,7 +42,7 @@ from flexdit_runtime.openvino_engine import ENV_SHARE, has_bf16
 from timing import interleaved_medians
 
 CANDIDATES = (("onnx", "fp32"), ("onnx", "int8-dynamic"), ("openvino", "fp32"), ("openvino", "bf16"),
-              ("openvino", "int8-static"))
+              ("openvino", "int8-dynamic"), ("openvino", "int8-static"))
 
 
 def body_bundle(body: str, latent: int, keep: str | None):
@@ -86,7 +86,7 @@ def open_runners(b, threads: int, static: bool) -> dict:
 
 
 PER_IMAGE = (("onnx", None), ("openvino", None), ("auto", None), ("onnx", "int8"), ("openvino", "bf16"),
-             ("openvino", "int8"), ("auto", "int8"))
+             ("openvino", "int8-dynamic"), ("openvino", "int8"), ("auto", "int8"))
 
 
 def per_image(bundle_dir, threads: int, images: int, steps: int, rounds: int) -> dict:
@@ -146,6 +146,7 @@ RSS_CASES = (("onnx dense", "dense", "onnx", "", {}), ("onnx stages", "stages", 
              ("openvino stages (static per stage)", "stages", "openvino", "fp32", {ENV_SHARE: "0"}),
              ("openvino dense bf16", "dense", "openvino", "bf16", {}),
              ("openvino stages bf16", "stages", "openvino", "bf16", {}),
+             ("openvino stages int8-dynamic", "stages", "openvino", "int8-dynamic", {}),
              ("openvino stages int8", "stages", "openvino", "int8", {}))
 
 

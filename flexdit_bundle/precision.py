@@ -13,7 +13,9 @@ without ``stages=`` covers every stage no other item names. ``int8`` is an alias
 backend's default int8 form (``int8-dynamic`` for ONNX Runtime on CPU, ``int8-static``, a
 QDQ graph, for TensorRT, and an NNCF-quantised model for OpenVINO; for ``auto``, any int8 form).
 ``bf16`` is no graph of its own: OpenVINO's inference precision over the fp32 graph, so only
-the openvino backend (and ``auto``) accepts it.
+the openvino backend (and ``auto``) accepts it. OpenVINO also runs ``int8-dynamic`` without an
+artifact of its own (the fp32 graph with its weights quantised at load; ONNX Runtime's
+``int8-dynamic`` is a graph the compiler builds).
 """
 
 from __future__ import annotations

@@ -80,6 +80,42 @@ def test_bf16_and_int8_are_close_but_not_exact(ov_bundle):
             assert np.isfinite(g).all() and 0 < rel < (0.3 if prec == "bf16" else 2.0), (prec, st["id"], rel)
 
 
+def test_int8_dynamic_is_nncf_weight_compression_shared_by_the_stages(ov_bundle, monkeypatch):
+    """OpenVINO int8-dynamic quantises the fp32 graph's MatMul weights at load, exactly as NNCF's
+    data-free compress_weights(INT8_SYM) would (the independent formulation: a stage compiled
+    alone gives NNCF's outputs bit for bit, 1 and 2 threads), inside the one model the stages of
+    a structure share, so the int8 weights exist once; activations are quantised at run time."""
+    import nncf
+    import openvino as ov
+
+    from flexdit_runtime.openvino_int8_weights import GROUP_SIZE
+
+    b = load_bundle(ov_bundle, defer_weights=True)
+    run = StageRunner(b, RuntimeSettings(threads=1), {"*": "int8-dynamic"}, "openvino")
+    d = [e.describe() for e in run.engines]
+    assert [x["precision"] for x in d] == ["int8-dynamic"] * 3
+    assert all(x["dynamic_quantization_group_size"] == GROUP_SIZE and x["weights"].startswith("int8") for x in d)
+    assert run.engines[0].compiled is run.engines[1].compiled and d[0]["shared_with_stages"] == [0, 1]
+    ref = StageRunner(b, RuntimeSettings(threads=1), {"*": "fp32"}, "openvino")
+    monkeypatch.setenv(openvino_engine.ENV_SHARE, "0")
+    alone = {n: StageRunner(b, RuntimeSettings(threads=n), {"*": "int8-dynamic"}, "openvino") for n in (1, 2)}
+    core = ov.Core()
+    for st, e, e32 in zip(b.stages, run.engines, ref.engines):
+        x, t, y = feeds(st)
+        got, r = e.run(x, t, y), e32.run(x, t, y)
+        rel = np.sqrt(np.mean((got - r) ** 2) / np.mean(r ** 2))
+        assert np.isfinite(got).all() and 0 < rel < 0.1, (st["id"], rel)  # quantised, and close
+        model = nncf.compress_weights(core.read_model(str(b.path(b.artifact(st, "onnx", "fp32")))),
+                                      mode=nncf.CompressWeightsMode.INT8_SYM,
+                                      ignored_scope=nncf.IgnoredScope(types=["Convolution", "Gather"]))
+        for n, runner in alone.items():
+            assert "shared_with_stages" not in runner.engines[st["id"]].describe()
+            cfg = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": n,
+                   "DYNAMIC_QUANTIZATION_GROUP_SIZE": GROUP_SIZE}
+            nncf_out = core.compile_model(model, "CPU", cfg)({"x": x, "t": t, "y": y})[0]
+            assert np.array_equal(runner.engines[st["id"]].run(x, t, y), nncf_out), (st["id"], n)
+
+
 def test_stages_of_one_structure_share_one_compiled_model(ov_bundle, monkeypatch):
     """Stages 0 and 1 (s=2, s=3) are the same graph but for their pooling tables and token counts:
     one compiled model with those constants as inputs (one repacked weight copy); the dense stage
@@ -127,7 +163,7 @@ def test_missing_openvino_is_one_line(ov_bundle, monkeypatch):
 
 def test_precision_grammar_and_backends():
     assert canonical("int8", "openvino") == "int8-static" and canonical("int8", "auto") == "int8"
-    assert canonical("bf16", "openvino") == "bf16"
+    assert canonical("bf16", "openvino") == "bf16" and canonical("int8-dynamic", "openvino") == "int8-dynamic"
     with pytest.raises(PrecisionError, match="backend openvino or auto"):
         canonical("bf16", "onnx")
     assert "bf16" in allowed_by("fp16") and "bf16" not in allowed_by("fp32")
@@ -139,7 +175,8 @@ def test_precision_grammar_and_backends():
 def test_default_policy_and_unbuilt_precision(ov_bundle):
     b = load_bundle(ov_bundle, defer_weights=True)
     run = StageRunner(b, RuntimeSettings(threads=1), None, "openvino")
-    assert run.precisions == ["fp32"] * 3  # int8-dynamic / fp16 policies are ONNX Runtime's; OpenVINO runs fp32
+    # stage 0's int8-dynamic policy: OpenVINO's own int8-dynamic; no fp16 in OpenVINO: fp32
+    assert run.precisions == ["int8-dynamic", "fp32", "fp32"]
     with pytest.raises(BundleError, match="openvino backend runs"):
         StageRunner(b, RuntimeSettings(threads=1), {"*": "fp16"}, "openvino")
 
@@ -206,22 +243,39 @@ def test_convert_refuses_bf16_artifacts(ref_ckpt, tmp_path):
         convert(ref_ckpt, tmp_path / "y", ConvertOptions(num_heads=4, precision="bf16", backend="openvino"))
 
 
-@pytest.mark.skipif(not openvino_engine.has_bf16(), reason="the CPU has no bf16")
-def test_bf16_meets_the_fp16_gate_on_the_shipped_model(tmp_path, fashion_data):
-    """The end-to-end gate (accuracy within 1 point, FD <= 1.05x fp32) for OpenVINO bf16 on the
-    shipped Fashion model, on a small sample: 100 images (10 per class), 25 DDPM steps. The
-    500-image, 100-step numbers are in benchmarks/README.md."""
-    from flexdit_fashion.quality import compare_policies
-
+@pytest.fixture(scope="module")
+def fashion_fp32(tmp_path_factory):
+    """The shipped Fashion model converted with the defaults (fp32 graphs: what bf16 and
+    int8-dynamic run from)."""
     from pathlib import Path
 
     from flexdit_export.convert import ConvertOptions, convert
 
-    out = tmp_path / "fashion"
+    out = tmp_path_factory.mktemp("fashion") / "b"
     convert(Path(__file__).resolve().parents[1] / "models" / "fashion-flexdit", out, ConvertOptions(),
             log=lambda *_: None)
-    r = compare_policies(load_bundle(out), {"bf16": "openvino/bf16"}, per_class=10, steps=25, threads=2,
-                         log=lambda *_: None)
-    bf16 = r["policies"]["bf16"]
+    return out
+
+
+def _gate(bundle, name, policy, fashion_data):
+    from flexdit_fashion.quality import compare_policies
+
+    r = compare_policies(load_bundle(bundle), {name: policy}, per_class=10, steps=25, threads=2, log=lambda *_: None)
+    return r["policies"][name]
+
+
+@pytest.mark.skipif(not openvino_engine.has_bf16(), reason="the CPU has no bf16")
+def test_bf16_meets_the_fp16_gate_on_the_shipped_model(fashion_fp32, fashion_data):
+    """The end-to-end gate (accuracy within 1 point, FD <= 1.05x fp32) for OpenVINO bf16 on the
+    shipped Fashion model, on a small sample: 100 images (10 per class), 25 DDPM steps. The
+    500-image, 100-step numbers are in benchmarks/README.md."""
+    bf16 = _gate(fashion_fp32, "bf16", "openvino/bf16", fashion_data)
     assert bf16["bar"] == "fp16" and bf16["policy"].startswith("bf16"), bf16
     assert bf16["passed"], bf16["verdict"]
+
+
+def test_int8_dynamic_meets_the_int8_gate_on_the_shipped_model(fashion_fp32, fashion_data):
+    """The same for OpenVINO int8-dynamic against the int8 bar (2 points, FD <= 1.15x fp32)."""
+    q = _gate(fashion_fp32, "int8-dynamic", "openvino/int8-dynamic", fashion_data)
+    assert q["bar"] == "int8" and q["policy"].startswith("int8-dynamic"), q
+    assert q["passed"], q["verdict"]

@@ -6,6 +6,8 @@ runtime offers both and ``engine_select`` measures. Precisions and what each one
 
     fp32          the stage's onnx/fp32 graph, OpenVINO inference precision f32 (exact)
     bf16          the same graph, inference precision bf16 (only where the CPU has bf16)
+    int8-dynamic  the same graph with its MatMul weights quantised to int8 at load, activations
+                  quantised at run time (``openvino_int8_weights``: no calibration, one model)
     int8-static   the stage's openvino/int8-static model (NNCF post-training quantisation,
                   written at convert time from the stage's calibration rows)
 
@@ -21,9 +23,10 @@ weights are repacked once and every stage costs what one dense model costs. Whic
 identical is known without reading the weights: two initializers bound by the manifest to the
 same tensor of the same weight file are the same bytes (v2); everything else is compared by
 value. ``$FLEXDIT_OPENVINO_SHARE_STAGES=0`` compiles one static model per stage instead (no
-dynamic shapes: a little faster per call on small graphs, one weight copy per stage). NNCF int8
-models are calibrated per stage (different quantiser ranges, SmoothQuant-scaled weights), so
-they stay one static model each.
+dynamic shapes: a little faster per call on small graphs, one weight copy per stage). int8-dynamic
+is derived from that shared model, so its int8 weights exist once too. NNCF int8 models are
+calibrated per stage (different quantiser ranges, SmoothQuant-scaled weights), so they stay one
+static model each.
 
 Weights: OpenVINO's ONNX reader maps the bundle's weight file (mmap) instead of copying it, and
 the runtime checks the file's sha256 once, streaming it, without keeping a copy. Compiled
@@ -44,6 +47,7 @@ from flexdit_bundle.files import sha256_file
 from flexdit_bundle.manifest import Bundle, BundleError
 from flexdit_bundle.precision import PrecisionError, canonical
 
+from .openvino_int8_weights import GROUP_SIZE, compress_weights
 from .settings import RuntimeSettings
 from .stage_engine import StageEngine
 from .weights import checksum_mismatch
@@ -52,8 +56,9 @@ INSTALL_HINT = 'OpenVINO is not installed: pip install "flexdit-export[openvino]
 ENV_CACHE = "FLEXDIT_OPENVINO_CACHE"
 ENV_SHARE = "FLEXDIT_OPENVINO_SHARE_STAGES"  # "0": one static compiled model per stage
 STAGE_INPUT = "flexdit.stage_const."  # inputs of a shared model that carry a stage's own constants
-PRECISIONS = ("fp32", "bf16", "int8-static")  # what this engine runs; int8 is the alias of int8-static
-HINTS = {"fp32": "f32", "bf16": "bf16", "int8-static": "f32"}  # int8 layers are int8 whatever the hint
+PRECISIONS = ("fp32", "bf16", "int8-dynamic", "int8-static")  # what this engine runs; int8 = int8-static
+FROM_FP32 = ("fp32", "bf16", "int8-dynamic")  # run from the fp32 graph (stages share one compiled model)
+HINTS = {"fp32": "f32", "bf16": "bf16", "int8-dynamic": "f32", "int8-static": "f32"}  # int8 layers are int8 whatever the hint
 OV_DTYPES = {"f32": "float32", "f16": "float16", "i64": "int64", "i32": "int32", "bf16": "bfloat16", "f64": "float64"}
 
 
@@ -99,8 +104,8 @@ def cache_dir(explicit=None) -> str | None:
 
 
 def artifact_for(bundle: Bundle, stage: dict, precision: str) -> dict:
-    """The manifest artifact a precision runs from; bf16 runs the fp32 graph, so it gets a copy
-    of that artifact whose precision says bf16."""
+    """The manifest artifact a precision runs from; bf16 and int8-dynamic run the fp32 graph, so
+    they get a copy of that artifact whose precision says so."""
     if precision not in PRECISIONS:
         raise BundleError(f"the openvino backend runs {', '.join(PRECISIONS)} (int8 = int8-static), not {precision}")
     if precision == "int8-static":
@@ -135,6 +140,8 @@ def verify_weight_file(bundle: Bundle, artifact: dict) -> None:
 
 def compile_config(precision: str, threads: int | None, cache: str | None) -> dict:
     cfg = {"INFERENCE_PRECISION_HINT": HINTS[precision], "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+    if precision == "int8-dynamic":
+        cfg["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = GROUP_SIZE
     if threads:
         cfg["INFERENCE_NUM_THREADS"] = int(threads)
     if cache:
@@ -199,14 +206,18 @@ class OpenVINOStageEngine(StageEngine):
         verify_weight_file(bundle, artifact)
         cache = cache_dir(getattr(settings, "openvino_cache", None))
         config = compile_config(precision, settings.threads, cache)
-        if precision in ("fp32", "bf16") and share_stages():
+        if precision in FROM_FP32 and share_stages():
             shared = shared_model(bundle, stage, precision, config)
             if shared is not None:
                 return cls(stage, artifact, shared.compiled, cache, shared)
         path = bundle.path(artifact)
         try:
-            # Compiling from the path lets a cache hit skip reading the graph altogether.
-            compiled = core().compile_model(str(path), "CPU", config)
+            if precision == "int8-dynamic":
+                model = core().read_model(str(path))
+                compress_weights(openvino(), model)
+                compiled = core().compile_model(model, "CPU", config)
+            else:  # compiling from the path lets a cache hit skip reading the graph altogether
+                compiled = core().compile_model(str(path), "CPU", config)
         except RuntimeError as e:
             raise BundleError(f"cannot load graph {artifact['path']} in OpenVINO: {ov_error(e)}") from None
         return cls(stage, artifact, compiled, cache)
@@ -229,8 +240,10 @@ class OpenVINOStageEngine(StageEngine):
     def describe(self) -> dict:
         shared = {"shared_with_stages": list(self.shared.stage_ids),
                   "stage_inputs": len(self._stage_feeds)} if self.shared else {}
+        dynamic = {"weights": "int8 per output channel, quantised at load",
+                   "dynamic_quantization_group_size": GROUP_SIZE} if self.precision == "int8-dynamic" else {}
         return {**super().describe(), "device": "CPU", "inference_precision": HINTS[self.precision],
-                "cache_dir": self.cache, **shared}
+                "cache_dir": self.cache, **dynamic, **shared}
 
 
 def share_stages() -> bool:
@@ -280,22 +293,25 @@ def shared_model(bundle: Bundle, stage: dict, precision: str, config: dict) -> S
     with _SHARED_LOCK:
         key_lock = _KEY_LOCKS.setdefault(key, threading.Lock())
     with key_lock:  # the stages open in parallel: the first of a group builds, the others wait for it
-        if (key, stage["id"]) in _ALONE:
-            return None
-        for (k, ids), model in list(_SHARED.items()):
-            if k == key and stage["id"] in ids:
-                return model
-        found = _build_shared(bundle, arts, stage["id"], config)
-        if found is None:
-            _ALONE.add((key, stage["id"]))
-        else:
-            _SHARED[(key, found.stage_ids)] = found
+        with _SHARED_LOCK:  # other keys' builders insert concurrently (--backend auto opens in parallel)
+            if (key, stage["id"]) in _ALONE:
+                return None
+            for (k, ids), model in list(_SHARED.items()):
+                if k == key and stage["id"] in ids:
+                    return model
+        found = _build_shared(bundle, arts, stage["id"], config, precision)
+        with _SHARED_LOCK:
+            if found is None:
+                _ALONE.add((key, stage["id"]))
+            else:
+                _SHARED[(key, found.stage_ids)] = found
         return found
 
 
-def _build_shared(bundle: Bundle, arts: dict, stage_id, config: dict) -> SharedStageModel | None:
+def _build_shared(bundle: Bundle, arts: dict, stage_id, config: dict, precision: str) -> SharedStageModel | None:
     """Read every stage graph (the weights stay mapped, untouched), find the stages of the same
-    structure as ``stage_id`` and compile one model for them; None when there are none."""
+    structure as ``stage_id`` and compile one model for them (int8-dynamic: its weights
+    quantised first); None when there are none."""
     ov = openvino()
     c = core()
     try:
@@ -312,6 +328,8 @@ def _build_shared(bundle: Bundle, arts: dict, stage_id, config: dict) -> SharedS
         return None
     model, feeds = merged
     try:
+        if precision == "int8-dynamic":
+            compress_weights(ov, model)
         compiled = c.compile_model(model, "CPU", config)
     except RuntimeError:
         return None  # e.g. an op without dynamic-shape support: a static model per stage
