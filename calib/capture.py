@@ -18,6 +18,7 @@ respacing (``flexdit_runtime.diffusion.space_timesteps``). Images are sampled in
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -73,6 +74,10 @@ class CaptureSettings:
                 bad.append(f"{name.replace('_', '-')} must be at least 1")
         if self.max_rows < self.batch or self.max_holdout_rows < self.batch:
             bad.append(f"max rows per stage must be at least the graph batch ({self.batch})")
+        for name in ("cfg_scale", "eta"):  # recorded in calib.json: NaN is no JSON, and guidance < 0 no sampler
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0:
+                bad.append(f"{name.replace('_', '-')} must be a finite number >= 0, got {v}")
         return bad
 
 

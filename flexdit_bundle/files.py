@@ -181,11 +181,22 @@ class OutsideError(ValueError):
     """A relative path that leaves its directory (``..``, absolute, or through a symbolic link)."""
 
 
+def os_error_reason(e: BaseException) -> str:
+    """An OSError (or pathlib's symlink-loop RuntimeError) as a short phrase for a one-line error."""
+    if isinstance(e, RuntimeError) and "symlink loop" in str(e).lower():
+        return "symlink loop"
+    reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    return reason[0].lower() + reason[1:] if reason else reason
+
+
 def resolve_inside(root, rel: str) -> Path:
     """``root / rel`` with every symbolic link resolved; refuses a path that ends up outside
     ``root`` (a manifest entry or a linked file must never make a runtime read elsewhere)."""
-    base = Path(root).resolve()
-    p = (base / rel).resolve()
+    try:
+        base = Path(root).resolve()
+        p = (base / rel).resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop (RuntimeError before Python 3.13), a name too long
+        raise OutsideError(f"{rel} cannot be resolved: {os_error_reason(e)}") from None
     if Path(rel).is_absolute() or (p != base and base not in p.parents):
         raise OutsideError(f"{rel} points outside the bundle directory")
     return p

@@ -305,6 +305,11 @@ def _load_project(path: Path, overrides):
             meta = json.loads(cfg_path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise UserError(f"cannot read checkpoint config {cfg_path}: {e}") from None
+        if not isinstance(meta, dict):
+            raise UserError(f"{cfg_path} is not a checkpoint config (expected a JSON object, got {type(meta).__name__})")
+        for key in ("model", "sampling"):
+            if meta.get(key) is not None and not isinstance(meta[key], dict):
+                raise UserError(f"{cfg_path}: {key!r} must be an object, got {type(meta[key]).__name__}")
         class_names = meta.get("class_names")
     recorded = meta.get("model") or {}
     for key, flag in (("num_heads", "--num-heads"), ("semantic_size", "--semantic-size")):
@@ -318,8 +323,11 @@ def _load_project(path: Path, overrides):
                             semantic_size=overrides["semantic_size"] or (None if recorded.get("semantic_size")
                                                                          else overrides.get("fallback_semantic")))
     if meta.get("model"):
-        declared = ModelConfig.from_dict({**meta["model"], "num_heads": inferred.num_heads,
-                                          "semantic_size": inferred.semantic_size})
+        try:
+            declared = ModelConfig.from_dict({**meta["model"], "num_heads": inferred.num_heads,
+                                              "semantic_size": inferred.semantic_size})
+        except (ConfigError, TypeError, ValueError) as e:
+            raise UserError(f"{cfg_path}: its model config is invalid: {str(e).splitlines()[0][:200]}") from None
         if declared != inferred:
             raise UserError(f"{cfg_path} declares {declared.name} but the weights are {inferred.name}")
     return sd, inferred, class_names, dict(meta.get("sampling", {})), meta.get("schedule"), PROJECT_FORMAT

@@ -105,6 +105,12 @@ def _dispatch(cmd: str, handler, kwargs: dict) -> int:
         import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:  # a path the system refuses (too long, a loop, no space): the user's to fix
+        from flexdit_bundle.files import os_error_reason
+
+        print(f"flexdit-export {cmd}: error: {e.filename + ': ' if e.filename else ''}{os_error_reason(e)}",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"flexdit-export {cmd}: error: interrupted; nothing was written", file=sys.stderr)
         return 128 + (_SIGNALLED[0] if _SIGNALLED else 2)

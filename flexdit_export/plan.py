@@ -145,6 +145,30 @@ def check_sampling_defaults(defaults: dict, num_timesteps: int) -> None:
             raise UserError(f"--default-cfg-scale must be at least 0, got {cfg:g}")
 
 
+def check_recorded_sampling(ckpt_path, defaults: dict, num_timesteps: int) -> None:
+    """The checkpoint's recorded sampling settings become manifest values too: checked against the
+    manifest schema here, naming the checkpoint, instead of failing as an invalid manifest after
+    the whole export."""
+    from flexdit_bundle.manifest import schema as manifest_schema
+    from flexdit_bundle.schema_check import SchemaError, validate
+
+    schema = manifest_schema()
+    try:
+        validate(dict(defaults), schema["properties"]["diffusion"]["properties"]["defaults"], schema)
+    except SchemaError as e:
+        where = "/".join(map(str, e.path)) or "sampling"
+        raise UserError(f"the sampling settings recorded in {ckpt_path}: {where}: {e.message}") from None
+    import math
+
+    odd = [k for k, v in defaults.items() if isinstance(v, float) and not math.isfinite(v)]
+    if odd:
+        raise UserError(f"the sampling settings recorded in {ckpt_path}: {odd[0]} must be a finite number, "
+                        f"got {defaults[odd[0]]}")
+    if defaults["steps"] > num_timesteps:
+        raise UserError(f"the sampling steps recorded in {ckpt_path} ({defaults['steps']}) exceed the "
+                        f"{num_timesteps} diffusion timesteps")
+
+
 def resolve_plan(ckpt_path, out, opts: ConvertOptions, gates=()) -> ConvertPlan:
     if opts.batch < 1 or opts.batch > 4096:
         raise UserError(f"--batch must be between 1 and 4096, got {opts.batch}")
@@ -154,6 +178,7 @@ def resolve_plan(ckpt_path, out, opts: ConvertOptions, gates=()) -> ConvertPlan:
     if "onnx" not in opts.formats:
         raise UserError("the bundle needs the onnx format (the runtimes execute it); add it to --formats")
     check_opset(opts.opset)
+    check_tolerance(opts.parity_tol, "--parity-tol")
     _check_not_inside(ckpt_path, out)
     check_target(out, opts.force)
     if opts.num_timesteps < 2:
@@ -183,6 +208,7 @@ def resolve_plan(ckpt_path, out, opts: ConvertOptions, gates=()) -> ConvertPlan:
     model = ck.build()
     quant = _quant_selection(opts, model)
     defaults = sampling_defaults(ck, opts.defaults)
+    check_recorded_sampling(ckpt_path, defaults, opts.num_timesteps)
     cfg_channels = opts.cfg_channels or default_cfg_channels(cfg)
     builds = {sid: _build_list(opts, precisions[sid], policy[sid]) for sid in policy}
     plan = ConvertPlan(
@@ -223,13 +249,24 @@ def _aoti_device(opts: ConvertOptions) -> str | None:
     return device
 
 
+def check_tolerance(value, what: str) -> float:
+    """A gate's tolerance: a finite number >= 0 (NaN would pass every comparison, i.e. turn the
+    gate off; a negative one would fail it only after the whole export)."""
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise UserError(f"{what} must be a finite number >= 0, got {value}")
+    return float(value)
+
+
 def _error_tols(opts: ConvertOptions) -> dict:
     tols = dict(DEFAULT_ERROR_TOL)
     for k, v in opts.error_tol.items():
         try:
-            tols[canonical(k, "aoti" if opts.backend == "aoti" else "onnx")] = float(v)
+            prec, tol = canonical(k, "aoti" if opts.backend == "aoti" else "onnx"), float(v)
         except (PrecisionError, ValueError):
             raise UserError(f"--error-tol: {k}={v} is not PRECISION=NUMBER") from None
+        tols[prec] = check_tolerance(tol, f"--error-tol {k}")
     return tols
 
 
@@ -285,6 +322,13 @@ def _quant_selection(opts: ConvertOptions, model) -> QuantSelection:
         raise UserError(f"unknown calibration method {opts.calib_method!r} (choose from {', '.join(CALIB_METHODS)})")
     if not opts.quant_ops:
         raise UserError("--quant-ops names no operator type")
+    from .quantize import quantisable_op_types
+
+    known = quantisable_op_types()
+    unknown = [op for op in opts.quant_ops if op not in known]
+    if unknown:
+        raise UserError(f"--quant-ops: {', '.join(map(repr, unknown))} is not an operator type ONNX Runtime quantises "
+                        f"(choose from {', '.join(sorted(known))})")
     if opts.optimize_level not in LEVELS:
         raise UserError(f"unknown optimisation level {opts.optimize_level!r} (choose from {', '.join(LEVELS)})")
     modules = [n for n, _ in model.named_modules()]

@@ -197,6 +197,23 @@ def _selection(model, op_types, include, exclude) -> dict:
     return kw
 
 
+def quantisable_op_types() -> set:
+    """Operator types ONNX Runtime's quantisers handle (dynamic, QOperator and QDQ), plus Gemm,
+    which quantize_dynamic rewrites into MatMul first."""
+    from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry, QLinearOpsRegistry
+
+    return {"Gemm", *IntegerOpsRegistry, *QDQRegistry, *QLinearOpsRegistry}
+
+
+def _quantised(src, dst, op_types) -> int:
+    """How many nodes of ``dst`` are quantised; none is a selection error, not an int8 graph."""
+    n = _count_quantized(dst)
+    if n == 0:
+        raise UserError(f"quantising {Path(src).name} changed no node: --quant-ops {','.join(op_types)} with the "
+                        "--quant-include/--quant-exclude selection matches nothing in the graph")
+    return n
+
+
 def int8_dynamic(src, dst, op_types=DEFAULT_OP_TYPES, include=(), exclude=()) -> dict:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -214,7 +231,7 @@ def int8_dynamic(src, dst, op_types=DEFAULT_OP_TYPES, include=(), exclude=()) ->
                              weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True}, **sel)
     return {"mode": "dynamic", "weights": "int8 per-channel symmetric", "activations": "uint8 per-tensor, at run time",
             "op_types": list(op_types), "include": list(include), "exclude": list(exclude),
-            "quantized_nodes": _count_quantized(dst)}
+            "quantized_nodes": _quantised(src, dst, op_types)}
 
 
 def _static(src, dst, reader, fp8: bool, op_types, include, exclude, method: str) -> dict:
@@ -248,7 +265,7 @@ def _static(src, dst, reader, fp8: bool, op_types, include, exclude, method: str
             "activations": f"{'float8 e4m3' if fp8 else 'int8'} per-tensor symmetric",
             "calibration_method": "distribution" if fp8 else method, "calibration_batches": n,
             "op_types": list(op_types), "include": list(include), "exclude": list(exclude),
-            "quantized_nodes": _count_quantized(dst)}
+            "quantized_nodes": _quantised(src, dst, op_types)}
 
 
 def int8_static(src, dst, reader, op_types=DEFAULT_OP_TYPES, include=(), exclude=(), method="minmax") -> dict:

@@ -129,6 +129,37 @@ def test_convert_bad_input(tmp_path, ref_ckpt, dit_ckpt, args, match):
     assert not (tmp_path / "out").exists() or _leftovers(tmp_path / "out") == []
 
 
+@pytest.mark.parametrize("edit,match", [
+    (lambda m: [], "is not a checkpoint config (expected a JSON object, got list)"),
+    (lambda m: {**m, "model": "big"}, "'model' must be an object"),
+    (lambda m: {**m, "model": {**m["model"], "depth": "ten"}}, "its model config is invalid: layout has"),
+    (lambda m: {**m, "sampling": {"steps": -4}}, "steps: -4 is less than the minimum of 1"),
+    (lambda m: {**m, "sampling": {"cfg_scale": float("nan")}}, "cfg_scale must be a finite number"),
+])
+def test_checkpoint_config_of_the_wrong_shape_is_one_line(tiny_flex_model, tmp_path, edit, match):
+    """A project checkpoint whose config.json is valid JSON of the wrong shape: one line before
+    any export (it used to be a traceback, or an 'internal error' after the whole export)."""
+    from flexdit_export.checkpoints import save_checkpoint
+
+    ck = save_checkpoint(tiny_flex_model, tmp_path / "ck", extra={"schedule": "500:2,0:3"})
+    cfg = ck / "config.json" if ck.is_dir() else ck.with_name("config.json")
+    cfg.write_text(json.dumps(edit(json.loads(cfg.read_text()))))
+    out = tmp_path / "out"
+    p = run_cli("flexdit-export", "convert", ck, "-o", out, check=False)
+    line = _no_traceback(p)
+    assert match in line and "internal error" not in line, line
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_quantisation_that_changes_no_node_is_refused(ref_ckpt, tmp_path):
+    """A known operator type the graph does not contain: no 'int8' bundle with nothing quantised."""
+    out = tmp_path / "out"
+    p = run_cli("flexdit-export", "convert", ref_ckpt, "-o", out, "--num-heads", "4", "--precision", "int8",
+                "--quant-ops", "LSTM", check=False)
+    assert "changed no node: --quant-ops LSTM" in _no_traceback(p)
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+
 def test_convert_refuses_to_overwrite_without_force(flex_bundle, ref_ckpt):
     before = (flex_bundle / "manifest.json").read_text()
     p = run_cli("flexdit-export", "convert", ref_ckpt, "-o", flex_bundle, check=False)
@@ -158,6 +189,8 @@ def _tamper_byte(path):
     (lambda b: (b / "manifest.json").unlink(), "not a bundle"),
     (lambda b: (b / "manifest.json").write_text(
         (b / "manifest.json").read_text().replace('"t_min": 300', '"t_min": 310')), "exactly once"),
+    (lambda b: ((b / "stages" / "stage0_s2.onnx").unlink(), (b / "stages" / "stage0_s2.onnx").symlink_to("stage0_s2.onnx")),
+     "symlink loop"),
 ])
 def test_damaged_bundles_are_refused(bundle_copy, tmp_path, damage, match):
     damage(bundle_copy)
