@@ -120,3 +120,88 @@ def test_config_from_serve_run_arguments(serve_bundle):
             assert needle in str(e), (bad, str(e))
         else:
             raise AssertionError(f"{bad} was accepted")
+
+
+UNREACHABLE = "ray://127.0.0.1:1"  # nothing listens there: Ray's client tries for ~30 s, then gives up
+FAST_RAY_CLIENT = {"RAY_CLIENT_INITIAL_CONNECTION_TIMEOUT_S": "1",  # Ray's own knobs (ray/util/client/worker.py):
+                   "RAY_CLIENT_MAX_CONNECTION_TIMEOUT_S": "1"}  # 3 tries of 1 s instead of 5 + 10 + 15 s
+
+
+def serve_cli(*args, timeout: float, env: dict | None = None):
+    """flexdit-serve in a subprocess with Python's warnings left on (``run_cli`` turns them off,
+    which would hide a warning Ray prints); TimeoutExpired if it outlives ``timeout``."""
+    env = {k: v for k, v in {**os.environ, **(env or {})}.items() if k != "PYTHONWARNINGS"}
+    return subprocess.run([sys.executable, "-m", "flexdit_serve.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def one_error_line(p, needle: str) -> str:
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr and "Warning" not in p.stderr, p.stderr
+    assert len(lines) == 1 and lines[0].startswith("flexdit-serve: error: ") and needle in lines[0], p.stderr
+    return lines[0][len("flexdit-serve: error: "):]
+
+
+def trt_bundle(serve_bundle, tmp_path):
+    """serve_bundle with (fake) TensorRT engines for every stage, as flexdit-export engines writes them."""
+    from flexdit_export.tensorrt_build import engines_command
+
+    b = tmp_path / "trt"
+    shutil.copytree(serve_bundle, b)
+    engines_command(b, None, tmp_path / "cache", env={"tensorrt_version": "10.3.0", "compute_capability": "8.9"},
+                    build=lambda onnx, prec, timing, log: b"PLAN", log=lambda *a: None)
+    return b
+
+
+def test_precision_and_backend_refused_before_ray(serve_bundle, tmp_path):
+    """--precision/--backend/--device are checked against the bundle before Ray is contacted, with
+    or without --address, in flexdit-run's words. The address is unreachable: contacting it would
+    take ~30 s (the subprocess timeout would end the test)."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("1\n")
+    cases = [
+        (["--precision", "fp7"], "unknown precision 'fp7'"),
+        (["--precision", "fp16"], "bundle has no onnx/fp16 artifact for stage 0"),
+        (["--precision", "fp32:stages=0-7"], "names stage 3, but the bundle has stages 0..2"),
+        (["--backend", "foo"], "argument --backend: invalid choice: 'foo'"),
+        (["--backend", "tensorrt"], "bundle has no tensorrt artifact for stage 0"),
+        (["--backend", "aoti"], "bundle has no aoti artifact for stage 0"),
+        (["--backend", "openvino", "--precision", "fp16"], "the openvino backend runs fp32, bf16"),
+        (["--backend", "auto", "--precision", "fp16"], "--backend auto: no installed engine runs stage 0 in fp16"),
+        (["--device", "cpu", "--backend", "tensorrt"], "--device cpu: TensorRT engines run on a GPU only"),
+        (["--device", "cuda", "--gpus", "1", "--backend", "openvino"], "--backend openvino runs on the CPU only"),
+    ]
+    for args, needle in cases:
+        start = time.monotonic()
+        msg = one_error_line(serve_cli(serve_bundle, *args, "--address", UNREACHABLE, timeout=20), needle)
+        assert time.monotonic() - start < 15, args  # no connection attempt
+        if "--gpus" in args:  # not a flexdit-run option
+            continue
+        # flexdit-run refuses the same options with the same line
+        ref = run_cli("flexdit-run", prompts, "--bundle", serve_bundle, "-o", tmp_path / "out", *args, check=False)
+        assert ref.returncode == 2 and ref.stderr.strip().splitlines()[-1].split(": error: ", 1)[1] == msg, ref.stderr
+    # serving locally: the same refusals (--detach: refused right after them, should one be missed)
+    for args, needle in cases[:3]:
+        one_error_line(serve_cli(serve_bundle, *args, "--detach", timeout=20), needle)
+
+
+def test_engines_missing_here_refused_only_when_serving_here(serve_bundle, tmp_path):
+    """A bundle with TensorRT engines and no TensorRT on this machine: serving here is refused
+    before Ray starts; a cluster's nodes may have TensorRT, so --address goes on to Ray."""
+    from flexdit_runtime.tensorrt_engine import tensorrt_version
+
+    b = trt_bundle(serve_bundle, tmp_path)
+    if tensorrt_version() is None:
+        one_error_line(serve_cli(b, "--backend", "tensorrt", "--detach", timeout=20), "TensorRT is not installed")
+    p = serve_cli(b, "--backend", "tensorrt", "--precision", "fp32", "--address", UNREACHABLE, timeout=60,
+                  env=FAST_RAY_CLIENT)
+    one_error_line(p, f"cannot start or reach Ray at {UNREACHABLE}")
+    one_error_line(serve_cli(b, "--backend", "tensorrt", "--precision", "fp16", "--address", UNREACHABLE, timeout=20),
+                   "bundle has no tensorrt/fp16 artifact for stage 0")
+
+
+def test_unreachable_cluster_one_line_no_ray_warning(serve_bundle):
+    """Ray warns (UserWarning, with the source line) before it raises: only the error line shows."""
+    p = serve_cli(serve_bundle, "--address", UNREACHABLE, timeout=60, env=FAST_RAY_CLIENT)
+    one_error_line(p, f"cannot start or reach Ray at {UNREACHABLE}: ")

@@ -16,11 +16,13 @@ import os
 import signal
 import sys
 import threading
+import warnings
 
 import click
 
 from flexdit_bundle.manifest import BundleError, load_bundle
 from flexdit_runtime.cli_common import FLOAT, INT, Choice, run
+from flexdit_runtime.stage_engine import backend_choices
 
 from .config import BATCHING, ConfigError, ServeConfig
 
@@ -42,7 +44,8 @@ class UserError(Exception):
 @click.option("--replicas", type=INT, default=1, show_default=True, help="replicas (each loads the bundle)")
 @click.option("--threads", type=INT, default=None, help="engine threads (and Ray CPUs) per replica")
 @click.option("--ray-cpus", type=FLOAT, default=None, help="CPUs Ray reserves per replica (default: --threads, else 1)")
-@click.option("--backend", default=None, help="engine kind, as flexdit-run --backend (default onnx, or what --device picks)")
+@click.option("--backend", type=Choice(backend_choices()), default=None,
+              help="engine kind, as flexdit-run --backend (default onnx, or what --device picks)")
 @click.option("--device", type=Choice(("cpu", "cuda")), default=None, help="where the engines run, as flexdit-run --device")
 @click.option("--gpus", type=FLOAT, default=0.0, show_default=True, help="GPUs Ray reserves per replica (0.5: two share one)")
 @click.option("--precision", default=None, help="per-stage precision override, as flexdit-run --precision")
@@ -74,17 +77,69 @@ def command(bundle, host, port, batching, replicas, threads, ray_cpus, backend, 
         checked = load_bundle(cfg.bundle, verify_checksums=True, defer_weights=False)
         if cfg.device == "cuda" and not cfg.gpus:
             raise UserError("--device cuda needs --gpus (the GPUs Ray reserves per replica, e.g. 1 or 0.5)")
-        if cfg.device and address is None:  # the replicas run here: the same refusals as flexdit-run
-            from flexdit_runtime.device import resolve
-            from flexdit_runtime.settings import RuntimeSettings
-
-            resolve(checked, cfg.device, cfg.backend, RuntimeSettings(threads=cfg.threads))
+        check_engines(checked, cfg, local=address is None)
     except BundleError as e:
         raise UserError(str(e)) from None
     if detach and address is None:
         raise UserError("--detach needs --address (a local Ray ends with this process)")
     serve_app(cfg, host, port, address, detach)
     return 0
+
+
+def check_engines(bundle, cfg: ServeConfig, local: bool) -> None:
+    """Refuse, before Ray is contacted, a --device/--backend/--precision the replicas would refuse
+    while loading, with flexdit-run's lines: the runtime's own checks, without opening an engine.
+
+    What is checked where: the bundle is the same file set wherever the replicas run, so an
+    unknown backend or precision, a precision spec naming stages the bundle lacks, a device the
+    engine kind cannot run on, and a precision/engine kind the bundle has no artifact for are
+    always errors. What depends on the machine (TensorRT or OpenVINO installed, a CUDA GPU for
+    ONNX Runtime or PyTorch, the TensorRT/AOTI build matching it, the CPU engines and bf16 that
+    ``--backend auto`` may choose from) is checked only when the replicas run here (no
+    --address): a cluster's nodes may have hardware and engines this driver lacks, so there
+    ``device.resolve`` assumes the CUDA probes succeed and the replicas check the rest."""
+    from flexdit_runtime.device import resolve
+    from flexdit_runtime.engines import choose_artifact, precision_overrides
+    from flexdit_runtime.settings import RuntimeSettings
+    from flexdit_runtime.stage_engine import AUTO, engine_kind
+
+    probes = None if local else {"torch_cuda": lambda: None, "ort_cuda": lambda: None}
+    kind, _ = resolve(bundle, cfg.device, cfg.backend, RuntimeSettings(threads=cfg.threads), probes)
+    policy = precision_overrides(bundle, cfg.precision, kind)  # unknown precisions, stage ids out of range
+    wants = [policy.get(st["id"], policy.get("*")) for st in bundle.stages]
+    if kind == AUTO:
+        from flexdit_runtime.engine_select import CPU_KINDS, allowed, candidates
+
+        for st, want in zip(bundle.stages, wants):
+            if local:  # the engines installed here, and this CPU's bf16
+                candidates(bundle, st, want)
+            elif "bf16" not in allowed(st, want):  # every CPU engine, by the bundle's artifacts alone
+                candidates(bundle, st, want, CPU_KINDS)  # (bf16 depends on the cluster's CPUs: not judged here)
+        return
+    # the artifact each stage runs, picked as StageRunner picks it (an engine kind may pick its own)
+    artifact_backend, engine_cls = engine_kind(kind)
+    pick = getattr(engine_cls, "choose_artifact", None)
+    arts = [pick(bundle, st, want) if pick else choose_artifact(bundle, st, artifact_backend, want)
+            for st, want in zip(bundle.stages, wants)]
+    if not local:
+        return
+    # this machine runs them: the refusals the engine's open() makes before it loads anything
+    if kind == "openvino":
+        from flexdit_runtime.openvino_engine import openvino
+
+        openvino()
+    elif kind == "tensorrt":
+        from flexdit_bundle.engine_header import check_engine, read_header
+        from flexdit_runtime.tensorrt_engine import environment
+
+        env = environment()
+        for art in arts:
+            check_engine(read_header(bundle.path(art))[0], env, art["path"], bundle.root)
+    elif kind == "aoti":
+        from flexdit_runtime.aoti_engine import check_compatible
+
+        for st, art in zip(bundle.stages, arts):
+            check_compatible(bundle, st, art)
 
 
 def serve_app(cfg: ServeConfig, host: str, port: int, address: str | None, detach: bool) -> None:
@@ -98,7 +153,11 @@ def serve_app(cfg: ServeConfig, host: str, port: int, address: str | None, detac
     stop = threading.Event()
     logging.getLogger("ray").setLevel(logging.ERROR)  # Ray's start-up notices; errors still show
     try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # Ray warns (UserWarning on stderr) before it raises, e.g. "Ray Client connection timed
+        # out..." for an unreachable ray:// address: the error line below says it once
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
     except Exception as e:  # ray raises ConnectionError, RuntimeError, ...
         raise UserError(f"cannot start or reach Ray{f' at {address}' if address else ''}: {_first_line(e)}") from None
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own SIGTERM handler
