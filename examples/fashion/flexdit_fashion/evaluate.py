@@ -223,12 +223,14 @@ def sample_bundle(bundle_path, labels, *, steps=None, sampler=None, cfg_scale=No
     (e.g. print to stderr) receives the sample size and a time estimate."""
     from flexdit_runtime import Pipeline
 
+    check_seed(seed)
     pipe = pipeline or Pipeline.from_bundle(bundle_path, providers=["cpu"], threads=threads)
     cfg = pipe.cfg
     shape = (cfg["in_channels"], cfg["input_size"], cfg["input_size"])
     n = len(labels)
-    settings = {"steps": int(steps or pipe.defaults["steps"]), "sampler": sampler or pipe.defaults["sampler"],
-                "cfg_scale": float(pipe.defaults["cfg_scale"] if cfg_scale is None else cfg_scale)}
+    # every value checked (steps in 1..T, a finite guidance scale) before the first step is logged
+    params = pipe.model.params(steps=steps, sampler=sampler, cfg_scale=cfg_scale)
+    settings = {"steps": params.steps, "sampler": params.sampler, "cfg_scale": params.cfg_scale}
     noise = _noise_source(seed, n, shape)
     progress = _Estimate(n, settings["steps"], settings["sampler"], log) if log else None
     res = pipe([int(v) for v in labels], **settings, seed=seed, init_noise=_initial_noise(seed, n, shape),
@@ -236,18 +238,34 @@ def sample_bundle(bundle_path, labels, *, steps=None, sampler=None, cfg_scale=No
     return res, settings, pipe
 
 
-def sample_reference(ckpt, bundle_manifest: dict, labels, stages, *, steps, sampler, cfg_scale, seed=0):
-    """The same model in PyTorch (reference_sample) from the same noise; -> (uint8 images, samples, seconds)."""
-    from flexdit_runtime.images import to_uint8
-
+def reference_model(ckpt, bundle_manifest: dict) -> nn.Module:
+    """The checkpoint as a PyTorch model; refused (UserError) when missing, unreadable or not the
+    model of the bundle. Cheap next to sampling: callers load it before they sample."""
     from flexdit_export.checkpoints import load_checkpoint
-    from flexdit_export.reference_sampler import reference_sample
 
     mcfg = bundle_manifest["model"]["config"]
     ck = load_checkpoint(ckpt, mcfg["num_heads"], mcfg.get("semantic_size"))
     if ck.config.to_dict() != mcfg:
         raise UserError(f"reference checkpoint {ckpt} is {ck.config.name}, not the model of the bundle")
-    model = ck.build()
+    return ck.build()
+
+
+def check_seed(seed) -> int:
+    """numpy seeds are non-negative integers (image i uses ``default_rng([seed, i])``)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise UserError(f"--seed must be a non-negative integer, got {seed}")
+    return int(seed)
+
+
+def sample_reference(ckpt, bundle_manifest: dict, labels, stages, *, steps, sampler, cfg_scale, seed=0):
+    """The same model in PyTorch (reference_sample) from the same noise; -> (uint8 images, samples, seconds).
+    ``ckpt``: a checkpoint path or the model ``reference_model`` loaded from it."""
+    from flexdit_runtime.images import to_uint8
+
+    from flexdit_export.reference_sampler import reference_sample
+
+    model = ckpt if isinstance(ckpt, nn.Module) else reference_model(ckpt, bundle_manifest)
+    mcfg = bundle_manifest["model"]["config"]
     shape = (mcfg["in_channels"], mcfg["input_size"], mcfg["input_size"])
     n = len(labels)
     d = bundle_manifest["diffusion"]
@@ -280,19 +298,37 @@ def evaluate_bundle(bundle_path, per_class: int = 50, steps=None, sampler=None, 
     top-level keys (class_accuracy, fd, real_fd, ...); the summary table goes to ``log``
     (default: stderr, so stdout stays free for JSON).
     """
+    from flexdit_runtime import Pipeline, load_bundle
+    from flexdit_runtime.sampling_params import resolve_params
+    from flexdit_runtime.settings import RuntimeSettings
+
     from flexdit_export.schedule import parse_schedule
 
-    if per_class < 1:
+    # Everything a user can get wrong is refused here, before any engine loads or any image is sampled.
+    if isinstance(per_class, bool) or not isinstance(per_class, (int, np.integer)) or per_class < 1:
         raise UserError(f"per_class must be at least 1, got {per_class}")
+    check_seed(seed)
+    run_settings = RuntimeSettings(providers=["cpu"], threads=threads)  # refuses --threads < 1
+    bundle = load_bundle(bundle_path, defer_weights=True)
+    m = bundle.manifest
+    if m["model"]["num_classes"] != len(FASHION_CLASSES):
+        raise UserError(f"bundle has {m['model']['num_classes']} classes, not the 10 Fashion-MNIST classes")
+    resolve_params(bundle.sampling_defaults, bundle.diffusion["num_timesteps"], steps=steps, sampler=sampler,
+                   cfg_scale=cfg_scale)
+    ref_model = reference_model(reference_ckpt, m) if reference_ckpt is not None else None
+    stages = None
+    if ref_model is not None and schedule_override:
+        cfg = m["model"]["config"]
+        parsed = parse_schedule(schedule_override, T=m["diffusion"]["num_timesteps"],
+                                grid=cfg["input_size"] // cfg["patch_size"], family=cfg["family"],
+                                semantic_size=cfg.get("semantic_size", 8))
+        stages = [(s.t_min, s.t_max, s.sparse_grid) for s in parsed]
     classifier, meta = load_classifier(classifier_dir)
     test_feats, test_acc = _test_reference(str(classifier_dir) if classifier_dir else None, data_dir)
     labels = np.repeat(np.arange(len(FASHION_CLASSES)), per_class)
     say = log or (lambda msg: print(msg, file=sys.stderr))
     res, settings, pipe = sample_bundle(bundle_path, labels, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
-                                        seed=seed, threads=threads, log=say)
-    m = pipe.bundle.manifest
-    if m["model"]["num_classes"] != len(FASHION_CLASSES):
-        raise UserError(f"bundle has {m['model']['num_classes']} classes, not the 10 Fashion-MNIST classes")
+                                        seed=seed, pipeline=Pipeline(bundle, settings=run_settings), log=say)
     bundle_stages = [(s["t_min"], s["t_max"], s["sparse_grid"]) for s in m["stages"]]
     report = {"bundle": str(bundle_path), "n_images": int(len(labels)), "per_class": per_class, "seed": seed,
               **settings, "schedule": _schedule_text(bundle_stages), "fd_note": FD_NOTE,
@@ -300,15 +336,9 @@ def evaluate_bundle(bundle_path, per_class: int = 50, steps=None, sampler=None, 
     report["bundle_result"] = {**_score(res.images, labels, test_feats, classifier), "seconds": res.seconds,
                                "seconds_per_image": res.seconds / len(labels)}
     report["real_baseline"] = real_baseline(len(labels), seed, classifier_dir, data_dir)
-    if reference_ckpt is not None:
-        stages = bundle_stages
-        if schedule_override:
-            cfg = m["model"]["config"]
-            parsed = parse_schedule(schedule_override, T=m["diffusion"]["num_timesteps"],
-                                    grid=cfg["input_size"] // cfg["patch_size"], family=cfg["family"],
-                                    semantic_size=cfg.get("semantic_size", 8))
-            stages = [(s.t_min, s.t_max, s.sparse_grid) for s in parsed]
-        imgs, samples, secs = sample_reference(reference_ckpt, m, labels, stages, seed=seed, **settings)
+    if ref_model is not None:
+        stages = stages or bundle_stages
+        imgs, samples, secs = sample_reference(ref_model, m, labels, stages, seed=seed, **settings)
         report["reference"] = {**_score(imgs, labels, test_feats, classifier), "schedule": _schedule_text(stages),
                                "seconds": secs, "max_abs_sample_diff": float(np.abs(samples - res.samples).max()),
                                "images_identical_share": float(np.mean(np.all(imgs == res.images, axis=(1, 2, 3))))}

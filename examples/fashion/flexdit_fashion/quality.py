@@ -76,19 +76,45 @@ def _check_model(bundle) -> None:
     check_gate_model(m["model"]["num_classes"], cfg["in_channels"], cfg["input_size"])
 
 
+def check_policy(bundle, spec) -> None:
+    """Refuse, without loading an engine, a policy the bundle cannot run: an unknown precision or
+    engine kind, a stage it does not have, a precision no stage artifact holds (BundleError, one
+    line). Mirrors what ``StageRunner`` picks; ``auto`` chooses at load time and is only parsed."""
+    from flexdit_runtime.engines import choose_artifact, precision_overrides
+    from flexdit_runtime.stage_engine import AUTO, engine_kind
+
+    backend, spec = split_backend(spec)
+    wants = precision_overrides(bundle, spec, backend)
+    if backend == AUTO:
+        return
+    artifact_backend, engine_cls = engine_kind(backend)
+    pick = getattr(engine_cls, "choose_artifact", None)
+    for st in bundle.stages:
+        want = wants.get(st["id"], wants.get("*"))
+        pick(bundle, st, want) if pick else choose_artifact(bundle, st, artifact_backend, want)
+
+
 def compare_policies(bundle, policies: dict, per_class: int, seed: int = 0, steps=None, threads=None,
                      log=print, classifier_dir=None, data_dir=None) -> dict:
     """Sample fp32 once and every policy ({name: precision spec or None for the bundle's
     default}) from the same noise; score and judge each against fp32."""
     from flexdit_runtime import Pipeline
+    from flexdit_runtime.sampling_params import resolve_params
+    from flexdit_runtime.settings import RuntimeSettings
     from flexdit_bundle.precision import describe
 
     from .datasets import FASHION_CLASSES
-    from .evaluate import _test_reference, load_classifier, sample_bundle
+    from .evaluate import _test_reference, check_seed, load_classifier, sample_bundle
 
+    # Everything a caller can get wrong is refused here, before the first image is sampled.
     _check_model(bundle)
     if per_class < 1:
         raise UserError(f"the end-to-end gate needs at least 1 image per class, got {per_class}")
+    check_seed(seed)
+    RuntimeSettings(providers=["cpu"], threads=threads)  # refuses --threads < 1
+    resolve_params(bundle.sampling_defaults, bundle.diffusion["num_timesteps"], steps=steps)
+    for spec in policies.values():
+        check_policy(bundle, spec)
     classifier, _ = load_classifier(classifier_dir)
     test_feats = _test_reference(str(classifier_dir) if classifier_dir else None, data_dir)[0]  # cached per process
     labels = np.repeat(np.arange(len(FASHION_CLASSES)), per_class)
