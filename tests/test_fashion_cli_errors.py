@@ -60,7 +60,7 @@ def argv(cmd, bundle, **options):
 @pytest.mark.parametrize("cmd", ["eval", "compare"])
 def test_negative_seed(bundle, cmd):
     p = fashion(*argv(cmd, bundle, seed="-1"))
-    assert_one_line(p, cmd, "--seed must be a non-negative integer, got -1")
+    assert_one_line(p, cmd, "--seed must be at least 0, got -1")
 
 
 # 2. an unwritable --json: checked before sampling, nothing left behind

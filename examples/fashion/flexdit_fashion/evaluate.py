@@ -253,7 +253,7 @@ def reference_model(ckpt, bundle_manifest: dict) -> nn.Module:
 def check_seed(seed) -> int:
     """numpy seeds are non-negative integers (image i uses ``default_rng([seed, i])``)."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise UserError(f"--seed must be a non-negative integer, got {seed}")
+        raise UserError(f"--seed must be at least 0, got {seed}")
     return int(seed)
 
 
