@@ -322,9 +322,8 @@ def _quant_selection(opts: ConvertOptions, model) -> QuantSelection:
         raise UserError(f"unknown calibration method {opts.calib_method!r} (choose from {', '.join(CALIB_METHODS)})")
     if not opts.quant_ops:
         raise UserError("--quant-ops names no operator type")
-    from .quantize import quantisable_op_types
+    from .quantize import QUANTISABLE_OP_TYPES as known
 
-    known = quantisable_op_types()
     unknown = [op for op in opts.quant_ops if op not in known]
     if unknown:
         raise UserError(f"--quant-ops: {', '.join(map(repr, unknown))} is not an operator type ONNX Runtime quantises "

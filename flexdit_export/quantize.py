@@ -197,12 +197,15 @@ def _selection(model, op_types, include, exclude) -> dict:
     return kw
 
 
-def quantisable_op_types() -> set:
-    """Operator types ONNX Runtime's quantisers handle (dynamic, QOperator and QDQ), plus Gemm,
-    which quantize_dynamic rewrites into MatMul first."""
-    from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry, QLinearOpsRegistry
-
-    return {"Gemm", *IntegerOpsRegistry, *QDQRegistry, *QLinearOpsRegistry}
+# Operator types ONNX Runtime's quantisers handle (its dynamic, QOperator and QDQ registries,
+# onnxruntime 1.32), plus Gemm, which quantize_dynamic rewrites into MatMul first. A list, not a
+# look-up: importing onnxruntime while the plan is checked would drop its session file (.ses) in
+# $TMPDIR before the run's scratch directory exists. tests/test_quantize.py checks it against them.
+QUANTISABLE_OP_TYPES = frozenset((
+    "Add", "ArgMax", "Attention", "AveragePool", "BatchNormalization", "Clip", "Concat", "Conv", "ConvTranspose",
+    "CumSum", "EmbedLayerNormalization", "Flatten", "Gather", "GatherElements", "Gemm", "GlobalAveragePool",
+    "InstanceNormalization", "LSTM", "LayerNormalization", "LeakyRelu", "MatMul", "MaxPool", "Mul", "Pad", "Relu",
+    "Reshape", "Resize", "Sigmoid", "Slice", "Softmax", "Split", "Squeeze", "TopK", "Transpose", "Unsqueeze", "Where"))
 
 
 def _quantised(src, dst, op_types) -> int:

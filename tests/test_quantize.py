@@ -289,3 +289,15 @@ def test_quantised_shared_graphs_are_used_and_bit_identical(quant_bundle):
         assert used.count(g["path"]) == len(g["stages"]), (prec, used)
         kw = dict(steps=8, sampler="ddim", cfg_scale=3.0, seed=5)
         assert np.array_equal(a([1, 2, 3], **kw).samples, b([1, 2, 3], **kw).samples), prec
+
+
+def test_quantisable_op_types_are_onnx_runtimes():
+    """--quant-ops is checked against a fixed list (importing onnxruntime while the plan is checked
+    would leave its session file in $TMPDIR): every name on it must be one the installed ONNX
+    Runtime's quantisers handle (a newer one may handle more; the list is its 1.32 snapshot)."""
+    from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry, QLinearOpsRegistry
+
+    from flexdit_export.quantize import QUANTISABLE_OP_TYPES
+
+    assert QUANTISABLE_OP_TYPES <= {"Gemm", *IntegerOpsRegistry, *QDQRegistry, *QLinearOpsRegistry}
+    assert {"MatMul", "Gemm", "Conv"} <= QUANTISABLE_OP_TYPES
