@@ -14,8 +14,9 @@ int8 FullyConnected kernels (int8 constant -> f16 -> x f16 scale -> f32).
 ``DYNAMIC_QUANTIZATION_GROUP_SIZE`` then quantises each row of activations in groups of
 ``GROUP_SIZE`` on the fly (VNNI int8 dot products). Every other op stays fp32. The rounding is
 NNCF's ``compress_weights(mode=INT8_SYM)`` (the signed scale that maps the channel's largest
-magnitude to -128), so the result is the model NNCF would write; tests hold the two equal, but
-the runtime needs neither NNCF nor calibration data.
+magnitude to -128), so each MatMul gets the int8 weights NNCF would write (NNCF also compresses
+the patch-embedding convolution and the label table, which stay fp32 here); tests hold the
+outputs equal to NNCF's with those two left out. The runtime needs neither NNCF nor calibration.
 """
 
 from __future__ import annotations
