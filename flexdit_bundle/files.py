@@ -189,6 +189,11 @@ def os_error_reason(e: BaseException) -> str:
     return reason[0].lower() + reason[1:] if reason else reason
 
 
+def os_error_message(e: OSError) -> str:
+    """'PATH: reason' for a CLI's one error line (the path when the error names one)."""
+    return f"{e.filename}: {os_error_reason(e)}" if e.filename else os_error_reason(e)
+
+
 def resolve_inside(root, rel: str) -> Path:
     """``root / rel`` with every symbolic link resolved; refuses a path that ends up outside
     ``root`` (a manifest entry or a linked file must never make a runtime read elsewhere)."""

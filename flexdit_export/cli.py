@@ -106,10 +106,9 @@ def _dispatch(cmd: str, handler, kwargs: dict) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except OSError as e:  # a path the system refuses (too long, a loop, no space): the user's to fix
-        from flexdit_bundle.files import os_error_reason
+        from flexdit_bundle.files import os_error_message
 
-        print(f"flexdit-export {cmd}: error: {e.filename + ': ' if e.filename else ''}{os_error_reason(e)}",
-              file=sys.stderr)
+        print(f"flexdit-export {cmd}: error: {os_error_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"flexdit-export {cmd}: error: interrupted; nothing was written", file=sys.stderr)

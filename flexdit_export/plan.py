@@ -4,6 +4,7 @@ the builders then only read the plan."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -132,8 +133,6 @@ def schedule_warnings(ck, stages: list[Stage], num_timesteps: int) -> list[str]:
 def check_sampling_defaults(defaults: dict, num_timesteps: int) -> None:
     """--default-steps / --default-cfg-scale become manifest values: finite and in range (a
     NaN would be written as a bare NaN token, which is not JSON)."""
-    import math
-
     steps = defaults.get("steps")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_timesteps):
         raise UserError(f"--default-steps must be in 1..{num_timesteps}, got {steps}")
@@ -158,8 +157,6 @@ def check_recorded_sampling(ckpt_path, defaults: dict, num_timesteps: int) -> No
     except SchemaError as e:
         where = "/".join(map(str, e.path)) or "sampling"
         raise UserError(f"the sampling settings recorded in {ckpt_path}: {where}: {e.message}") from None
-    import math
-
     odd = [k for k, v in defaults.items() if isinstance(v, float) and not math.isfinite(v)]
     if odd:
         raise UserError(f"the sampling settings recorded in {ckpt_path}: {odd[0]} must be a finite number, "
@@ -252,8 +249,6 @@ def _aoti_device(opts: ConvertOptions) -> str | None:
 def check_tolerance(value, what: str) -> float:
     """A gate's tolerance: a finite number >= 0 (NaN would pass every comparison, i.e. turn the
     gate off; a negative one would fail it only after the whole export)."""
-    import math
-
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise UserError(f"{what} must be a finite number >= 0, got {value}")
     return float(value)

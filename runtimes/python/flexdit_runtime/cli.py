@@ -19,7 +19,7 @@ import numpy as np
 
 import click
 
-from flexdit_bundle.files import StagingDirectory, os_error_reason
+from flexdit_bundle.files import StagingDirectory, os_error_message
 from flexdit_bundle.manifest import BundleError
 
 from .cli_common import FLOAT, INT, Choice, output_options, run
@@ -142,7 +142,7 @@ def command(**kwargs) -> int:
         print("flexdit-run: error: out of memory (try a smaller --batch)", file=sys.stderr)
         return 2
     except OSError as e:  # a path the system refuses (too long, a loop, no space): the user's to fix
-        print(f"flexdit-run: error: {e.filename + ': ' if e.filename else ''}{os_error_reason(e)}", file=sys.stderr)
+        print(f"flexdit-run: error: {os_error_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("flexdit-run: interrupted", file=sys.stderr)

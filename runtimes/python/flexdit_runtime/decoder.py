@@ -27,9 +27,8 @@ class Decoder:
         self.session = make_session(bundle.path(art), providers, settings.threads, weights, art,
                                     shared_pool=settings.apply(), prepack_weights=settings.prepack_weights,
                                     provider_options=options)
-        # A decoder bound to a shared weight file runs on its buffers in place: keep them alive as
-        # long as the decoder, and check the file's sha256 before the first image is decoded.
-        self.weights = weights
+        # a decoder bound to a shared weight file: its sha256 is checked before the first image
+        # (the stage engines' verify() ran before this file was read)
         if weights is not None:
             weights.verify()
         self.batch = d["inputs"][0]["shape"][0]

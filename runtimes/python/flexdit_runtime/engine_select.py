@@ -206,7 +206,7 @@ def _open_all(bundle, settings, weights, per_stage) -> list[list[StageEngine]]:
 
     def open_one(job):
         i, kind, art = job
-        return engine_kind(kind)[1].load(bundle, bundle.stages[i], art, settings, weights)
+        return engine_kind(kind)[1].open(bundle, bundle.stages[i], art, settings, weights)
 
     workers = settings.load_threads or max(1, min(len(jobs), os.cpu_count() or 1))
     with ThreadPoolExecutor(workers) as pool:

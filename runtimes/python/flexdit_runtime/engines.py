@@ -50,6 +50,16 @@ def precision_overrides(bundle: Bundle, spec: str | None, backend: str = "onnx")
         raise BundleError(str(e)) from None
 
 
+def stage_artifacts(bundle: Bundle, backend: str, wants: list) -> tuple[type, list[dict]]:
+    """-> (the engine class of ``backend``, the artifact each stage runs for its wanted precision
+    (None: its default)); refuses in one line what the bundle lacks, without opening anything."""
+    artifact_backend, engine_cls = engine_kind(backend)
+    # An engine kind may resolve its own artifacts (openvino: bf16 runs the fp32 graph).
+    pick = getattr(engine_cls, "choose_artifact", None)
+    return engine_cls, [pick(bundle, st, want) if pick else choose_artifact(bundle, st, artifact_backend, want)
+                        for st, want in zip(bundle.stages, wants)]
+
+
 class StageRunner:
     """Every stage engine of a bundle, immutable once loaded. ``precision``: {stage id or "*":
     precision} overriding the bundle's per-stage default. ``weights`` holds the shared weight
@@ -69,14 +79,10 @@ class StageRunner:
             self.engines, self.selection = select_engines(bundle, settings, wants, self.weights)
             self.weights.verify()
             return
-        artifact_backend, engine_cls = engine_kind(backend)
-        # An engine kind may resolve its own artifacts (openvino: bf16 runs the fp32 graph).
-        pick = getattr(engine_cls, "choose_artifact", None)
-        arts = [pick(bundle, st, want) if pick else choose_artifact(bundle, st, artifact_backend, want)
-                for st, want in zip(bundle.stages, wants)]
+        engine_cls, arts = stage_artifacts(bundle, backend, wants)
 
         def open_stage(i):
-            return engine_cls.load(bundle, bundle.stages[i], arts[i], settings, self.weights)
+            return engine_cls.open(bundle, bundle.stages[i], arts[i], settings, self.weights)
 
         # Sessions build their graphs in parallel (ONNX Runtime releases the GIL while it loads
         # and optimises); the shared weights are read once, by whichever stage needs them first.

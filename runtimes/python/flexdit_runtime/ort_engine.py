@@ -256,7 +256,8 @@ def make_session(path, providers, threads: int | None = None, weights=None, arti
     elif threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
-    if weights is not None and artifact is not None and weights.bind(so, artifact):
+    bound = weights.bind(so, artifact) if weights is not None and artifact is not None else []
+    if bound:
         if not prepack_weights:
             # Pre-packing copies every MatMul weight into a per-session packed form: with four
             # stage sessions that is four more copies of the model. Unpacked GEMMs cost ~5% per call.
@@ -266,11 +267,16 @@ def make_session(path, providers, threads: int | None = None, weights=None, arti
             so.add_session_config_entry("session.use_env_allocators", "1")
     try:
         if provider_options is not None and any(provider_options):
-            return ort.InferenceSession(str(path), sess_options=so, providers=list(providers),
-                                        provider_options=list(provider_options))
-        return ort.InferenceSession(str(path), sess_options=so, providers=providers)
+            session = ort.InferenceSession(str(path), sess_options=so, providers=list(providers),
+                                           provider_options=list(provider_options))
+        else:
+            session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
     except Exception as e:  # onnxruntime raises its own exception types
         raise BundleError(f"cannot load graph {path}: {ort_error(e)}") from None
+    # ONNX Runtime reads added initializers in place and does not keep them alive itself: the
+    # session does, so whoever holds it (an engine, a decoder) can outlive the SharedWeights
+    session.flexdit_initializers = bound
+    return session
 
 
 def shared_graph(bundle: Bundle, artifact: dict, settings: RuntimeSettings, providers, level: str) -> dict | None:

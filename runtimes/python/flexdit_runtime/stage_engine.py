@@ -64,21 +64,11 @@ class StageEngine(ABC):
         self.input_names = tuple(e["name"] for e in stage["inputs"])  # (latent, timestep, class label)
         self.output_name: str = stage["outputs"][0]["name"]
         self._dtypes = tuple(NUMPY_DTYPES[e["dtype"]] for e in stage["inputs"])
-        self.weights = None  # the SharedWeights it was loaded with (``load``), kept alive with it
 
     @classmethod
     @abstractmethod
     def open(cls, bundle: Bundle, stage: dict, artifact: dict, settings: RuntimeSettings, weights) -> "StageEngine":
         """Load ``artifact`` of ``stage``; ``weights`` is the bundle's ``SharedWeights``."""
-
-    @classmethod
-    def load(cls, bundle: Bundle, stage: dict, artifact: dict, settings: RuntimeSettings, weights) -> "StageEngine":
-        """``open``, and the engine keeps ``weights`` alive: its session may run on their buffers
-        (ONNX Runtime's added initializers and shared-graph constants use them in place), so an
-        engine that outlived the runner that loaded it would otherwise read freed memory."""
-        engine = cls.open(bundle, stage, artifact, settings, weights)
-        engine.weights = weights
-        return engine
 
     @abstractmethod
     def _run(self, feeds: dict) -> np.ndarray:

@@ -49,8 +49,8 @@ def _view(buf: np.ndarray, t: dict) -> np.ndarray:
 
 class SharedWeights:
     """Lazily reads each weight file of ``bundle`` the first time a graph needs it; thread-safe
-    (stage sessions may be created in parallel). Must outlive every session it was bound to:
-    each engine holds it (``StageEngine.load``).
+    (stage sessions may be created in parallel). ONNX Runtime runs on the bound buffers in place,
+    so every session keeps the tensors it was given (``make_session``), whatever outlives what.
     Also holds what the stage engines of one loaded bundle share beside the buffers (``once``:
     one session for a graph several stages run)."""
 
@@ -111,19 +111,20 @@ class SharedWeights:
                 raise BundleError(f"{artifact['path']}: the manifest binds initializer {name[:80]!r} to tensor {index} of "
                                   f"{entry['path']}, which is not what the graph references; re-run flexdit-export convert")
 
-    def bind(self, session_options, artifact: dict) -> int:
-        """Add the shared tensors an artifact's graph uses to its session options; -> how many."""
+    def bind(self, session_options, artifact: dict) -> list:
+        """Add the shared tensors an artifact's graph uses to its session options; -> those
+        ``OrtValue``s (each keeps its bytes alive: the session must hold them)."""
         ref = artifact.get("weights")
         if not ref:
-            return 0
+            return []
         self.check_bindings(artifact)
         values = self._load(ref["file"])
-        n = 0
+        bound = []
         for name, index in ref["bindings"].items():
             if values[index] is not None:
                 session_options.add_initializer(name, values[index])
-                n += 1
-        return n
+                bound.append(values[index])
+        return bound
 
     def array(self, file_id: str, index: int) -> np.ndarray:
         """Tensor ``index`` of a weight file as a read-only numpy view of the bytes read once."""

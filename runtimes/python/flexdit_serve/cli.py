@@ -99,9 +99,9 @@ def check_engines(bundle, cfg: ServeConfig, local: bool) -> None:
     --address): a cluster's nodes may have hardware and engines this driver lacks, so there
     ``device.resolve`` assumes the CUDA probes succeed and the replicas check the rest."""
     from flexdit_runtime.device import resolve
-    from flexdit_runtime.engines import choose_artifact, precision_overrides
+    from flexdit_runtime.engines import precision_overrides, stage_artifacts
     from flexdit_runtime.settings import RuntimeSettings
-    from flexdit_runtime.stage_engine import AUTO, engine_kind
+    from flexdit_runtime.stage_engine import AUTO
 
     probes = None if local else {"torch_cuda": lambda: None, "ort_cuda": lambda: None}
     kind, _ = resolve(bundle, cfg.device, cfg.backend, RuntimeSettings(threads=cfg.threads), probes)
@@ -116,11 +116,7 @@ def check_engines(bundle, cfg: ServeConfig, local: bool) -> None:
             elif "bf16" not in allowed(st, want):  # every CPU engine, by the bundle's artifacts alone
                 candidates(bundle, st, want, CPU_KINDS)  # (bf16 depends on the cluster's CPUs: not judged here)
         return
-    # the artifact each stage runs, picked as StageRunner picks it (an engine kind may pick its own)
-    artifact_backend, engine_cls = engine_kind(kind)
-    pick = getattr(engine_cls, "choose_artifact", None)
-    arts = [pick(bundle, st, want) if pick else choose_artifact(bundle, st, artifact_backend, want)
-            for st, want in zip(bundle.stages, wants)]
+    _, arts = stage_artifacts(bundle, kind, wants)  # the artifact each stage runs, as StageRunner picks it
     if not local:
         return
     # this machine runs them: the refusals the engine's open() makes before it loads anything
