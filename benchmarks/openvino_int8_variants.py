@@ -41,18 +41,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flexdit_runtime import RuntimeSettings, load_bundle  # noqa: E402
 from flexdit_runtime.engines import StageRunner  # noqa: E402
-from flexdit_runtime.openvino_engine import _bound, _merge, artifact_for  # noqa: E402
-
-GROUP = 128  # activation group size of the dynamic variant (B/2: 32 -> 2.4x, 64 -> 2.7x, 128 -> 2.9x, 256 -> 2.8x)
+from flexdit_runtime.openvino_engine import _bound, _merge, artifact_for, compile_config  # noqa: E402
+from flexdit_runtime.openvino_int8_weights import GROUP_SIZE as GROUP  # noqa: E402  (the runtime's int8-dynamic)
 
 
 def cfg(threads: int, hint: str = "f32", group: int | None = None, cache: str | None = None) -> dict:
-    c = {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
-         "PERFORMANCE_HINT": "LATENCY"}
+    """The runtime's compile settings, with another inference precision hint / activation group."""
+    c = {**compile_config("fp32", threads, cache), "INFERENCE_PRECISION_HINT": hint}
     if group is not None:
         c["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = group
-    if cache:
-        c["CACHE_DIR"] = cache
     return c
 
 
