@@ -121,7 +121,9 @@ def _version(ctx, param, value):
                                   "(fp32, fp16, int8, int8-dynamic, int8-static, fp8) or per stage, e.g. "
                                   "'int8:stages=0-2,fp16:stages=3' (unnamed stages keep the bundle's default)")
 @click.option("--backend", type=Choice(_backend_choices()), default=None,
-              help="stage engine kind: onnx (ONNX Runtime, default), tensorrt (the bundle's engines), ...")
+              help="stage engine kind: onnx (ONNX Runtime, default), openvino (OpenVINO CPU engines from the "
+                   "fp32 graphs: fp32, bf16, int8), aoti (the bundle's AOTInductor packages), tensorrt (the "
+                   "bundle's TensorRT engines), auto (per stage, the fastest installed CPU engine, timed here)")
 @click.option("--device", type=Choice(DEVICES), default=None,
               help="run on this device: cpu (ONNX Runtime's CPU provider, or AOTI packages built for the CPU) or "
                    "cuda (the bundle's AOTI packages for CUDA, else ONNX Runtime's CUDA provider); "
