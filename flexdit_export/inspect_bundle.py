@@ -84,20 +84,26 @@ def _calib_brief(c):
 
 def render(s: dict) -> str:
     mb = lambda n: f"{n / 1e6:.1f} MB"
-    lines = [f"bundle {s['bundle']}  ({s['format']['name']} v{s['format']['version']}, {s['created_by']['tool']})",
-             f"model: {s['model']['name']}  classes: {s['model']['num_classes']}  "
-             f"diffusion: T={s['diffusion']['num_timesteps']} {s['diffusion']['variance_type']}, "
-             f"cfg channels {s['diffusion']['cfg_channels']}",
-             f"{'stage':>5} {'timesteps':>11} {'grid':>6} {'tokens':>9} {'prune':>6} {'batch':>5} {'GMAC':>8}  "
-             f"{'artifacts':<30} {'parity (max rel)'}"]
+    rows = []
     for st in s["stages"]:
         arts = ", ".join(f"{a['backend']}/{a['precision']}{'*' if a['precision'] == st.get('default_precision') else ''} "
                          f"{mb(a['bytes'])}" + (f" (+{mb(a['shared_bytes'])} shared)" if a["shared_bytes"] else "")
                          for a in st["artifacts"])
         par = ", ".join(f"{k} {v['max_rel']:.1e}" for k, v in st["parity"].items())
         grid = "dense" if st["sparse_grid"] is None else f"s={st['sparse_grid']}"
+        rows.append((st, grid, arts, par))
+    width = max([len("artifacts")] + [len(r[2]) for r in rows])
+    lines = [f"bundle {s['bundle']}  ({s['format']['name']} v{s['format']['version']}, {s['created_by']['tool']})",
+             f"model: {s['model']['name']}  classes: {s['model']['num_classes']}  "
+             f"diffusion: T={s['diffusion']['num_timesteps']} {s['diffusion']['variance_type']}, "
+             f"cfg channels {s['diffusion']['cfg_channels']}",
+             f"{'stage':>5} {'timesteps':>11} {'grid':>6} {'tokens':>9} {'prune':>6} {'batch':>5} {'GMAC':>8}  "
+             f"{'artifacts':<{width}}  {'parity (max rel)'}"]
+    for st, grid, arts, par in rows:
         lines.append(f"{st['id']:>5} {st['t_max']:>5}..{st['t_min']:<4} {grid:>6} {st['tokens']:>4}/{st['dense_tokens']:<4} "
-                     f"{st['pruning_rate']:>6.2f} {st['batch']:>5} {st['gmacs_per_sample']:>8.3f}  {arts:<30} {par}")
+                     f"{st['pruning_rate']:>6.2f} {st['batch']:>5} {st['gmacs_per_sample']:>8.3f}  {arts:<{width}}  {par}")
+    if any("*" in r[2] for r in rows):
+        lines.append("(* = the precision a stage loads by default)")
     details = []
     for st in s["stages"]:
         for a in st["artifacts"]:
@@ -114,9 +120,7 @@ def render(s: dict) -> str:
                 bits.append("BUILT BUT NOT RUN: " + a["check"].get("reason", ""))
             if bits:
                 details.append(f"  stage {st['id']} {a['backend']}/{a['precision']}: " + "; ".join(bits))
-    if details:
-        lines.append("(* = loaded by default)")
-        lines.extend(details)
+    lines.extend(details)
     c = s.get("calibration")
     if c:
         cs = c["settings"]
