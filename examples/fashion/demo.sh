@@ -12,8 +12,11 @@ BUNDLE=${BUNDLE:-out/fashion-bundle}
 CKPT=models/fashion-flexdit
 CONVERT_OPTS=()
 if ! python3 -c "import flexdit_export, torch, onnx" 2>/dev/null; then
+  echo "installing: torch 2.13.0 (CPU wheel, ~200 MB) and this project with its compiler extra (onnx, onnxscript," \
+       "safetensors, onnxruntime): the converter needs them; drawing needs only numpy, onnxruntime, Pillow"
   python3 -m pip install -q torch==2.13.0          # the CPU wheel; any torch>=2.4 works
   python3 -m pip install -q -e ".[compiler]"
+  echo "installed"
 fi
 KEY=$( { sha256sum "$CKPT"/config.json "$CKPT"/model.safetensors | cut -d' ' -f1
          echo "${CONVERT_OPTS[*]-}"
