@@ -28,6 +28,7 @@ from .images import grid, save_png
 from .pipeline import Pipeline
 from .prompts import PromptError, read_prompts
 from .samplers import SAMPLERS
+from .sampling_params import SPACINGS
 from .settings import RuntimeSettings
 
 
@@ -105,13 +106,15 @@ def _version(ctx, param, value):
 @click.option("-o", "--out", help="output directory, new or empty (default: a fresh flexdit-images/run-DATE-TIME per run)")
 @click.option("--force", is_flag=True, help="replace the images of an earlier run in a non-empty -o (only PNGs and samples.npy)")
 @click.option("--steps", type=INT, help="sampling steps (default: the bundle's)")
-@click.option("--sampler", type=Choice(SAMPLERS), help="default: the bundle's (ddpm)")
+@click.option("--sampler", type=Choice(SAMPLERS), help="default: the bundle's (ddpm); dpmpp-2m, unipc and euler "
+                                                        "are few-step solvers (e.g. 20 steps)")
 @click.option("--eta", type=FLOAT, help="DDIM eta in [0, 1] (0 = deterministic)")
 @click.option("--cfg-scale", type=FLOAT, help="classifier-free guidance scale; <= 1 disables guidance")
 @click.option("--clip-denoised/--no-clip-denoised", default=None,
               help="clip the predicted x0 to [-1, 1] each step (default: the bundle's; pixel-space models)")
-@click.option("--spacing", type=Choice(("sections", "ddim")), default="sections",
-              help="timestep respacing: equal sections (reference default) or DDIM striding")
+@click.option("--spacing", type=Choice(SPACINGS), default=None,
+              help="timestep placement: equal sections (ddpm/ddim default), DDIM striding, or linspace "
+                   "(dpmpp-2m/unipc/euler default, as diffusers; euler takes only linspace)")
 @click.option("--seed", type=INT, default=0, help="noise seed (image i uses default_rng([seed, i]))")
 @click.option("--init-noise", type=click.Path(), help=".npy of x_T, shape (N, C, H, W) or (C, H, W)")
 @click.option("--batch", type=INT, help="images denoised together (default: what one graph call holds)")
@@ -258,7 +261,7 @@ def _run(args) -> int:
                                spacing=args.spacing, clip_denoised=args.clip_denoised)
     groups = -(-len(ids) // (args.batch if args.batch and args.batch > 0 else pipe.capacity(params.cfg_scale)))
     bar = Progress(params.steps * groups, "sampling", not args.quiet)
-    res = pipe(ids, steps=params.steps, sampler=params.sampler, cfg_scale=params.cfg_scale, eta=params.eta,
+    res = pipe(ids, steps=params.steps, sampler=params.sampler, cfg_scale=params.cfg_scale, eta=args.eta,
                seed=args.seed, init_noise=init, batch=args.batch, spacing=params.spacing, progress=bar,
                clip_denoised=params.clip_denoised)
     bar.close()

@@ -6,6 +6,8 @@ the float32 sample, exactly as the reference's ``_extract_into_tensor`` does.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -87,3 +89,48 @@ class Diffusion:
     def pred_xstart(self, x, eps, k, clip: bool = False):
         x0 = self.f32("sqrt_recip_alphas_cumprod", k) * x - self.f32("sqrt_recipm1_alphas_cumprod", k) * eps
         return np.clip(x0, -1, 1) if clip else x0
+
+
+def solver_timesteps(sampler: str, T: int, steps: int, spacing: str) -> np.ndarray:
+    """What the network receives at each step of a solver (dpmpp-2m, unipc, euler), first step
+    first (descending), float64. 'linspace' is each solver's diffusers default: integer
+    ``round(linspace(0, T-1, steps+1))`` without its last (0) for dpmpp-2m and unipc, fractional
+    ``float32(linspace(0, T-1, steps))`` for euler; 'sections'/'ddim' take the respaced kept
+    timesteps instead."""
+    if spacing != "linspace":
+        keep = space_timesteps(T, f"ddim{steps}" if spacing == "ddim" else str(steps))
+        return np.array(keep[::-1], dtype=np.float64)
+    if sampler == "euler":
+        return np.linspace(0, T - 1, steps, dtype=np.float32)[::-1].astype(np.float64)
+    return np.linspace(0, T - 1, steps + 1).round()[::-1][:-1].copy()
+
+
+class SolverSchedule:
+    """Noise levels of a solver run over the base process. Step i = 0..N-1 moves from
+    ``sigmas[i]`` to ``sigmas[i+1]`` (``sigmas[N] = 0``); ``alphas``/``sigmas_vp``/``lambdas``
+    are the variance-preserving alpha_t = 1/sqrt(sigma^2 + 1), sigma_t = sigma * alpha_t and
+    lambda_t = log(alpha_t) - log(sigma_t) (none at sigma 0), float64. Like ``Diffusion``,
+    kept index k = N-1-i counts down and ``timestep_map[k]`` is what the network receives.
+
+    The sigma table is diffusers' float32 one (its alphas_cumprod is a float32 tensor, whose
+    rounding moves sigma at t = 0 by 8e-5 relative, which a one-step Euler run shows in full):
+    sigma(t) = sqrt((1 - ac32) / ac32) in float32, ac32 = float32 of the float64 running product
+    of float32(1 - float32(beta)), linearly interpolated (float64) at the timesteps and rounded
+    to float32."""
+
+    def __init__(self, base_betas: np.ndarray, timesteps: np.ndarray):
+        a32 = np.float32(1) - np.asarray(base_betas).astype(np.float32)
+        ac32 = np.cumprod(a32.astype(np.float64)).astype(np.float32)
+        sig = np.sqrt((np.float32(1) - ac32) / ac32).astype(np.float64)
+        self.timesteps = np.asarray(timesteps, dtype=np.float64)
+        self.timestep_map = self.timesteps[::-1].copy()
+        at = np.interp(self.timesteps, np.arange(len(sig), dtype=np.float64), sig).astype(np.float32)
+        self.sigmas = np.append(at, np.float32(0)).astype(np.float64)
+        # math (the C library) rather than numpy's vectorised log: one value on every platform
+        self.alphas = [1.0 / math.sqrt(s * s + 1.0) for s in self.sigmas.tolist()]
+        self.sigmas_vp = [s * a for s, a in zip(self.sigmas.tolist(), self.alphas)]
+        self.lambdas = [math.log(a) - math.log(s) for a, s in zip(self.alphas[:-1], self.sigmas_vp[:-1])]
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)

@@ -26,12 +26,12 @@ import numpy as np
 from flexdit_bundle.manifest import Bundle, BundleError, load_bundle
 
 from .decoder import Decoder
-from .diffusion import Diffusion, linear_betas, space_timesteps
+from .diffusion import Diffusion, SolverSchedule, linear_betas, solver_timesteps, space_timesteps
 from .engines import StageRunner, precision_overrides
 from .images import to_uint8
 from .prompts import ClassIndex
 from .request import Request, Result
-from .samplers import guide, needs_noise, step
+from .samplers import SOLVERS, guide, needs_noise, step
 from .sampling_params import SamplingParams, check_init_noise, check_seed, resolve_params
 from .settings import RuntimeSettings
 
@@ -70,20 +70,25 @@ class Model:
 
     # ---- what a request asks for ----------------------------------------------------------
 
-    def params(self, *, steps=None, sampler=None, cfg_scale=None, eta=None, spacing="sections",
+    def params(self, *, steps=None, sampler=None, cfg_scale=None, eta=None, spacing=None,
                clip_denoised=None) -> SamplingParams:
         """Sampling parameters with the bundle's defaults filled in, every value checked."""
         return resolve_params(self.defaults, self.bundle.diffusion["num_timesteps"], steps=steps, sampler=sampler,
                               cfg_scale=cfg_scale, eta=eta, spacing=spacing, clip_denoised=clip_denoised)
 
-    def diffusion(self, steps: int, spacing: str = "sections") -> Diffusion:
+    def diffusion(self, steps: int, spacing: str = "sections", sampler: str = "ddpm") -> Diffusion | SolverSchedule:
+        """The tables a run of ``sampler`` walks: a respaced ``Diffusion`` (ddpm, ddim) or the
+        ``SolverSchedule`` of a solver."""
         d = self.bundle.diffusion
-        spec = f"ddim{steps}" if spacing == "ddim" else str(steps)
+        T = d["num_timesteps"]
+        betas = linear_betas(T, d["beta_start"], d["beta_end"])
         try:
-            keep = space_timesteps(d["num_timesteps"], spec)
+            if sampler in SOLVERS:
+                return SolverSchedule(betas, solver_timesteps(sampler, T, steps, spacing))
+            keep = space_timesteps(T, f"ddim{steps}" if spacing == "ddim" else str(steps))
         except ValueError as e:
             raise BundleError(str(e)) from None
-        return Diffusion(linear_betas(d["num_timesteps"], d["beta_start"], d["beta_end"]), keep, d["variance_type"])
+        return Diffusion(betas, keep, d["variance_type"])
 
     def class_ids(self, prompts: Iterable) -> list[int]:
         """Class names or ids -> ids, each checked against the model's classes."""
@@ -120,7 +125,7 @@ class Model:
         if len(indices) != n:
             raise BundleError(f"{len(indices)} image indices for {n} prompts")
         x_T = None if init_noise is None else check_init_noise(init_noise, n, self.latent_shape)
-        d = self.diffusion(params.steps, params.spacing)
+        d = self.diffusion(params.steps, params.spacing, params.sampler)
         rngs = [np.random.default_rng([seed, i]) for i in indices]
         if x_T is None:
             x_T = np.stack([r.standard_normal(self.latent_shape, dtype=np.float32) for r in rngs])
@@ -139,7 +144,7 @@ class Model:
             xs, ts, ys = [], [], []
             for r in group:
                 y = np.asarray(r.class_ids, np.int64)
-                x = r.x
+                x = r.model_input()
                 if r.params.guided:  # rows [0, n) conditional, [n, 2n) unconditional
                     x, y = np.concatenate([x, x]), np.concatenate([y, np.full(r.n, null, np.int64)])
                 xs.append(x)
@@ -167,7 +172,7 @@ class Model:
                 return self._fail(r, out, sid, f"guidance with cfg-scale {p.cfg_scale:g} overflowed float32")
         noise = r.noise(k) if needs_noise(p.sampler, k, p.eta) else None
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            r.x = step(r.diffusion, p.sampler, r.x, out, k, cin, noise, p.eta, p.clip_denoised)
+            r.x = step(r.diffusion, p.sampler, r.x, out, k, cin, noise, p.eta, p.clip_denoised, r.state)
         if not np.isfinite(r.x).all():
             cause = "the step's noise held NaN or infinite values" if noise is not None and not np.isfinite(noise).all() \
                 else f"the {p.sampler} update (eta {p.eta:g}, cfg-scale {p.cfg_scale:g}) overflowed float32"

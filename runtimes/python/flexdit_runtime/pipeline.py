@@ -55,14 +55,15 @@ class Pipeline:
     runner = property(lambda self: self.model.runner)
     decoder = property(lambda self: self.model.decoder)
 
-    def diffusion(self, steps: int, spacing: str = "sections"):
-        return self.model.diffusion(self.model.params(steps=steps, spacing=spacing).steps, spacing)
+    def diffusion(self, steps: int, spacing: str | None = None, sampler: str = "ddpm"):
+        p = self.model.params(steps=steps, spacing=spacing, sampler=sampler)
+        return self.model.diffusion(p.steps, p.spacing, p.sampler)
 
     def capacity(self, cfg_scale: float) -> int:
         return self.model.capacity(cfg_scale)
 
     def __call__(self, prompts, *, steps=None, sampler=None, cfg_scale=None, eta=None, seed=0, init_noise=None,
-                 batch=None, spacing="sections", noise_fn=None, progress=None, clip_denoised=None) -> Result:
+                 batch=None, spacing=None, noise_fn=None, progress=None, clip_denoised=None) -> Result:
         """``batch``: images denoised together (default: what one graph call holds);
         ``noise_fn(k, indices)``: the fresh noise of step k for the images at ``indices``;
         ``progress(1)`` is called after every step of every group."""

@@ -15,7 +15,8 @@ from typing import Callable
 
 import numpy as np
 
-from .diffusion import Diffusion
+from .diffusion import Diffusion, SolverSchedule
+from .samplers import SOLVERS, SolverState, initial_sample, model_input
 from .sampling_params import SamplingParams
 
 
@@ -34,12 +35,14 @@ class Request:
     """One set of images walking the sampler chain together. Created by ``Model.start``,
     advanced by ``Model.step`` (one thread at a time per request), read by ``Model.finish``."""
 
-    def __init__(self, class_ids: list[int], params: SamplingParams, diffusion: Diffusion, x_T: np.ndarray,
-                 seed: int, indices: list[int], rngs: list, noise_fn: Callable | None, shape: tuple):
+    def __init__(self, class_ids: list[int], params: SamplingParams, diffusion: Diffusion | SolverSchedule,
+                 x_T: np.ndarray, seed: int, indices: list[int], rngs: list, noise_fn: Callable | None, shape: tuple):
         self.class_ids = list(class_ids)
         self.params = params
         self.diffusion = diffusion
-        self.x = x_T
+        self.solver = params.sampler in SOLVERS
+        self.state = SolverState() if self.solver else None  # this request's solver history
+        self.x = initial_sample(diffusion, params.sampler, x_T) if self.solver else x_T
         self.k = diffusion.num_steps - 1  # the next kept step to take; -1 when done
         self.seed, self.indices = seed, list(indices)
         self._rngs, self._noise_fn, self._shape = rngs, noise_fn, shape
@@ -56,9 +59,14 @@ class Request:
         return self.k < 0
 
     @property
-    def timestep(self) -> int:
-        """The original timestep the network receives at the next step."""
-        return int(self.diffusion.timestep_map[self.k])
+    def timestep(self) -> int | float:
+        """The original timestep the network receives at the next step (fractional for euler)."""
+        t = float(self.diffusion.timestep_map[self.k])
+        return int(t) if t.is_integer() else t
+
+    def model_input(self) -> np.ndarray:
+        """What the network receives as x at the next step (euler scales its sigma-space sample)."""
+        return model_input(self.diffusion, self.params.sampler, self.x, self.k) if self.solver else self.x
 
     @property
     def steps_left(self) -> int:

@@ -14,9 +14,11 @@ import numpy as np
 from flexdit_bundle.manifest import BundleError
 
 from .prompts import shown
-from .samplers import SAMPLERS
+from .samplers import SAMPLERS, SOLVERS
 
-SPACINGS = ("sections", "ddim")
+# 'linspace': each solver's diffusers default placement (the solvers' default, their only one for
+# euler); 'sections'/'ddim': respacing (ddpm/ddim, and the kept timesteps for dpmpp-2m/unipc)
+SPACINGS = ("sections", "ddim", "linspace")
 
 
 @dataclass(frozen=True)
@@ -57,19 +59,48 @@ def _real(name: str, value, lo: float, hi: float | None = None) -> float:
     return f
 
 
-def resolve_params(defaults: dict, num_timesteps: int, *, steps=None, sampler=None, cfg_scale=None, eta=None,
-                   spacing="sections", clip_denoised=None) -> SamplingParams:
-    """Fill what the caller left None from the bundle's ``defaults`` and check every value."""
-    sampler = defaults["sampler"] if sampler is None else sampler
-    if sampler not in SAMPLERS:
-        raise BundleError(f"unknown sampler {shown(sampler)} (choose from {', '.join(SAMPLERS)})")
+def spacing_for(sampler: str, spacing) -> str:
+    """The spacing a sampler runs with (None: its default), or one line on what it cannot use."""
+    if spacing is None:
+        return "linspace" if sampler in SOLVERS else "sections"
     if spacing not in SPACINGS:
         raise BundleError(f"unknown spacing {shown(spacing)} (choose from {', '.join(SPACINGS)})")
+    if spacing == "linspace" and sampler not in SOLVERS:
+        raise BundleError(f"--spacing linspace is for {', '.join(SOLVERS)}; {sampler} takes sections or ddim")
+    if spacing != "linspace" and sampler == "euler":
+        raise BundleError(f"--spacing {spacing} does not apply to euler (it places fractional timesteps, "
+                          "linspace only)")
+    return spacing
+
+
+def max_steps(sampler: str, spacing: str, num_timesteps: int) -> int:
+    """dpmpp-2m/unipc with linspace round T-1 .. 0 into N+1 timesteps: more than T-1 steps repeat one
+    (a zero step size, NaN); everything else takes up to T."""
+    return num_timesteps - 1 if spacing == "linspace" and sampler != "euler" else num_timesteps
+
+
+def resolve_params(defaults: dict, num_timesteps: int, *, steps=None, sampler=None, cfg_scale=None, eta=None,
+                   spacing=None, clip_denoised=None) -> SamplingParams:
+    """Fill what the caller left None from the bundle's ``defaults`` and check every value
+    (``spacing`` None: the sampler's own default)."""
+    sampler = defaults["sampler"] if sampler is None else sampler
+    if not isinstance(sampler, str) or sampler not in SAMPLERS:
+        raise BundleError(f"unknown sampler {shown(sampler)} (choose from {', '.join(SAMPLERS)})")
+    spacing = spacing_for(sampler, spacing)
+    if sampler in SOLVERS:
+        if eta is not None:
+            raise BundleError(f"--eta is for ddim; {sampler} takes none")
+        eta = 0.0
     clip = defaults["clip_denoised"] if clip_denoised is None else clip_denoised
     if not isinstance(clip, (bool, np.bool_)):
         raise BundleError(f"clip_denoised must be True or False, got {shown(clip)}")
+    steps = _integer("steps", defaults["steps"] if steps is None else steps, 1, num_timesteps)
+    most = max_steps(sampler, spacing, num_timesteps)
+    if steps > most:
+        raise BundleError(f"--steps must be in 1..{most} for {sampler} with {spacing} spacing (more would repeat "
+                          f"a timestep), got {steps}")
     return SamplingParams(
-        steps=_integer("steps", defaults["steps"] if steps is None else steps, 1, num_timesteps),
+        steps=steps,
         sampler=sampler,
         cfg_scale=_real("cfg-scale", defaults["cfg_scale"] if cfg_scale is None else cfg_scale, 0.0),
         # eta > 1 asks for more noise than the step removes: sqrt of a negative number, NaN images
