@@ -39,6 +39,8 @@ def _within(got, ref, tol):
 PROCESSES = _json("diffusion/processes.json")
 STEPS = _json("steps/steps.json")
 TRAJ = _json("trajectories/trajectories.json")
+SOLV = _json("solvers/solvers.json")
+STRAJ = _json("solver_trajectories/solver_trajectories.json")
 
 
 # --- diffusion tables and respaced timesteps ------------------------------------------------
@@ -202,6 +204,56 @@ def test_recorded_noise_is_the_python_runtimes_seeded_stream(pipe, case):
     _within(_run(pipe, case, seed=case["seed"]), final, TRAJ["tolerance"]["max_abs_over_max_ref"])
 
 
+# --- the few-step solvers: schedules, update sequences, trajectories (diffusers as reference) ---
+
+@pytest.mark.parametrize("case", SOLV["schedules"], ids=lambda c: f"{c['sampler']}{c['steps']}-{c['spacing']}")
+def test_runtime_reproduces_solver_schedule(case):
+    from flexdit_runtime.diffusion import SolverSchedule, linear_betas, solver_timesteps
+
+    ts = solver_timesteps(case["sampler"], SOLV["num_timesteps"], case["steps"], case["spacing"])
+    assert ts.tolist() == case["timesteps"]
+    s = SolverSchedule(linear_betas(SOLV["num_timesteps"], SOLV["beta_start"], SOLV["beta_end"]), ts)
+    np.testing.assert_allclose(s.sigmas, case["sigmas"], rtol=SOLV["tolerance"]["sigmas_rel"], atol=0)
+    assert s.sigmas[-1] == 0 == case["sigmas"][-1]
+
+
+@pytest.mark.parametrize("case", SOLV["sequences"], ids=lambda c: c["name"])
+def test_runtime_reproduces_solver_update_sequence(case):
+    """Fed the recorded eps at every step, the runtime's solver gives diffusers' sample after each."""
+    from flexdit_runtime.diffusion import SolverSchedule, linear_betas, solver_timesteps
+    from flexdit_runtime.samplers import SolverState, initial_sample, solver_step
+
+    d = VEC / "solvers"
+    x_T, eps, want = (np.load(d / case[k]) for k in ("x_T", "eps", "expected"))
+    s = SolverSchedule(linear_betas(SOLV["num_timesteps"]), solver_timesteps(case["sampler"], SOLV["num_timesteps"],
+                                                                            case["steps"], case["spacing"]))
+    state, x = SolverState(), initial_sample(s, case["sampler"], x_T)
+    for i in range(case["steps"]):
+        x = solver_step(s, case["sampler"], state, x, eps[i], s.num_steps - 1 - i, x.shape[1])
+        assert x.dtype == np.float32
+        _within(x, want[i], SOLV["tolerance"]["max_abs_over_max_ref"])
+
+
+def test_solver_trajectory_cases_cover_the_contract():
+    assert {c["sampler"] for c in STRAJ["trajectories"]} == {"dpmpp-2m", "unipc", "euler"}
+    assert {c["cfg_scale"] > 1 for c in STRAJ["trajectories"]} == {True, False}
+    b = load_bundle(TINY)
+    for c in STRAJ["trajectories"]:
+        # fractional (euler) timesteps pick the stage whose range holds floor(t)
+        assert c["stage_per_step"] == [stage_for(b.stages, int(t))["id"] for t in c["timesteps"]]
+        assert set(c["stage_per_step"]) == {0, 1, 2}
+        assert c["diffusers_max_rel"] <= STRAJ["tolerance"]["max_abs_over_max_ref"]
+
+
+@pytest.mark.parametrize("case", STRAJ["trajectories"], ids=lambda c: c["name"])
+def test_runtime_reproduces_solver_trajectory(pipe, case):
+    d = VEC / "solver_trajectories"
+    init, final = np.load(d / case["init_noise"]), np.load(d / case["final"])
+    kw = dict(steps=case["steps"], sampler=case["sampler"], cfg_scale=case["cfg_scale"], spacing=case["spacing"])
+    _within(pipe(case["class_ids"], init_noise=init, **kw).samples, final, STRAJ["tolerance"]["max_abs_over_max_ref"])
+    _within(pipe(case["class_ids"], seed=case["seed"], **kw).samples, final, STRAJ["tolerance"]["max_abs_over_max_ref"])
+
+
 # --- file formats a C++ reader relies on, and the generator ---------------------------------
 
 def test_vector_arrays_are_simple_npy():
@@ -219,6 +271,8 @@ def test_vector_arrays_are_simple_npy():
 
 def test_every_referenced_file_exists_and_every_file_is_referenced():
     named = {VEC / "diffusion" / p["tables"] for p in PROCESSES["processes"]}
+    named |= {VEC / "solvers" / c[k] for c in SOLV["sequences"] for k in ("x_T", "eps", "expected")}
+    named |= {VEC / "solver_trajectories" / c[k] for c in STRAJ["trajectories"] for k in ("init_noise", "final")}
     named |= {VEC / "steps" / f for f in STEPS["step_inputs"].values()}
     named |= {VEC / "steps" / STEPS["guide"]["model_out"]} | {VEC / "steps" / c["expected"] for c in STEPS["guide"]["cases"]}
     named |= {VEC / "steps" / c["expected"] for c in STEPS["steps"]}

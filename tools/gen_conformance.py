@@ -65,6 +65,19 @@ TRAJECTORIES = [
 CLASS_IDS = [0, 2, 3]  # three images: with CFG one image per graph call, without CFG a padded last call
 TRAJECTORY_TOL = 1e-5
 STEP_TOL = 1e-6
+# Few-step solvers (issue 21): schedules, update sequences (diffusers' schedulers fed fixed model
+# outputs) and trajectories of the tiny bundle through all three stages.
+SOLVER_SCHEDULES = [("dpmpp-2m", 1, "linspace"), ("dpmpp-2m", 4, "linspace"), ("dpmpp-2m", 25, "linspace"),
+                    ("dpmpp-2m", 12, "sections"), ("unipc", 3, "linspace"), ("unipc", 10, "linspace"),
+                    ("euler", 1, "linspace"), ("euler", 7, "linspace"), ("euler", 15, "linspace")]
+SOLVER_SEQUENCES = [("dpmpp-2m", 5), ("unipc", 5), ("euler", 4)]
+SOLVER_TRAJECTORIES = [
+    dict(name="dpmpp-2m6_cfg2.5", sampler="dpmpp-2m", steps=6, spacing="linspace", cfg_scale=2.5, seed=21),
+    dict(name="unipc5_cfg4", sampler="unipc", steps=5, spacing="linspace", cfg_scale=4.0, seed=22),
+    dict(name="euler7_nocfg", sampler="euler", steps=7, spacing="linspace", cfg_scale=1.0, seed=23),
+    dict(name="dpmpp-2m9_sections_cfg2", sampler="dpmpp-2m", steps=9, spacing="sections", cfg_scale=2.0, seed=24),
+]
+SEQUENCE_TOL = 1e-5
 
 
 # --- reference restatement of improved-DDPM (float64) -------------------------------------
@@ -300,17 +313,134 @@ def write_trajectories(out: Path, model) -> None:
           d / "trajectories.json")
 
 
+# --- few-step solvers: diffusers' schedulers are the reference ------------------------------
+
+def _diffusers(sampler: str, steps: int, spacing: str):
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler
+
+    cls = {"dpmpp-2m": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler, "euler": EulerDiscreteScheduler}
+    betas = np.linspace(BETA_START * 1000 / T, BETA_END * 1000 / T, T, dtype=np.float64)
+    sch = cls[sampler](num_train_timesteps=T, trained_betas=betas)
+    if spacing == "linspace":
+        sch.set_timesteps(steps)
+    else:  # the respaced kept timesteps, first step first
+        sch.set_timesteps(timesteps=space_timesteps(T, f"ddim{steps}" if spacing == "ddim" else str(steps))[::-1])
+    return sch
+
+
+def diffusers_run(sampler, steps, spacing, x_T, network):
+    """diffusers' loop: x = x_T * init_noise_sigma; per step network(scaled x, t) -> eps."""
+    import torch
+
+    sch = _diffusers(sampler, steps, spacing)
+    x = torch.from_numpy(x_T) * sch.init_noise_sigma
+    xs = []
+    for i, t in enumerate(sch.timesteps):
+        eps = network(sch.scale_model_input(x, t).numpy(), float(t), i)
+        x = sch.step(torch.from_numpy(np.ascontiguousarray(eps)), t, x).prev_sample
+        xs.append(x.numpy().astype(np.float32))
+    return xs
+
+
+def write_solvers(out: Path) -> None:
+    """vectors/solvers/solvers.json: schedules (timesteps, sigmas) and update sequences."""
+    d = out / "vectors" / "solvers"
+    schedules = []
+    for sampler, steps, spacing in SOLVER_SCHEDULES:
+        sch = _diffusers(sampler, steps, spacing)
+        schedules.append({"sampler": sampler, "steps": steps, "spacing": spacing,
+                          "timesteps": [float(t) if sampler == "euler" else int(t) for t in sch.timesteps.tolist()],
+                          "sigmas": [float(v) for v in sch.sigmas.numpy().astype(np.float32).tolist()]})
+    rng = np.random.default_rng(20260601)
+    n, cin, hw = 2, 4, 4
+    sequences = []
+    for sampler, steps in SOLVER_SEQUENCES:
+        x_T = rng.standard_normal((n, cin, hw, hw)).astype(np.float32)
+        eps = rng.standard_normal((steps, n, cin, hw, hw)).astype(np.float32)
+        xs = diffusers_run(sampler, steps, "linspace", x_T, lambda x, t, i, eps=eps: eps[i])
+        name = f"{sampler}{steps}"
+        _save(x_T, d / f"{name}.x_T.npy")
+        _save(eps, d / f"{name}.eps.npy")
+        _save(np.stack(xs), d / f"{name}.x.npy")
+        sequences.append({"name": name, "sampler": sampler, "steps": steps, "spacing": "linspace",
+                          "x_T": f"{name}.x_T.npy", "eps": f"{name}.eps.npy", "expected": f"{name}.x.npy"})
+    _dump({"num_timesteps": T, "beta_start": BETA_START, "beta_end": BETA_END, "schedules": schedules,
+           "sequences": sequences, "tolerance": {"sigmas_rel": 1e-6, "max_abs_over_max_ref": SEQUENCE_TOL}},
+          d / "solvers.json")
+
+
+def write_solver_trajectories(out: Path) -> None:
+    """vectors/solver_trajectories: the tiny bundle sampled by the Python runtime; each run
+    checked here against diffusers' scheduler driving the same graphs."""
+    import math
+
+    from flexdit_bundle.manifest import load_bundle
+    from flexdit_runtime import Pipeline
+    from flexdit_runtime.samplers import guide
+
+    bundle_dir = out / "tiny-bundle"
+    pipe = Pipeline.from_bundle(bundle_dir, threads=1)
+    b = load_bundle(bundle_dir)
+    cfg = b.model["config"]
+    shape = (cfg["in_channels"], cfg["input_size"], cfg["input_size"])
+    d = out / "vectors" / "solver_trajectories"
+    y = np.array(CLASS_IDS)
+    cases = []
+    for tr in SOLVER_TRAJECTORIES:
+        init, _ = seeded_noise(tr["seed"], len(CLASS_IDS), shape, 1, False)
+        final = pipe(CLASS_IDS, steps=tr["steps"], sampler=tr["sampler"], cfg_scale=tr["cfg_scale"],
+                     spacing=tr["spacing"], init_noise=init).samples.astype(np.float32)
+        seeded = pipe(CLASS_IDS, steps=tr["steps"], sampler=tr["sampler"], cfg_scale=tr["cfg_scale"],
+                      spacing=tr["spacing"], seed=tr["seed"]).samples
+        if not np.array_equal(seeded, final):
+            raise SystemExit(f"{tr['name']}: the seeded run differs from the run with the recorded noise")
+        stage_ids = []
+
+        def network(x, t, i, w=tr["cfg_scale"]):
+            sid = next(st["id"] for st in b.stages if st["t_min"] <= math.floor(t) <= st["t_max"])
+            stage_ids.append(sid)
+            n = x.shape[0]
+            if w <= 1:
+                return pipe.runner.run_rows(sid, x, np.full(n, t, np.float32), y)[:, :shape[0]]
+            out_ = pipe.runner.run_rows(sid, np.concatenate([x, x]), np.full(2 * n, t, np.float32),
+                                        np.concatenate([y, np.full(n, b.model["null_class"])]))
+            return guide(out_, n, w, b.diffusion["cfg_channels"], shape[0])[:, :shape[0]]
+        ref = diffusers_run(tr["sampler"], tr["steps"], tr["spacing"], init, network)[-1]
+        rel = float(np.abs(final - ref).max() / np.abs(ref).max())
+        if rel > TRAJECTORY_TOL:
+            raise SystemExit(f"{tr['name']}: the runtime is {rel:.2e} (relative) from diffusers")
+        name = tr["name"]
+        _save(init, d / f"{name}.init_noise.npy")
+        _save(final, d / f"{name}.final.npy")
+        ts = pipe.diffusion(tr["steps"], tr["spacing"], tr["sampler"]).timesteps.tolist()
+        cases.append({**tr, "class_ids": CLASS_IDS,
+                      "timesteps": [t if tr["sampler"] == "euler" else int(t) for t in ts],
+                      "stage_per_step": stage_ids, "init_noise": f"{name}.init_noise.npy",
+                      "final": f"{name}.final.npy", "diffusers_max_rel": float(f"{rel:.3g}")})
+    _dump({"bundle": "../../tiny-bundle", "null_class": b.model["null_class"], "cfg_channels": b.diffusion["cfg_channels"],
+           "clip_denoised": False, "trajectories": cases, "tolerance": {"max_abs_over_max_ref": TRAJECTORY_TOL}},
+          d / "solver_trajectories.json")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", choices=("tables", "all"), default="all")
+    p.add_argument("--only", choices=("tables", "solvers", "all"), default="all",
+                   help="solvers: only the few-step solver vectors (needs diffusers; keeps the tiny bundle)")
     p.add_argument("--out", type=Path, default=CONFORMANCE, help="conformance folder to write")
     a = p.parse_args(argv)
+    if a.only == "solvers":
+        write_solvers(a.out)
+        write_solver_trajectories(a.out)
+        print(f"wrote {a.out}")
+        return 0
     write_tables(a.out)
     if a.only == "all":
         write_steps(a.out)
         model = tiny_model()
         build_tiny_bundle(model, a.out / "tiny-bundle")
         write_trajectories(a.out, model)
+        write_solvers(a.out)
+        write_solver_trajectories(a.out)
     print(f"wrote {a.out}")
     return 0
 
