@@ -12,6 +12,7 @@ import sys
 import click
 
 from flexdit_runtime.cli_common import FLOAT, INT, Choice, output_options
+from flexdit_runtime.samplers import SAMPLERS
 
 BACKEND_CHOICES = ("onnx", "tensorrt", "openvino", "aoti")
 BACKEND_HELP = ("tensorrt: also build one TensorRT engine per stage (needs TensorRT and a GPU); openvino: also an OpenVINO "
@@ -140,6 +141,8 @@ def cli():
 @click.option("--opset", type=INT, default=18, show_default=True, help="ONNX opset (>= 18)")
 @click.option("--vae", help="local diffusers AutoencoderKL directory (config.json + diffusion_pytorch_model.safetensors)")
 @click.option("--class-names", help="text file, one class name per line")
+@click.option("--default-sampler", type=Choice(SAMPLERS),
+              help="sampler the runtime uses by default (default ddpm; dpmpp-2m, unipc, euler: few-step solvers)")
 @click.option("--default-steps", type=INT, help="sampling steps the runtime uses by default (default 250)")
 @click.option("--default-cfg-scale", type=FLOAT, help="guidance scale the runtime uses by default (default 4)")
 @click.option("--parity-tol", type=FLOAT, default=1e-3, show_default=True, help="max relative error of a graph vs PyTorch")
@@ -238,11 +241,31 @@ def _emit(args, summary: dict, text) -> None:
         print(text() if callable(text) else text)
 
 
+def _check_default_sampling(args) -> None:
+    """--default-sampler with --default-steps must be a run the runtime accepts (e.g. unipc takes at
+    most T-1 steps): refused here, before the export, with the runtime's own line."""
+    from flexdit_bundle.manifest import SAMPLING_DEFAULTS, BundleError
+    from flexdit_runtime.sampling_params import resolve_params
+
+    from .errors import UserError
+
+    steps = args.default_steps if args.default_steps is not None else SAMPLING_DEFAULTS["steps"]
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= args.num_timesteps:
+        return  # --default-steps' own check names it
+    try:
+        resolve_params(dict(SAMPLING_DEFAULTS), args.num_timesteps, sampler=args.default_sampler, steps=steps)
+    except BundleError as e:
+        raise UserError(f"--default-sampler {args.default_sampler} with {steps} default steps: {e}") from None
+
+
 def _convert(args) -> int:
     from .convert import ConvertOptions, convert
     from .inspect_bundle import render, summarise
 
     defaults = {}
+    if args.default_sampler is not None:
+        defaults["sampler"] = args.default_sampler
+        _check_default_sampling(args)
     if args.default_steps is not None:
         defaults["steps"] = args.default_steps
     if args.default_cfg_scale is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flexdit_bundle.manifest import MANIFEST, load_bundle
+from flexdit_bundle.manifest import MANIFEST, SAMPLING_DEFAULTS, load_bundle
 
 
 def summarise(bundle_path, verify_checksums: bool = True) -> dict:
@@ -82,6 +82,13 @@ def _calib_brief(c):
             "stages": c["stages"]}
 
 
+def _sampling_line(d: dict) -> str:
+    """The runtime's defaults as it will run them (eta only where the sampler takes one)."""
+    eta = f", eta {d['eta']:g}" if d["sampler"] == "ddim" else ""
+    return (f"sampling defaults: {d['sampler']} {d['steps']} steps, cfg {d['cfg_scale']:g}{eta}"
+            + (", clip x0" if d.get("clip_denoised") else ""))
+
+
 def render(s: dict) -> str:
     mb = lambda n: f"{n / 1e6:.1f} MB"
     rows = []
@@ -97,6 +104,7 @@ def render(s: dict) -> str:
              f"model: {s['model']['name']}  classes: {s['model']['num_classes']}  "
              f"diffusion: T={s['diffusion']['num_timesteps']} {s['diffusion']['variance_type']}, "
              f"cfg channels {s['diffusion']['cfg_channels']}",
+             _sampling_line({**SAMPLING_DEFAULTS, **s['diffusion'].get('defaults', {})}),
              f"{'stage':>5} {'timesteps':>11} {'grid':>6} {'tokens':>9} {'prune':>6} {'batch':>5} {'GMAC':>8}  "
              f"{'artifacts':<{width}}  {'parity (max rel)'}"]
     for st, grid, arts, par in rows:

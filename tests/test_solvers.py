@@ -192,3 +192,34 @@ def test_cli_solver_bad_inputs_one_line_exit_2(tmp_path, args, match):
     p = run_cli("flexdit-run", prompts, "--bundle", TINY, "-o", out, *args, check=False)
     assert p.returncode == 2 and match in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert not out.exists()
+
+
+# --- convert-time defaults and inspect -------------------------------------------------------
+
+def test_convert_refuses_default_sampler_with_steps_it_cannot_run(tmp_path):
+    out = tmp_path / "b"
+    p = run_cli("flexdit-export", "convert", "missing.pt", "-o", out, "--default-sampler", "unipc",
+                "--default-steps", "1000", check=False)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "--default-sampler unipc with 1000 default steps: --steps must be in 1..999" in p.stderr
+    assert not out.exists()
+
+
+def test_bundle_default_solver_runs_and_inspect_shows_it(tmp_path):
+    """A bundle whose defaults name a solver (what convert --default-sampler writes) passes the
+    schema, runs it when flexdit-run is given no --sampler, and inspect says so."""
+    import json
+    import shutil
+
+    b = tmp_path / "bundle"
+    shutil.copytree(TINY, b)
+    m = json.loads((b / "manifest.json").read_text())
+    m["diffusion"]["defaults"] = {"sampler": "euler", "steps": 3, "cfg_scale": 2.0}
+    (b / "manifest.json").write_text(json.dumps(m))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("1\n")
+    run_cli("flexdit-run", prompts, "--bundle", b, "-o", tmp_path / "a", "--save-npy", "--quiet")
+    run_cli("flexdit-run", prompts, "--bundle", b, "-o", tmp_path / "e", "--save-npy", "--quiet",
+            "--sampler", "euler", "--steps", "3", "--cfg-scale", "2")
+    assert np.array_equal(np.load(tmp_path / "a" / "samples.npy"), np.load(tmp_path / "e" / "samples.npy"))
+    assert "sampling defaults: euler 3 steps, cfg 2" in run_cli("flexdit-export", "inspect", b).stdout
