@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from .diffusion import Diffusion
-from .samplers import needs_noise
+from .samplers import SOLVERS, model_input, needs_noise, solver_step
 
 
 def guide(out, n: int, scale: float, policy: str, cin: int):
@@ -115,6 +115,8 @@ def run_on_device(model, request, progress=None) -> None:
     noise_np = {k: request.noise(k) for k in ks if needs_noise(p.sampler, k, p.eta)}
     noise = {k: torch.from_numpy(np.ascontiguousarray(v, np.float32)).to(device) for k, v in noise_np.items()}
     x = torch.from_numpy(np.ascontiguousarray(request.x, np.float32)).to(device)
+    solver = p.sampler in SOLVERS  # samplers.py's solver code, with Python-float coefficients
+    state = request.state if solver else None
     y = np.asarray(request.class_ids, np.int64)
     if p.guided:
         y = np.concatenate([y, np.full(request.n, null, np.int64)])
@@ -124,9 +126,10 @@ def run_on_device(model, request, progress=None) -> None:
     events, host = [], {}
     with torch.inference_mode():
         for k in ks:
-            t = int(d.timestep_map[k])
+            t = float(d.timestep_map[k])
             sid = model.runner.stage_for(t)
-            xin = torch.cat([x, x]) if p.guided else x
+            xm = model_input(d, p.sampler, x, k, _f) if solver else x
+            xin = torch.cat([xm, xm]) if p.guided else xm
             tv = torch.full((rows,), float(t), dtype=torch.float32, device=device)
             if cuda:
                 e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -140,7 +143,10 @@ def run_on_device(model, request, progress=None) -> None:
                 host[sid] = host.get(sid, 0.0) + time.perf_counter() - t0
             if p.guided:
                 out = guide(out, request.n, p.cfg_scale, policy, cin)
-            x = step(d, p.sampler, x, out, k, cin, noise.get(k), p.eta, p.clip_denoised)
+            if solver:
+                x = solver_step(d, p.sampler, state, x, out, k, cin, p.clip_denoised, _f)
+            else:
+                x = step(d, p.sampler, x, out, k, cin, noise.get(k), p.eta, p.clip_denoised)
             request.k -= 1
             if progress:
                 progress(1)
