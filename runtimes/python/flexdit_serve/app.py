@@ -43,7 +43,7 @@ class ImagesRequest(BaseModel):
     prompts: List[Union[str, int]] = Field(..., min_length=1, description="class names (any case) or class ids")
     seed: int = Field(0, ge=0, description="image i uses numpy default_rng([seed, i]), as flexdit-run")
     steps: Optional[int] = Field(None, description="sampling steps (default: the bundle's)")
-    sampler: Optional[str] = Field(None, description="ddpm | ddim (default: the bundle's)")
+    sampler: Optional[str] = Field(None, description="ddpm | ddim | dpmpp-2m | unipc | euler (default: the bundle's)")
     cfg_scale: Optional[float] = Field(None, description="classifier-free guidance scale; <= 1 turns it off")
     eta: Optional[float] = Field(None, description="DDIM eta in [0, 1]")
     spacing: Literal["sections", "ddim"] = "sections"
