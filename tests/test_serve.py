@@ -126,8 +126,9 @@ def test_service_endpoints(app):
 
 @pytest.mark.parametrize("body,status,needle", [
     (None, 422, "invalid request"),  # not JSON at all (raw below)
-    ({"prompts": []}, 422, "prompts"),
-    ({"prompts": [1], "seed": -1}, 422, "seed"),
+    ({"prompts": []}, 400, "no prompts given"),
+    ({"prompts": "sneaker"}, 422, "prompts"),
+    ({"prompts": [1], "seed": -1}, 400, "--seed must be at least 0, got -1"),
     ({"prompts": [1], "bogus": 1}, 422, "bogus"),
     ({"prompts": [1], "steps": 0}, 400, "--steps must be in 1..1000, got 0"),
     ({"prompts": ["no such class"]}, 400, "not a class id"),

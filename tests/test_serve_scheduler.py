@@ -2,6 +2,7 @@
 a call, the starvation bound, back-pressure, deadlines, cancellation, shutdown."""
 
 import threading
+import time
 from collections import Counter
 
 import numpy as np
@@ -12,7 +13,7 @@ from flexdit_runtime.images import png_bytes
 from flexdit_runtime.model import Model
 from flexdit_runtime.pipeline import Pipeline
 from flexdit_serve.scheduler import (BadRequest, Cancelled, QueueFull, Scheduler, ServeError, ShuttingDown, TimedOut,
-                                     make_ticket, run_whole)
+                                     make_ticket)
 
 
 @pytest.fixture(scope="module")
@@ -225,11 +226,54 @@ def test_engine_failure_fails_that_call_not_the_server(model, monkeypatch):
 
 
 def test_run_whole_static_baseline(model):
-    tickets = [make_ticket(model, f"w{i}", p, model.params(**kw), s, 60) for i, (p, s, kw) in enumerate(MIXED[:3])]
-    run_whole(model, tickets)
+    sched = Scheduler(model, max_queue=0)
+    tickets = [sched.track(make_ticket(model, f"w{i}", p, model.params(**kw), s, 60))
+               for i, (p, s, kw) in enumerate(MIXED[:3])]
+    sched.run_whole(tickets)
     for t, (p, s, kw) in zip(tickets, MIXED):
         assert t.error is None
         assert np.array_equal(t.result.samples, reference(model, p, s, **kw).samples)
+
+
+def test_run_whole_drops_a_cancelled_ticket_at_the_next_step(model, monkeypatch):
+    """Request-mode batching: a client that leaves takes its images out of the group at once,
+    and close() ends what is left (503), so nothing runs on for nobody."""
+    sched = Scheduler(model, max_queue=0)
+    gone, kept = (sched.track(make_ticket(model, n, [1], model.params(steps=400), 0, 60)) for n in ("gone", "kept"))
+    calls, real = [], model.step
+
+    def step(reqs):
+        calls.append(len(reqs))
+        if len(calls) == 3:
+            sched.cancel("gone")
+        if len(calls) == 6:
+            threading.Thread(target=sched.close, args=(0,)).start()
+            time.sleep(0.2)
+        return real(reqs)
+
+    monkeypatch.setattr(model, "step", step)
+    sched.run_whole([gone, kept])
+    assert calls[:3] == [2, 2, 2] and calls[3:] == [1, 1, 1], calls
+    assert isinstance(gone.error, Cancelled) and isinstance(kept.error, ShuttingDown)
+
+
+def test_default_admission_by_work_not_batch_size(model):
+    """Without --max-queue, a request is admitted while the engine work queued ahead of it plus
+    its own, at the measured call times, ends within its time-out: many short requests on a
+    small static batch get in, long ones beyond the time-out are refused at once."""
+    sched = Scheduler(model, fill_wait_s=0)
+    assert sched.max_queue is None and all(s > 0 for s in sched.call_seconds)
+    sched.call_seconds = [0.01] * len(sched.call_seconds)  # fixed, for a deterministic bound
+    quick = model.params(steps=5, cfg_scale=1)
+    for i in range(40):  # 40 x 5 steps: about 40 * 5 / 2 calls of 10 ms: a second of work
+        sched.submit(make_ticket(model, f"q{i}", [i % 4], quick, i, 60))
+    assert sched.queue_depth == 40 > 4 * sched.max_inflight
+    with pytest.raises(QueueFull, match="time-out"):
+        sched.submit(make_ticket(model, "long", [0], model.params(steps=1000), 0, 1.5))
+    sched.submit(make_ticket(model, "patient", [0], model.params(steps=1000), 0, 120))
+    alone = Scheduler(model)
+    alone.call_seconds = [10.0] * len(alone.call_seconds)  # nothing ahead: admitted, it may time out (504)
+    alone.submit(make_ticket(model, "alone", [0], model.params(steps=1000), 0, 1))
 
 
 def test_metrics_record_fill_and_outcomes(model):

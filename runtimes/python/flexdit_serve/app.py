@@ -20,7 +20,7 @@ import base64
 import threading
 import time
 import uuid
-from typing import List, Literal, Optional, Union
+from typing import Any, List, Literal, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -31,22 +31,33 @@ from ray import serve
 from flexdit_bundle.manifest import BundleError
 
 from .config import ServeConfig
-from .scheduler import BadRequest, Scheduler, ServeError, ShuttingDown, make_ticket, run_whole
+from .scheduler import BadRequest, Scheduler, ServeError, ShuttingDown, make_ticket
 
 api = FastAPI(title="flexdit-serve", description="Class-conditional image generation from a flexdit-export bundle, "
               "with stage-aware continuous batching.", version="1")
 
 
+SAMPLING = ("steps", "sampler", "cfg_scale", "eta", "spacing")  # Model.params' keywords
+
+
+def _checked(default, json_type: dict, description: str):
+    """A field that arrives as sent (no coercion: JSON true, 3.0 and "2" stay a boolean, a float
+    and a string) and is checked by the runtime itself, with the Python API's rules and lines."""
+    return Field(default, json_schema_extra=json_type, description=description)
+
+
 class ImagesRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompts: List[Union[str, int]] = Field(..., min_length=1, description="class names (any case) or class ids")
-    seed: int = Field(0, ge=0, description="image i uses numpy default_rng([seed, i]), as flexdit-run")
-    steps: Optional[int] = Field(None, description="sampling steps (default: the bundle's)")
-    sampler: Optional[str] = Field(None, description="ddpm | ddim | dpmpp-2m | unipc | euler (default: the bundle's)")
-    cfg_scale: Optional[float] = Field(None, description="classifier-free guidance scale; <= 1 turns it off")
-    eta: Optional[float] = Field(None, description="DDIM eta in [0, 1]")
-    spacing: Literal["sections", "ddim"] = "sections"
+    prompts: List[Any] = _checked(..., {"items": {"anyOf": [{"type": "string"}, {"type": "integer"}]}},
+                                  "class names (any case) or class ids")
+    seed: Any = _checked(0, {"type": "integer", "minimum": 0},
+                         "image i uses numpy default_rng([seed, i]), as flexdit-run")
+    steps: Any = _checked(None, {"type": "integer"}, "sampling steps (default: the bundle's)")
+    sampler: Any = _checked(None, {"type": "string"}, "ddpm | ddim | dpmpp-2m | unipc | euler (default: the bundle's)")
+    cfg_scale: Any = _checked(None, {"type": "number"}, "classifier-free guidance scale; <= 1 turns it off")
+    eta: Any = _checked(None, {"type": "number"}, "DDIM eta in [0, 1]")
+    spacing: Any = _checked(None, {"type": "string"}, "timestep spacing (default: the sampler's)")
     timeout_s: Optional[float] = Field(None, gt=0, description="fail with 504 after this long (at most the server's)")
     response_format: Literal["base64", "png"] = Field("base64", description="png: the image itself (one prompt only)")
     id: Optional[str] = Field(None, max_length=200, description="echoed back, for the client's bookkeeping")
@@ -158,9 +169,17 @@ class FlexDiTServer:
         if not self._loop.is_alive() and not self.scheduler.draining:
             raise RuntimeError("the engine loop stopped")
 
+    async def drain(self) -> str:
+        """Stop admitting (503), give the requests here ``drain_s`` to finish, answer the rest
+        503; returns once every request has its answer. flexdit-serve calls it on every replica
+        (``DeploymentHandle.broadcast``) before it asks Ray to stop anything: Ray Serve's own
+        shutdown removes the HTTP proxy at once, and otherwise ends a replica whose requests
+        outlive its wait without letting them answer."""
+        await asyncio.to_thread(self.scheduler.close, self.config.drain_s)
+        return serve.get_replica_context().replica_tag
+
     def __del__(self):
-        """Graceful shutdown (after Ray Serve's own wait for ongoing requests): stop admitting,
-        give in-flight requests ``drain_s`` to finish, fail the rest explicitly (503)."""
+        """Ray Serve stops the replica (after its own wait for ongoing requests): the same drain."""
         sched = getattr(self, "scheduler", None)
         if sched is not None:
             sched.close(self.config.drain_s)
@@ -175,9 +194,8 @@ class FlexDiTServer:
             raise BadRequest("response_format 'png' returns one image: send one prompt (or use base64)")
         if self.scheduler.draining:
             raise ShuttingDown("the server is shutting down; retry on another replica")
-        try:
-            params = self.model.params(steps=body.steps, sampler=body.sampler, cfg_scale=body.cfg_scale,
-                                       eta=body.eta, spacing=body.spacing)
+        try:  # what the client left out takes the Python API's own default
+            params = self.model.params(**{k: getattr(body, k) for k in SAMPLING if k in body.model_fields_set})
         except BundleError as e:
             raise BadRequest(str(e)) from None
         timeout = min(body.timeout_s or cfg.timeout_s, cfg.timeout_s)
@@ -188,10 +206,11 @@ class FlexDiTServer:
             loop.call_soon_threadsafe(lambda: done.done() or done.set_result(t))
 
         ticket = make_ticket(self.model, uuid.uuid4().hex, body.prompts, params, body.seed, timeout, on_done)
-        if cfg.batching == "request":
-            return await self._batched(ticket)
-        self.scheduler.submit(ticket)
         try:
+            if cfg.batching == "request":
+                self.scheduler.track(ticket)
+                return await self._batched(ticket)
+            self.scheduler.submit(ticket)
             return await done
         except asyncio.CancelledError:  # the client disconnected: its images leave the next call
             self.scheduler.cancel(ticket.id)
@@ -200,7 +219,7 @@ class FlexDiTServer:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def _batched(self, tickets: list):
         """Ray Serve's request batching: whole trajectories of the batch's requests together."""
-        await asyncio.to_thread(run_whole, self.model, tickets)
+        await asyncio.to_thread(self.scheduler.run_whole, tickets)
         return tickets
 
 
@@ -209,9 +228,10 @@ def deployment_options(cfg: ServeConfig) -> dict:
     so that requests beyond what the replicas hold are refused (503) instead of piling up."""
     from ray.serve.config import BackpressureConfig
 
-    # The replica's scheduler is the authority on admission (429 beyond its queue); Ray lets a
-    # few more requests through to hear that answer, and refuses beyond (429 too) on its side.
-    hold = (cfg.max_queue if cfg.max_queue is not None else 64) + (cfg.max_inflight or 16) + 8
+    # The replica's scheduler is the authority on admission (429 beyond what it can finish in
+    # time, or beyond --max-queue); Ray lets a few more requests through to hear that answer,
+    # and refuses beyond (429 too) on its side.
+    hold = (cfg.max_queue if cfg.max_queue is not None else 1024) + (cfg.max_inflight or 16) + 8
     return {"num_replicas": cfg.replicas,
             "ray_actor_options": {"num_cpus": cfg.ray_cpus if cfg.ray_cpus is not None else (cfg.threads or 1),
                                   "num_gpus": cfg.gpus},

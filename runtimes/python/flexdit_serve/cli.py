@@ -147,7 +147,12 @@ def serve_app(cfg: ServeConfig, host: str, port: int, address: str | None, detac
     except ImportError as e:
         raise UserError(f"flexdit-serve needs Ray Serve ({e.name or e} is missing): pip install \".[serve]\"") from None
     stop = threading.Event()
-    logging.getLogger("ray").setLevel(logging.ERROR)  # Ray's start-up notices; errors still show
+    # Ray's and Serve's start-up notices (Serve's own logger does not propagate to "ray"); errors
+    # still show. Among them: "Connecting to existing Serve app ... New http_options ... will not
+    # be applied", which serve.run logs after serve.start although the port was applied.
+    for name in ("ray", "ray.serve"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    say(f"starting Ray{f' (connecting to {address})' if address else ' (a local cluster: this can take a minute)'}...")
     try:
         # Ray warns (UserWarning on stderr) before it raises, e.g. "Ray Client connection timed
         # out..." for an unreachable ray:// address: the error line below says it once
@@ -160,25 +165,42 @@ def serve_app(cfg: ServeConfig, host: str, port: int, address: str | None, detac
         signal.signal(sig, lambda *_: stop.set())
     try:
         try:
+            say(f"deploying {cfg.replicas} replica(s) (each loads and verifies the bundle)...")
             serve.start(http_options={"host": host, "port": port})
             serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
         except Exception as e:
             raise UserError(f"the deployment did not become ready: {_deploy_failure(serve, e)}") from None
         url = f"http://{host}:{port}"
-        print(f"{PROG}: serving {cfg.bundle} at {url} ({cfg.replicas} replica(s), batching {cfg.batching}); "
-              f"API: {url}/docs; Ctrl-C stops", file=sys.stderr, flush=True)
+        say(f"serving {cfg.bundle} at {url} ({cfg.replicas} replica(s), batching {cfg.batching}); "
+            f"API: {url}/docs; Ctrl-C stops")
         if detach:
             return
         while not stop.wait(0.5):
             pass
-        print(f"{PROG}: shutting down (in-flight requests get {cfg.drain_s:g} s)", file=sys.stderr, flush=True)
-        if address is None:
-            serve.shutdown()
-        else:
-            serve.delete(APP_NAME)
+        say(f"shutting down (in-flight requests get {cfg.drain_s:g} s)")
+        stop_app(serve, cfg)
     finally:
         if not detach:
             ray.shutdown()
+
+
+def say(line: str) -> None:
+    print(f"{PROG}: {line}", file=sys.stderr, flush=True)
+
+
+def stop_app(serve, cfg: ServeConfig) -> None:
+    """Every replica drains while the HTTP proxy still carries its answers (200 within --drain,
+    503 beyond it), then the application is deleted with nothing left in flight. Serve's own
+    shutdown would remove the proxy first (every open connection dropped at once), and its
+    ServeController.graceful_shutdown task is killed by ray.kill, which Ray reports as a failed
+    task: a local Ray ends with ray.shutdown instead, and a cluster's Serve stays up."""
+    try:
+        handle = serve.get_app_handle(APP_NAME)
+        drained = handle.broadcast("drain").results(timeout_s=cfg.drain_s + 30)
+        say(f"{len(drained)} replica(s) drained")
+    except Exception as e:  # a replica that died meanwhile has nothing left to answer
+        say(f"drain incomplete ({_first_line(e)}); stopping anyway")
+    serve.delete(APP_NAME)
 
 
 def _deploy_failure(serve, e: Exception) -> str:

@@ -19,12 +19,18 @@ Policy (which stage runs next):
 Admission: waiting requests enter in arrival order while the images in flight stay within
 ``max_inflight``. When a call would run less than half full while requests are arriving (one
 came within ``fill_wait_s``, default 20 ms) and there is room, the engine waits that long for
-them, so that arrivals moments apart start as one cohort (a lone request never waits). The
-waiting queue holds at most ``max_queue`` images, beyond which ``submit`` refuses at once (``QueueFull``: HTTP 429) instead of growing. Deadlines are checked between
-calls; a request past its deadline fails with ``TimedOut`` wherever it is.
+them, so that arrivals moments apart start as one cohort (a lone request never waits). Beyond
+what the replica can finish, ``submit`` refuses at once (``QueueFull``: HTTP 429) instead of
+queueing: by default when the engine calls still owed to the images in flight and waiting, plus
+the new request's, at the measured time of each stage's call, would not end within the new
+request's time-out (the queue bound follows the model's speed, the steps asked for and the
+time-out, not the batch size); with ``max_queue`` when more than that many images would wait.
+Deadlines are checked between calls; a request past its deadline fails with ``TimedOut``
+wherever it is.
 
 ``policy="none"`` admits one request at a time and runs it to the end (the unbatched baseline);
-``run_whole`` is the static baseline (a fixed group taken through whole trajectories together).
+``run_whole`` is the static baseline (a fixed group taken through whole trajectories together),
+its tickets registered with ``track`` so that cancellation, time-outs and ``close`` end them too.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
+
+import numpy as np
 
 from flexdit_bundle.manifest import BundleError
 from flexdit_runtime.prompts import PromptError
@@ -135,8 +143,10 @@ class Scheduler:
         batches = model.runner.batches
         per_call = max(batches)  # rows; images: half of it under guidance
         self.max_inflight = max_inflight or per_call
-        self.max_queue = max_queue if max_queue is not None else 4 * self.max_inflight
+        self.max_queue = max_queue  # None: admission by the work queued (see _over_capacity)
         self.max_wait_calls = max_wait_calls or 2 * len(batches)
+        self.call_seconds = self._measure_calls() if max_queue is None else None
+        self._stage_plans: dict[tuple, np.ndarray] = {}  # (sampler, steps, spacing) -> steps per stage
         self._lock = threading.Condition()
         self._waiting: list[Ticket] = []  # not yet admitted, arrival order
         self._inflight: list[_Image] = []
@@ -157,16 +167,35 @@ class Scheduler:
             if ticket.n > self.max_inflight:
                 raise BadRequest(f"{ticket.n} images in one request; this server takes at most {self.max_inflight}")
             queued = self._queued()
-            if queued + ticket.n > self.max_queue:
+            if self.max_queue is not None and queued + ticket.n > self.max_queue:
                 self._count("rejected")
                 raise QueueFull(f"queue full ({queued} images waiting, limit {self.max_queue}); retry later")
             if ticket.id in self._tickets:
                 raise BadRequest(f"request id {ticket.id!r} is already in flight")
+            if self.max_queue is None:
+                ahead, total = self._work_seconds(ticket)
+                left = ticket.deadline - self.clock()
+                if ahead > 0 and total > left:
+                    self._count("rejected")
+                    raise QueueFull(f"queue full ({queued} images waiting, {len(self._inflight)} in flight: about "
+                                    f"{total:.1f} s of engine work with this request, over its {left:.1f} s "
+                                    f"time-out); retry later")
             self._waiting.append(ticket)
             self._tickets[ticket.id] = ticket
             self._last_submit = self.clock()
             self._gauges()
             self._lock.notify_all()
+        return ticket
+
+    def track(self, ticket: Ticket) -> Ticket:
+        """Register a ticket that ``run_whole`` steps instead of the engine loop: cancellation,
+        time-outs, ``close`` and the metrics then cover it as they cover a submitted one."""
+        with self._lock:
+            if self._draining:
+                raise ShuttingDown("the server is shutting down; retry on another replica")
+            if ticket.id in self._tickets:
+                raise BadRequest(f"request id {ticket.id!r} is already in flight")
+            self._tickets[ticket.id] = ticket
         return ticket
 
     def cancel(self, ticket_id: str) -> bool:
@@ -221,6 +250,8 @@ class Scheduler:
                         self._end(im.ticket, error=ServeError(f"engine call failed: {str(e).splitlines()[0][:300]}"))
             return True
         seconds = time.perf_counter() - start
+        if self.call_seconds is not None:  # a static graph's call costs the same however full
+            self.call_seconds[sid] += 0.2 * (seconds - self.call_seconds[sid])
         if self.metrics:
             self.metrics.engine_call(sid, rows, self.model.runner.batches[sid], seconds)
         finished = []
@@ -266,6 +297,81 @@ class Scheduler:
             for t in list(self._tickets.values()):
                 self._end(t, error=ShuttingDown("the server shut down before this request finished"))
         self._stopped.set()
+
+    def run_whole(self, tickets: list[Ticket]) -> None:
+        """The static baseline: take a fixed group of tracked tickets through whole trajectories
+        together (rows packed per stage, chunked to the static batch; nobody joins until all are
+        done). A ticket that is cancelled, times out or is ended by ``close`` meanwhile leaves
+        the group at the next step, so abandoned work does not hold up the next group."""
+        def live():
+            with self._lock:
+                self._expire()
+                return [t for t in tickets if self._tickets.get(t.id) is t]
+
+        while reqs := [r for t in live() for r in t.images if not r.done]:
+            try:
+                self.model.step(reqs)
+            except Exception as e:  # an engine failure fails this group, not the server
+                with self._lock:
+                    for t in live():
+                        self._end(t, error=ServeError(f"engine call failed: {str(e).splitlines()[0][:300]}"))
+                return
+        for t in live():
+            self._complete(t)
+
+    # ---- admission by work --------------------------------------------------------------------
+
+    def _measure_calls(self) -> list[float]:
+        """Seconds of one full call of each stage's engine (the second of two: the first one
+        also allocates), the unit of the work estimate; engine calls update it as they run."""
+        runner, shape = self.model.runner, self.model.latent_shape
+        out = []
+        for st, b in zip(self.model.bundle.stages, runner.batches):
+            x = np.zeros((b, *shape), np.float32)
+            t, y = np.full(b, st["t_min"], np.float32), np.zeros(b, np.int64)
+            runner.run_rows(st["id"], x, t, y)
+            start = time.perf_counter()
+            runner.run_rows(st["id"], x, t, y)
+            out.append(time.perf_counter() - start)
+        return out
+
+    def _steps_left(self, request: Request) -> np.ndarray:
+        """The steps ``request`` still takes in each stage."""
+        key = (request.params.sampler, request.params.steps, request.params.spacing)  # what fixes the timesteps
+        counts = self._stage_plans.get(key)
+        if counts is None:  # counts[k]: steps per stage among the last k to take
+            runner, S = self.model.runner, len(self.model.runner.batches)
+            stages = [runner.stage_for(t) for t in request.diffusion.timestep_map]
+            counts = np.zeros((len(stages) + 1, S))
+            counts[1:] = np.cumsum(np.eye(S)[stages], axis=0)
+            self._stage_plans[key] = counts
+        return counts[request.k + 1]
+
+    def _work_seconds(self, extra: Ticket) -> tuple[float, float]:
+        """(Under the lock) seconds of engine calls owed to the images in flight and waiting,
+        without and with ``extra``, at the measured call times. Per stage, the calls needed are
+        at least the most steps one image still takes there (one step per call) and at least
+        the rows over what a call holds (the static batch, or the rows of ``max_inflight``
+        images); with ``policy="none"`` every request's calls are its own."""
+        batches = np.asarray(self.model.runner.batches, float)
+        owed = [(im.ticket, im.request, im.rows) for im in self._inflight]
+        for t in self._waiting + [extra]:
+            owed += [(t, r, 2 if r.params.guided else 1) for r in t.images]
+
+        def seconds(items) -> float:
+            groups: dict[int, list] = {}
+            for t, r, rows in items:
+                groups.setdefault(id(t) if self.policy == "none" else 0, []).append((r, rows))
+            calls = 0.0
+            for g in groups.values():
+                steps = np.stack([self._steps_left(r) for r, _ in g])
+                rows = np.array([rows for _, rows in g], float)
+                per_call = np.minimum(batches, max(1.0, self.max_inflight * rows.mean()))
+                calls = calls + np.maximum(steps.max(0), np.ceil((rows @ steps) / per_call))
+            return float(np.dot(calls, self.call_seconds))
+
+        before = owed[:-extra.n]
+        return (seconds(before) if before else 0.0), seconds(owed)
 
     # ---- policy --------------------------------------------------------------------------------
 
@@ -366,26 +472,3 @@ class Scheduler:
         if self.metrics:
             self.metrics.gauges(self._queued(), len(self._inflight))
 
-
-def run_whole(model, tickets: list[Ticket]) -> None:
-    """The static baseline: take a fixed group of tickets through whole trajectories together
-    (rows packed per stage, chunked to the static batch; nobody joins until all are done)."""
-    live = [t for t in tickets if t.error is None]
-    reqs = [r for t in live for r in t.images]
-    while not all(r.done for r in reqs):
-        now = time.monotonic()
-        for t in live:
-            if t.error is None and now > t.deadline:
-                t.error = TimedOut(f"request {t.id} timed out after {now - t.submitted:.1f} s")
-        reqs = [r for t in live if t.error is None for r in t.images]
-        if not reqs:
-            break
-        model.step(reqs)
-    for t in live:
-        if t.error is None:
-            try:
-                t.result = model.finish(t.images)
-            except BundleError as e:
-                t.error = SamplingFailed(str(e))
-        t.finished = time.monotonic()
-        t._event.set()
