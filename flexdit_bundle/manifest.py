@@ -26,6 +26,12 @@ MANIFEST = "manifest.json"
 # What a runtime samples with when neither the bundle nor the caller says otherwise.
 SAMPLING_DEFAULTS = {"sampler": "ddpm", "steps": 250, "cfg_scale": 4.0, "eta": 0.0, "clip_denoised": False}
 
+# Numeric rules a schema cannot state (docs/bundle-format.md, "Numeric ranges"); the C++ runtime
+# holds the same constants (runtimes/cpp/src/manifest.cpp).
+MIN_BETA = 1e-10  # smaller scaled betas leave 1 - beta == 1 (or nearly) and the tables divide by zero
+MIN_ALPHAS_CUMPROD = 1e-30  # below it 1 / sqrt(alphas_cumprod) and the update overflow float32
+MIN_VALUE_SPAN = 1e-6  # hi - lo of output.value_range
+
 
 class BundleError(Exception):
     """The bundle cannot be trusted or used; the message says why and what to do."""
@@ -51,6 +57,8 @@ def validate_manifest(m: dict) -> None:
                           "with flexdit-export convert")
     _validate_weights(m)
     _validate_model(m["model"])
+    _validate_diffusion(m["diffusion"])
+    _validate_output(m["output"])
     for st in m["stages"]:
         _validate_stage_io(st, m["model"]["config"])
     if m["decoder"] and (len(m["decoder"]["inputs"]) != 1 or len(m["decoder"]["outputs"]) != 1):
@@ -76,9 +84,39 @@ def _validate_model(model: dict) -> None:
         raise BundleError(f"model num_classes {n} disagrees with its config ({model['config']['num_classes']})")
     if not 0 <= model["null_class"] <= n:
         raise BundleError(f"null class {model['null_class']} is outside 0..{n} (the model has {n} classes)")
+    if model["null_class"] != n:
+        raise BundleError(f"null class {model['null_class']} is one of the real classes 0..{n - 1}: the unconditional "
+                          f"half of guidance would use that class (the null class is {n})")
     names = model["class_names"]
     if names is not None and len(names) != n:
         raise BundleError(f"the manifest lists {len(names)} class names for {n} classes")
+
+
+def _validate_diffusion(d: dict) -> None:
+    """The linear schedule must give finite sampler tables: every beta (scaled by 1000 / T) in
+    [MIN_BETA, 1), and alphas_cumprod at the last timestep at least MIN_ALPHAS_CUMPROD."""
+    T = d["num_timesteps"]
+    b0, b1 = (d[k] * 1000 / T for k in ("beta_start", "beta_end"))
+    for name, b in (("beta_start", b0), ("beta_end", b1)):
+        if not MIN_BETA <= b < 1:
+            raise BundleError(f"diffusion {name} {d[name]} gives the beta {b:g} at T = {T} (betas are scaled by "
+                              f"1000 / T); the linear schedule's betas must lie in [{MIN_BETA:g}, 1)")
+    step = (b1 - b0) / (T - 1)
+    log_ac = math.fsum(math.log1p(-(b0 + i * step)) for i in range(T))
+    if log_ac < math.log(MIN_ALPHAS_CUMPROD):
+        raise BundleError(f"diffusion betas {b0:g}..{b1:g} over {T} timesteps leave alphas_cumprod "
+                          f"10^{log_ac / math.log(10):.1f} at the last timestep, below {MIN_ALPHAS_CUMPROD:g}: the "
+                          "sampler's coefficients would overflow float32")
+    steps = d.get("defaults", {}).get("steps")
+    if steps is not None and steps > T:
+        raise BundleError(f"diffusion defaults.steps {steps} is more than num_timesteps {T}")
+
+
+def _validate_output(out: dict) -> None:
+    """value_range maps the result to pixels 0..255: lo < hi, and not so close that it overflows."""
+    lo, hi = out["value_range"]
+    if not hi - lo >= MIN_VALUE_SPAN:
+        raise BundleError(f"output value_range [{lo}, {hi}] must have lo < hi, hi - lo at least {MIN_VALUE_SPAN:g}")
 
 
 def _validate_stage_io(st: dict, cfg: dict) -> None:
@@ -258,12 +296,25 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not JSON (a manifest holds finite numbers)")
 
 
+def _integer(text: str):
+    """A JSON integer as a 64-bit reader (the C++ runtime's) takes it: beyond the 64-bit range it
+    is a float, so a 5000-digit literal is refused like 1e999 instead of reaching int()."""
+    if len(text) <= 20:
+        v = int(text)
+        if -2**63 <= v < 2**64:
+            return v
+    return _finite(text)
+
+
 def parse_manifest(text: str) -> dict:
     """JSON text -> manifest. Stricter than ``json.loads``: NaN, Infinity and numbers that
-    overflow to infinity are refused (Python's json accepts them, other languages' do not), and
-    a document nested too deeply for the parser is one error, not a RecursionError."""
+    overflow to infinity are refused (Python's json accepts them, other languages' do not), a
+    byte-order mark is refused (JSON has none; every runtime says so alike), and a document
+    nested too deeply for the parser is one error, not a RecursionError."""
+    if text.startswith("\ufeff"):
+        raise ValueError("it starts with a byte-order mark, which JSON does not allow (save it as UTF-8 without one)")
     try:
-        return json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite, parse_int=_integer)
     except RecursionError:
         raise ValueError("it is nested too deeply to be a manifest") from None
 

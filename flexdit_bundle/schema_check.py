@@ -52,6 +52,10 @@ def validate(value, schema: dict, root: dict | None = None, path=()) -> None:
             raise SchemaError(path, f"{value} is less than the minimum of {schema['minimum']}")
         if "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
             raise SchemaError(path, f"{value} is less than or equal to the minimum of {schema['exclusiveMinimum']}")
+        if "maximum" in schema and value > schema["maximum"]:
+            raise SchemaError(path, f"{value} is greater than the maximum of {schema['maximum']}")
+        if "exclusiveMaximum" in schema and value >= schema["exclusiveMaximum"]:
+            raise SchemaError(path, f"{value} is greater than or equal to the maximum of {schema['exclusiveMaximum']}")
     if isinstance(value, str) and "pattern" in schema and not re.search(schema["pattern"], value):
         raise SchemaError(path, f"{value!r} does not match {schema['pattern']!r}")
     if isinstance(value, dict):

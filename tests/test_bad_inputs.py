@@ -35,6 +35,8 @@ def apply_edits(bundle: Path, edits: list, outside: Path) -> None:
     m = json.loads(mf.read_text())
     raw = {}
     for i, e in enumerate(edits):
+        if e["op"] == "bom":
+            continue  # applied to the text below
         if e["op"] == "symlink_outside":
             src = bundle / e["file"]
             outside.mkdir(parents=True, exist_ok=True)
@@ -54,16 +56,20 @@ def apply_edits(bundle: Path, edits: list, outside: Path) -> None:
     text = json.dumps(m, indent=1)
     for marker, value in raw.items():
         text = text.replace(marker, value)
-    mf.write_text(text)
+    bom = b"\xef\xbb\xbf" if any(e["op"] == "bom" for e in edits) else b""
+    mf.write_bytes(bom + text.encode("utf-8"))
 
 
 def make_files(tmp: Path, files: dict) -> dict:
     paths = {}
     for name, spec in (files or {}).items():
+        paths[name] = tmp / name
+        if "text" in spec:
+            paths[name].write_text(spec["text"], encoding="utf-8")
+            continue
         npy = spec["npy"]
         arr = np.full(npy["shape"], npy["fill"], dtype=np.dtype(npy["dtype"]))
         np.save(tmp / name, arr)
-        paths[name] = tmp / name
     return paths
 
 
@@ -79,7 +85,7 @@ def case_env(flex_bundle, tmp_path, request):
     scratch.mkdir()
     files = make_files(scratch, case.get("files"))
     prompts = scratch / "prompts.txt"
-    prompts.write_text(case.get("prompts", "1\n"))
+    prompts.write_text(case.get("prompts", "1\n"), encoding="utf-8")
     subs = {"{bundle}": str(bundle), "{prompts}": str(prompts), "{out}": str(scratch / "out")}
     subs.update({f"{{file:{n}}}": str(p) for n, p in files.items()})
 

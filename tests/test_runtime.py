@@ -119,6 +119,10 @@ def test_schema_checker_agrees_with_jsonschema(flex_bundle):
         lambda m: m["model"].pop("null_class"),
         lambda m: m["stages"][1]["inputs"][0].update(dtype="float64"),
         lambda m: m.update(decoder={"kind": "sd-vae"}),
+        lambda m: m["diffusion"].update(num_timesteps=10**9),  # maximum
+        lambda m: m["diffusion"].update(beta_end=1.0),  # exclusiveMaximum
+        lambda m: m["output"].update(value_range=[-1e300, 1.0]),  # items' minimum
+        lambda m: m["stages"][0]["artifacts"][0].update(path="stages/a\x00.onnx"),  # no control characters
     ]
     for mutate in mutations:
         bad = copy.deepcopy(m)

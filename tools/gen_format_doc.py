@@ -85,6 +85,10 @@ def _constraints(node: dict) -> str:
         out.append(f">= {node['minimum']}")
     if "exclusiveMinimum" in node:
         out.append(f"> {node['exclusiveMinimum']}")
+    if "maximum" in node:
+        out.append(f"<= {node['maximum']}")
+    if "exclusiveMaximum" in node:
+        out.append(f"< {node['exclusiveMaximum']}")
     if "minItems" in node and node.get("minItems") == node.get("maxItems"):
         out.append(f"exactly {node['minItems']} items")
     else:

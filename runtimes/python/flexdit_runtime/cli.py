@@ -28,6 +28,7 @@ from .images import grid, save_png
 from .pipeline import Pipeline
 from .prompts import PromptError, read_prompts
 from .samplers import SAMPLERS
+from .sampling_params import read_init_noise
 from .sampling_params import SPACINGS
 from .settings import RuntimeSettings
 
@@ -242,12 +243,6 @@ def _run(args) -> int:
     prompts = read_prompts(args.prompts)
     out = Path(args.out) if args.out is not None else fresh_output_dir()
     check_output_dir(out, args.force)
-    init = None
-    if args.init_noise:
-        try:
-            init = np.load(args.init_noise)  # no pickles: an object array is refused here
-        except (OSError, ValueError) as e:
-            raise BundleError(f"cannot read --init-noise {args.init_noise}: {e}") from None
     # this process makes all its sessions through the runtime: they share one thread pool
     settings = RuntimeSettings(providers=args.providers, threads=args.threads, shared_thread_pool=True)
     for note in settings.notes:
@@ -256,6 +251,8 @@ def _run(args) -> int:
     pipe = Pipeline.from_bundle(args.bundle, precision=args.precision, backend=args.backend, settings=settings,
                                 device=args.device)
     ids = [pipe.classes.resolve(p, f"{args.prompts}: ") for p in prompts]
+    # read once the bundle says how large x_T is: no more bytes than that are read
+    init = read_init_noise(args.init_noise, len(ids), pipe.model.latent_shape) if args.init_noise else None
     # the checks Pipeline makes anyway, before the progress bar
     params = pipe.model.params(steps=args.steps, sampler=args.sampler, cfg_scale=args.cfg_scale, eta=args.eta,
                                spacing=args.spacing, clip_denoised=args.clip_denoised)

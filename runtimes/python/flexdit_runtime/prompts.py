@@ -12,6 +12,9 @@ class PromptError(ValueError):
 
 
 ECHO_LIMIT = 60
+# A prompt file is a list of class names or ids, one per line: 16 MiB is over a million prompts.
+# Reading stops there, so /dev/zero or a mistaken multi-gigabyte file is one error, not all memory.
+MAX_PROMPT_FILE_BYTES = 16 << 20
 
 
 def shown(value, limit: int = ECHO_LIMIT) -> str:
@@ -33,9 +36,12 @@ class ClassIndex:
                 self.lookup.setdefault(alias.lower(), i)
 
     def resolve(self, text: str, where: str = "") -> int:
+        """A class id (ASCII digits only: '٣' is a name, as in every runtime) or a class name."""
         key = text.strip()
-        if key.lstrip("-").isdigit():
-            i = int(key) if len(key) < 20 else None  # int() refuses more than 4300 digits
+        digits = key.lstrip("-")
+        if digits.isascii() and digits.isdigit():
+            one_sign = len(digits) >= len(key) - 1  # '--5' is no number
+            i = int(key) if len(key) < 20 and one_sign else None  # int() refuses more than 4300 digits
             if i is None or not 0 <= i < self.num_classes:
                 raise PromptError(f"{where}class id {i if i is not None else shown(key)} is outside "
                                   f"0..{self.num_classes - 1}")
@@ -55,7 +61,12 @@ class ClassIndex:
 def read_prompts(path) -> list[str]:
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not a prompt
+        with open(p, "rb") as f:
+            data = f.read(MAX_PROMPT_FILE_BYTES + 1)
+        if len(data) > MAX_PROMPT_FILE_BYTES:
+            raise PromptError(f"prompt file {p} is larger than {MAX_PROMPT_FILE_BYTES >> 20} MiB, more than a list "
+                              "of prompts needs (split it into several runs)")
+        text = data.decode("utf-8-sig")  # a byte-order mark (Windows editors) is not a prompt
     except FileNotFoundError:
         raise PromptError(f"prompt file not found: {p}") from None
     except (OSError, UnicodeDecodeError) as e:

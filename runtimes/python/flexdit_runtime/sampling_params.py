@@ -117,17 +117,54 @@ def check_batch(batch) -> int | None:
     return None if batch is None else _integer("batch", batch, 1)
 
 
+def check_noise_layout(dtype: np.dtype, got: tuple, n: int, shape: tuple) -> None:
+    """x_T for n images is (n, C, H, W) or one (C, H, W) for all, of real floating point (ints,
+    booleans or complex values are not noise a sampler can start from)."""
+    if dtype.kind != "f":
+        raise BundleError(f"initial noise must hold real floating-point values, got dtype {dtype}")
+    if got not in (shape, (n,) + shape):
+        raise BundleError(f"initial noise has shape {got}; expected {(n,) + shape} or {shape}")
+
+
 def check_init_noise(init_noise, n: int, shape: tuple) -> np.ndarray:
-    """x_T for n images: (n, C, H, W) or one (C, H, W) for all; real floating point and finite
-    (ints, booleans or complex values are not noise a sampler can start from)."""
+    """x_T for n images (``check_noise_layout``), finite, as float32 (n, C, H, W)."""
     x = np.asarray(init_noise)
-    if x.dtype.kind != "f":
-        raise BundleError(f"initial noise must hold real floating-point values, got dtype {x.dtype}")
-    if x.shape == shape:
-        x = np.broadcast_to(x, (n,) + shape)
-    if x.shape != (n,) + shape:
-        raise BundleError(f"initial noise has shape {x.shape}; expected {(n,) + shape} or {shape}")
-    x = x.astype(np.float32)
+    check_noise_layout(x.dtype, x.shape, n, shape)
+    x = np.broadcast_to(x, (n,) + shape).astype(np.float32)
     if not np.isfinite(x).all():
         raise BundleError("initial noise holds NaN or infinite values (after conversion to float32)")
     return x
+
+
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def read_init_noise(path, n: int, shape: tuple) -> np.ndarray:
+    """x_T for n images from a .npy file, read no further than the array a run can use: the
+    header's dtype and shape are checked (``check_noise_layout``) before any data is read, and
+    exactly the bytes they declare must follow, so /dev/zero or a huge file is one error, not all
+    memory. Never a pickle (np.load would advise allow_pickle for any non-.npy file)."""
+    where = f"cannot read --init-noise {path}"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8 or head[:6] != NPY_MAGIC:
+                raise BundleError(f"{where}: not a .npy file")
+            if head[6] not in (1, 2, 3):
+                raise BundleError(f"{where}: unsupported .npy version")
+            read_header = np.lib.format.read_array_header_1_0 if head[6] == 1 else np.lib.format.read_array_header_2_0
+            got, fortran, dtype = read_header(f)
+            if fortran:
+                raise BundleError(f"{where}: only C-order arrays are read")
+            check_noise_layout(dtype, got, n, shape)
+            size = dtype.itemsize * math.prod(got)
+            data = f.read(size)
+            if len(data) != size or f.read(1):
+                raise BundleError(f"{where}: the data size does not match its shape")
+    except OSError as e:
+        raise BundleError(f"{where}: {e.strerror or e}") from None
+    except ValueError as e:
+        if isinstance(e, BundleError):
+            raise
+        raise BundleError(f"{where}: {str(e).splitlines()[0]}") from None
+    return np.frombuffer(data, dtype).reshape(got)
