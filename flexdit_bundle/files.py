@@ -1,11 +1,13 @@
-"""File rules shared by every writer and reader of a bundle (or a calibration set):
-content hashes, paths confined to their directory, and atomic publication of a directory."""
+"""File rules shared by every writer and reader of a bundle (or a calibration set) and by the
+runtimes' output directories: content hashes, paths confined to their directory, and atomic
+publication of a directory."""
 
 from __future__ import annotations
 
 import errno
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -96,24 +98,76 @@ def _renameat2(src, dst, flags: int) -> bool:
     raise OSError(err, os.strerror(err), str(dst))
 
 
-class StagingDirectory:
-    """A temporary sibling of ``target`` that is filled and then published in one rename.
+def mount_points() -> set[str]:
+    """Every mount point of this process's mount namespace (bind mounts of a directory on its own
+    file system included, which ``os.path.ismount`` misses); empty where /proc is not mounted."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            fields = [line.split(" ") for line in f]
+    except OSError:
+        return set()
+    octal = re.compile(r"\\([0-7]{3})")  # mountinfo writes a space as \040
+    return {octal.sub(lambda m: chr(int(m.group(1), 8)), f[4]) for f in fields if len(f) > 4}
 
-    The staging directory is ``.NAME.tmp-<pid>-XXXX`` with the umask's mode; stale ones of dead
+
+def _probe(parent) -> OSError | None:
+    """Whether a new directory can be made in ``parent`` (made and removed at once: permission
+    bits do not tell, e.g. for root in /proc or on a read-only mount)."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".flexdit-probe-", dir=parent))
+    except OSError as e:
+        return e
+    return None
+
+
+def writes_into(target) -> bool:
+    """Whether an existing ``target`` directory cannot be replaced by a rename, so a publication
+    has to write into it: a mount point (a Docker volume's root: EBUSY) or a directory whose
+    parent takes no new entries."""
+    target = Path(target)
+    if not target.is_dir() or target.is_symlink():
+        return False
+    real = os.path.realpath(target)
+    return os.path.ismount(real) or real in mount_points() or _probe(Path(real).parent) is not None
+
+
+def entry_label(path: Path) -> str:
+    """An entry's name for a message, with ``/`` after a directory (``ls -F``)."""
+    return path.name + ("/" if path.is_dir() and not path.is_symlink() else "")
+
+
+class ForeignEntries(Exception):
+    """The target holds entries the publication may not replace (``labels``: their names)."""
+
+    def __init__(self, labels: list[str]):
+        super().__init__(", ".join(labels))
+        self.labels = labels
+
+
+class StagingDirectory:
+    """A temporary directory that is filled and then published as ``target``.
+
+    The staging directory is ``.NAME.tmp-<pid>-XXXX`` with the umask's mode, beside ``target``
+    (inside it where ``writes_into``: a mount point cannot be renamed); stale ones of dead
     processes are removed when a new one is made. ``publish(replace=False)`` is exclusive: it
-    fails with ``FileExistsError`` when ``target`` appeared meanwhile (two writers: the later
-    one loses, never silently replaces). ``publish(replace=True)`` swaps the directories in one
-    atomic exchange where the system has it, so a reader sees the old directory or the new one,
-    never none. ``discard()`` (or leaving a ``with`` block through an exception, including
-    KeyboardInterrupt) removes the staging directory."""
+    fails with ``FileExistsError`` when ``target`` appeared (or, written into, filled) meanwhile:
+    two writers, the later one loses, never silently replaces. ``publish(replace=True)`` swaps
+    the directories in one atomic exchange where the system has it, so a reader sees the old
+    directory or the new one, never none; written into, each entry is replaced by a rename.
+    ``replaceable(path)`` limits what of an existing target may go: anything else, found when
+    publishing, raises ``ForeignEntries`` with nothing changed. ``discard()`` (or leaving a
+    ``with`` block through an exception, including KeyboardInterrupt) removes the staging
+    directory."""
 
     def __init__(self, target):
         self.target = Path(target)
         self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.into = writes_into(self.target)
+        where = self.target if self.into else self.target.parent
         self.prefix = f".{self.target.name}.tmp-"
-        remove_stale(self.target.parent, self.prefix)
-        remove_stale(self.target.parent, f".{self.target.name}.old-")
-        self.path = make_temp_dir(self.target.parent, self.prefix)
+        remove_stale(where, self.prefix)
+        remove_stale(where, f".{self.target.name}.old-")
+        self.path = make_temp_dir(where, self.prefix)
 
     def __enter__(self):
         return self
@@ -126,33 +180,93 @@ class StagingDirectory:
     def discard(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
 
-    def publish(self, replace: bool = True) -> Path:
+    def _entries(self, directory: Path) -> list[Path]:
+        return sorted(e for e in directory.iterdir() if e != self.path)
+
+    def _check(self, directory: Path, replaceable) -> list[Path]:
+        entries = self._entries(directory)
+        foreign = [entry_label(e) for e in entries if replaceable is not None and not replaceable(e)]
+        if foreign:
+            raise ForeignEntries(foreign)
+        return entries
+
+    @staticmethod
+    def _remove(entries) -> None:
+        for e in entries:
+            shutil.rmtree(e) if e.is_dir() and not e.is_symlink() else e.unlink()
+
+    def publish(self, replace: bool = True, replaceable=None) -> Path:
+        if self.into:
+            return self._publish_into(replace, replaceable)
         if not replace:
             if not _renameat2(self.path, self.target, _RENAME_NOREPLACE):
                 if os.path.lexists(self.target):  # fallback: a small window remains
                     raise FileExistsError(errno.EEXIST, "exists", str(self.target))
                 os.rename(self.path, self.target)
             return self.target
-        if os.path.isdir(self.target) and not os.path.islink(self.target) \
-                and _renameat2(self.path, self.target, _RENAME_EXCHANGE):
-            shutil.rmtree(self.path, ignore_errors=True)  # now holds the old directory
-            return self.target
+        is_dir = os.path.isdir(self.target) and not os.path.islink(self.target)
+        if is_dir:
+            self._check(self.target, replaceable)
+            if _renameat2(self.path, self.target, _RENAME_EXCHANGE):
+                try:  # the staging path now holds the old directory: what came in since the check?
+                    old = self._check(self.path, replaceable)
+                except ForeignEntries:
+                    _renameat2(self.path, self.target, _RENAME_EXCHANGE)  # back: nothing replaced
+                    raise
+                self._remove(old)
+                os.rmdir(self.path)
+                return self.target
         old = None
-        if os.path.lexists(self.target):
+        if os.path.lexists(self.target):  # fallback without renameat2: a moment without target
             old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
             os.replace(self.target, old)
+            try:
+                entries = self._check(old, replaceable) if is_dir else [old]
+            except ForeignEntries:
+                os.replace(old, self.target)
+                raise
         os.replace(self.path, self.target)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink()
+            self._remove(entries)
+            if is_dir:
+                os.rmdir(old)
         return self.target
+
+    def _publish_into(self, replace: bool, replaceable) -> Path:
+        if self._entries(self.target) and not replace:
+            raise FileExistsError(errno.EEXIST, "not empty", str(self.target))
+        old = self._check(self.target, replaceable)
+        new = self._entries(self.path)
+        names = {e.name for e in new}
+        self._remove(e for e in old if e.name in names and e.is_dir() and not e.is_symlink())
+        for e in new:
+            os.replace(e, self.target / e.name)
+        self._remove(e for e in old if e.name not in names)
+        os.rmdir(self.path)
+        return self.target
+
+
+def write_problem(out, what: str = "output directory") -> str | None:
+    """Why nothing could be written at ``out`` (None: it can): its nearest existing ancestor must
+    take a new directory, or, where ``out`` itself is written into (``writes_into``), ``out``."""
+    absolute = Path(os.path.abspath(out))
+    if writes_into(absolute):
+        parent = absolute
+    else:
+        parent = next((a for a in absolute.parents if a.exists()), None)
+        if parent is None or not parent.is_dir():
+            return f"cannot write the {what} {out}: {parent} is not a directory"
+    e = _probe(parent)
+    if e is not None:
+        return f"cannot write the {what} {out}: cannot create anything in {parent} ({e.strerror or e})"
+    return None
 
 
 def target_problem(out, force: bool = False, what: str = "output directory") -> str | None:
     """Why a directory could not be (re)placed at ``out``, found before any work (None: it can).
     Refuses names that are no directory to create ('.', '..'), the current directory or one
-    above it, an existing file, an existing directory without ``force``, and a parent where
-    nothing can be created (probed with an empty directory, removed at once: permission bits
-    do not tell, e.g. for root in /proc)."""
+    above it, an existing file or symbolic link, an existing directory without ``force``, and
+    a place where nothing can be written (``write_problem``)."""
     raw = os.fspath(out).rstrip("/")
     out = Path(out)
     name = os.path.basename(os.path.normpath(raw or "/"))
@@ -167,14 +281,7 @@ def target_problem(out, force: bool = False, what: str = "output directory") -> 
             return f"{out} exists and is not a directory; refusing to replace it"
         if not force:
             return f"{out} already exists (use --force to replace it)"
-    parent = next((a for a in absolute.parents if a.exists()), None)
-    if parent is None or not parent.is_dir():
-        return f"cannot write the {what} {out}: {parent} is not a directory"
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".flexdit-probe-", dir=parent))
-    except OSError as e:
-        return f"cannot write the {what} {out}: cannot create anything in {parent} ({e.strerror or e})"
-    return None
+    return write_problem(out, what)
 
 
 class OutsideError(ValueError):

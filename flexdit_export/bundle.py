@@ -65,7 +65,7 @@ class BundleWriter:
         """A writer that starts from a copy of an existing bundle and replaces it on commit."""
         w = cls(target, force=True)
         shutil.rmtree(w.tmp)
-        shutil.copytree(w.target, w.tmp)
+        shutil.copytree(w.target, w.tmp, ignore=lambda d, names: [n for n in names if Path(d, n) == w.tmp])
         return w
 
     def __enter__(self):

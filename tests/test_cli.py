@@ -73,6 +73,25 @@ def test_run_writes_pngs_and_grid_deterministically(flex_bundle, tmp_path):
     assert not np.allclose(a, np.load(tmp_path / "b" / "samples.npy"))  # another sampler does
 
 
+def test_grid_is_upscaled_for_small_images(flex_bundle, tmp_path):
+    """grid.png of 16x16 images was drawn at 38x38: by default each pixel is now an 8x8 block
+    (images of at least 128 pixels), the same bytes as --grid-scale 1 repeated; --grid-scale sets it."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("1\n2\n3\n")
+    common = [prompts, "--bundle", flex_bundle, "--steps", "2", "-q", "--seed", "3"]
+    run_cli("flexdit-run", *common, "-o", tmp_path / "auto")
+    run_cli("flexdit-run", *common, "-o", tmp_path / "one", "--grid-scale", "1")
+    run_cli("flexdit-run", *common, "-o", tmp_path / "three", "--grid-scale", "3")
+    auto, one, three = (np.asarray(Image.open(tmp_path / d / "grid.png")) for d in ("auto", "one", "three"))
+    assert one.shape[:2] == (38, 38) and auto.shape[:2] == (304, 304) and three.shape[:2] == (114, 114)
+    assert np.array_equal(auto, one.repeat(8, 0).repeat(8, 1)) and np.array_equal(three, one.repeat(3, 0).repeat(3, 1))
+    first = np.asarray(Image.open(tmp_path / "one" / "000_1.png"))
+    assert np.array_equal(one[2:18, 2:18], first)
+    bad = run_cli("flexdit-run", *common, "-o", tmp_path / "bad", "--grid-scale", "17", check=False)
+    assert bad.returncode == 2 and bad.stderr == "flexdit-run: error: --grid-scale must be in 1..16, got 17\n"
+    assert not (tmp_path / "bad").exists()
+
+
 def test_run_with_init_noise(flex_bundle, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("1\n2\n")

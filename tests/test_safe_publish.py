@@ -1,6 +1,7 @@
 """Issue 13, the compiler's file safety: exclusive and atomic publication, clean-up on SIGTERM and
 SIGINT, stale temporaries of dead processes, directory modes from the umask, and the recorded
-checkpoint configuration winning over flags (also in verify)."""
+checkpoint configuration winning over flags (also in verify). Issue 19: what flexdit-run's -o
+and --force may replace (the catalogue's output cases), mount points and full disks."""
 
 import json
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CLIS, run_cli
+from output_cases import OUTPUT_CASES, can_mount, check_case, check_full_disk, check_mount_point, in_tmpfs
 from flexdit_bundle.files import StagingDirectory, remove_stale, umask_mode
 
 FAST = ["--schedule", "0:2", "--num-heads", "4"]
@@ -156,3 +158,51 @@ def test_verify_compares_against_the_checkpoint_as_recorded(project_bundle, tmp_
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines()[-1].endswith(
         "does not match the bundle's model configuration: num_heads 8 in the bundle, 4 in the checkpoint"), p.stderr
+
+
+# ---- issue 19: output directories of flexdit-run (the C++ CLI: runtimes/cpp/tests/output_dir_cli.py) ----
+
+RUN = [sys.executable, "-m", CLIS["flexdit-run"]]
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
+needs_mount = pytest.mark.skipif(not can_mount(), reason="needs root and unshare -m to mount a tmpfs")
+
+
+@pytest.mark.parametrize("case", OUTPUT_CASES, ids=[c["id"] for c in OUTPUT_CASES])
+def test_output_case_stops_with_one_line_and_changes_nothing(case, flex_bundle, tmp_path):
+    problems, _ = check_case(case, RUN, flex_bundle, tmp_path, "flexdit-run", env=ENV)
+    assert problems == []
+
+
+@needs_mount
+def test_run_into_a_mount_point_writes_into_it(flex_bundle, tmp_path):
+    """(Was "Device or resource busy" after sampling.)"""
+    assert check_mount_point(RUN, flex_bundle, tmp_path, env=ENV) == []
+
+
+@needs_mount
+def test_read_only_mount_point_is_refused_before_work(flex_bundle, tmp_path):
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    (tmp_path / "p.txt").write_text("1\n")
+    (result,), listing = in_tmpfs(vol, [[*RUN, tmp_path / "p.txt", "--bundle", flex_bundle, "-o", vol]],
+                                  options="ro,size=1m", env=ENV)
+    assert result == (2, f"flexdit-run: error: cannot write the output directory {vol}: cannot create anything in "
+                         f"{vol} (Read-only file system)\n"), result  # no progress: refused before sampling
+    assert listing == {}
+
+
+@needs_mount
+def test_full_disk_leaves_nothing_not_even_the_parents_it_made(flex_bundle, tmp_path):
+    problems, _ = check_full_disk(RUN, flex_bundle, tmp_path, "flexdit-run", env=ENV)
+    assert problems == []
+
+
+@needs_mount
+def test_convert_force_into_a_mount_point(ref_ckpt, tmp_path):
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    export = [sys.executable, "-m", CLIS["flexdit-export"]]
+    results, listing = in_tmpfs(vol, [[*export, "convert", ref_ckpt, "-o", vol, *FAST, "--force", "-q"],
+                                      [*export, "verify", vol]], options="size=64m", env=ENV)
+    assert [r[0] for r in results] == [0, 0], results  # was "device or resource busy" after the conversion
+    assert "manifest.json" in listing and not [p for p in listing if ".tmp-" in p], listing

@@ -10,8 +10,8 @@ import argparse
 import json
 import os
 import re
+import stat
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,12 +19,12 @@ import numpy as np
 
 import click
 
-from flexdit_bundle.files import StagingDirectory, os_error_message
+from flexdit_bundle.files import ForeignEntries, StagingDirectory, entry_label, os_error_message, write_problem
 from flexdit_bundle.manifest import BundleError
 
 from .cli_common import FLOAT, INT, Choice, output_options, run
 from .device import DEVICES
-from .images import grid, save_png
+from .images import GRID_SCALES, GRID_TILE, grid, save_png
 from .pipeline import Pipeline
 from .prompts import PromptError, read_prompts
 from .samplers import SAMPLERS
@@ -105,7 +105,8 @@ def _version(ctx, param, value):
 @click.argument("prompts", type=click.Path())
 @click.option("--bundle", required=True, type=click.Path(), help="bundle directory written by flexdit-export convert")
 @click.option("-o", "--out", help="output directory, new or empty (default: a fresh flexdit-images/run-DATE-TIME per run)")
-@click.option("--force", is_flag=True, help="replace the images of an earlier run in a non-empty -o (only PNGs and samples.npy)")
+@click.option("--force", is_flag=True, help="replace the files of an earlier run in a non-empty -o (its PNGs and "
+                                            "samples.npy; anything else there stops the run)")
 @click.option("--steps", type=INT, help="sampling steps (default: the bundle's)")
 @click.option("--sampler", type=Choice(SAMPLERS), help="default: the bundle's (ddpm); dpmpp-2m, unipc and euler "
                                                         "are few-step solvers (e.g. 20 steps)")
@@ -133,6 +134,9 @@ def _version(ctx, param, value):
                    "cuda (the bundle's AOTI packages for CUDA, else ONNX Runtime's CUDA provider); "
                    "default: --backend/--providers decide")
 @click.option("--save-npy", is_flag=True, help="also write the final samples as samples.npy")
+@click.option("--grid-scale", type=INT, help=f"draw grid.png this many times larger ({GRID_SCALES[0]}.."
+                                              f"{GRID_SCALES[-1]}, nearest neighbour; default: enough for "
+                                              f"{GRID_TILE}-pixel images, e.g. 4 for 32x32, 1 keeps the size)")
 @output_options
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_version,
               help="versions of the runtime, ONNX Runtime (and its providers) and the engine kinds")
@@ -173,73 +177,83 @@ def fresh_output_dir(root: Path = Path(DEFAULT_OUT)) -> Path:
     return out
 
 
+def _ours(entry: Path) -> bool:
+    """An earlier run's output, which --force may replace: a regular file named as flexdit-run
+    names them (a directory or link named grid.png is the user's)."""
+    return bool(OUR_FILES.fullmatch(entry.name)) and stat.S_ISREG(entry.lstat().st_mode)
+
+
+def _foreign_message(out: Path, labels: list, end: str) -> str:
+    return (f"output directory {out} holds files flexdit-run did not write "
+            f"({', '.join(labels[:3])}{', ...' if len(labels) > 3 else ''}); {end}")
+
+
 def check_output_dir(out: Path, force: bool = False) -> None:
-    """Refuse, before any work, an output path we could not write: it must be a directory or
-    not exist, and its nearest existing ancestor must take a new directory (probed with an
-    empty one, removed at once: permission bits do not tell, e.g. root in /proc). A non-empty
-    directory needs ``force`` (stale PNGs of an earlier run must not sit beside new ones), and
-    even then may hold only what flexdit-run writes."""
+    """Refuse, before any work, an output path we could not write: it must be a directory (not a
+    symbolic link: replacing it would cut the link, writing through it is not what -o says) or
+    not exist, and the place it is written must take a new directory (``write_problem``). A
+    non-empty directory needs ``force`` (stale PNGs of an earlier run must not sit beside new
+    ones), and even then may hold only an earlier run's files (checked again when publishing)."""
+    if out.is_symlink():
+        raise BundleError(f"output path {out} is a symbolic link; refusing to replace or write through it")
     if out.exists() and not out.is_dir():
         raise BundleError(f"output path {out} exists and is not a directory")
     if out.is_dir():
         try:
-            names = sorted(os.listdir(out))
+            entries = sorted(out.iterdir())
         except OSError as e:
             raise BundleError(f"cannot write the output directory {out}: {e.strerror or e}") from None
-        if names and not force:
+        if entries and not force:
             raise BundleError(f"output directory {out} is not empty (use --force to replace its images, "
                               "or give a new -o)")
-        foreign = [n for n in names if not OUR_FILES.fullmatch(n)]
+        foreign = [entry_label(e) for e in entries if not _ours(e)]
         if foreign:
-            raise BundleError(f"output directory {out} holds files flexdit-run did not write "
-                              f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); refusing to replace it")
-    parent = next((a for a in [out.absolute(), *out.absolute().parents] if a.exists()), None)
-    if parent is None or not parent.is_dir():
-        raise BundleError(f"cannot write the output directory {out}: {parent} is not a directory")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".flexdit-run-probe-", dir=parent))
-    except OSError as e:
-        raise BundleError(f"cannot write the output directory {out}: cannot create anything in {parent} "
-                          f"({e.strerror or e})") from None
+            raise BundleError(_foreign_message(out, foreign, "refusing to replace it"))
+    problem = write_problem(out)
+    if problem:
+        raise BundleError(problem)
 
 
-def write_outputs(out: Path, res, save_npy: bool, replace: bool = False) -> None:
-    """PNGs, grid and samples into a staging directory beside ``out``, then published in one
-    rename (``replace``: swapped with the earlier run's directory, so no stale image survives);
-    on any failure nothing is left behind, not even the parent directories this call created."""
+def write_outputs(out: Path, res, save_npy: bool, replace: bool = False, grid_scale: int | None = None) -> None:
+    """PNGs, grid and samples into a staging directory, then published in one rename (``replace``:
+    swapped with the earlier run's directory, so no stale image survives; where ``out`` cannot be
+    replaced, e.g. a mount point, moved into it file by file). Only an earlier run's files are
+    ever replaced: anything else found when publishing stops the run with nothing changed. On
+    any failure nothing is left behind, not even the parent directories this call created."""
     created = [a for a in [out.absolute(), *out.absolute().parents] if not a.exists()]
     staging = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = StagingDirectory(out)
         tmp = staging.path
-        names = []
         for i, (img, label) in enumerate(zip(res.images, res.labels)):
-            name = f"{i:03d}_{_safe(label)}.png"
-            save_png(img, tmp / name)
-            names.append(name)
-        save_png(grid(res.images), tmp / "grid.png")
-        names.append("grid.png")
+            save_png(img, tmp / f"{i:03d}_{_safe(label)}.png")
+        save_png(grid(res.images, scale=grid_scale), tmp / "grid.png")
         if save_npy:
             np.save(tmp / "samples.npy", res.samples)
-            names.append("samples.npy")
-        staging.publish(replace=replace or (out.is_dir() and not os.listdir(out)))
-    except FileExistsError:
+        empty = out.is_dir() and not any(e != tmp for e in out.iterdir())
+        staging.publish(replace=replace or empty, replaceable=_ours if replace else lambda e: False)
+    except (FileExistsError, ForeignEntries) as e:
+        if isinstance(e, ForeignEntries) and replace:
+            raise BundleError(_foreign_message(out, e.labels, "nothing was written")) from None
         raise BundleError(f"output directory {out} was created by another process meanwhile; nothing was "
                           "written (use --force to replace it)") from None
     except OSError as e:
-        for d in created:  # deepest first; only directories this call made, and only if empty
-            try:
-                d.rmdir()
-            except OSError:
-                pass
         raise BundleError(f"cannot write the output directory {out}: {e.strerror or e}") from None
     finally:
         if staging is not None:
             staging.discard()
+        if not out.exists():
+            for d in created[1:]:  # deepest first; only directories this call made, and only if empty
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
 
 
 def _run(args) -> int:
+    if args.grid_scale is not None and args.grid_scale not in GRID_SCALES:
+        raise BundleError(f"--grid-scale must be in {GRID_SCALES[0]}..{GRID_SCALES[-1]}, got {args.grid_scale}")
     prompts = read_prompts(args.prompts)
     out = Path(args.out) if args.out is not None else fresh_output_dir()
     check_output_dir(out, args.force)
@@ -262,7 +276,7 @@ def _run(args) -> int:
                seed=args.seed, init_noise=init, batch=args.batch, spacing=params.spacing, progress=bar,
                clip_denoised=params.clip_denoised)
     bar.close()
-    write_outputs(out, res, args.save_npy, replace=args.force)
+    write_outputs(out, res, args.save_npy, replace=args.force, grid_scale=args.grid_scale)
     engines = pipe.runner.describe()
     total = res.seconds
     if args.json:

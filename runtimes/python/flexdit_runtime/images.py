@@ -36,7 +36,20 @@ def save_png(img: np.ndarray, path) -> None:
         f.write(png_bytes(img))
 
 
-def grid(imgs: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarray:
+GRID_TILE = 128  # the default grid.png upscaling makes each image at least this many pixels wide and high
+GRID_SCALES = range(1, 17)
+
+
+def grid_scale(h: int, w: int) -> int:
+    """The default integer upscaling of grid.png: small models' images (e.g. 32x32: 4) become
+    viewable, images of GRID_TILE pixels or more keep their size."""
+    return max(1, -(-GRID_TILE // max(h, w)))
+
+
+def grid(imgs: np.ndarray, cols: int | None = None, pad: int = 2, scale: int | None = None) -> np.ndarray:
+    """The images in rows of ``cols`` on white, ``pad`` pixels apart, each pixel then a
+    ``scale`` x ``scale`` block (nearest neighbour: every runtime draws the same bytes; default
+    ``grid_scale``)."""
     n, h, w, c = imgs.shape
     cols = cols or min(n, max(1, math.ceil(math.sqrt(n))))
     rows = math.ceil(n / cols)
@@ -44,4 +57,5 @@ def grid(imgs: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarray:
     for i, im in enumerate(imgs):
         r, q = divmod(i, cols)
         out[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = im
-    return out
+    scale = scale or grid_scale(h, w)
+    return out.repeat(scale, axis=0).repeat(scale, axis=1)
