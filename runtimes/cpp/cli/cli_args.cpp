@@ -50,8 +50,8 @@ std::string usage_text() {
                        [--spacing {sections,ddim}] [--seed SEED] [--init-noise INIT_NOISE]
                        [--step-noise STEP_NOISE] [--batch BATCH] [--providers PROVIDERS]
                        [--threads THREADS] [--precision PRECISION] [--backend {onnx}]
-                       [--no-prepack] [--no-shared-graphs] [--save-npy] [--force] [-q] [--json]
-                       [--version] prompts
+                       [--no-prepack] [--no-shared-graphs] [--save-npy] [--grid-scale GRID_SCALE]
+                       [--force] [-q] [--json] [--version] prompts
 
 flexdit-run-cpp: prompts.txt -> one PNG per prompt plus a grid, from a bundle (C++ runtime).
 
@@ -63,7 +63,8 @@ options:
   --bundle BUNDLE       bundle directory written by flexdit-export convert
   -o OUT, --out OUT     output directory, new or empty (default: a fresh flexdit-images/run-DATE-TIME
                         per run)
-  --force               replace the images of an earlier run in a non-empty -o (only PNGs and samples.npy)
+  --force               replace the files of an earlier run in a non-empty -o (its PNGs and samples.npy;
+                        anything else there stops the run)
   --steps STEPS         sampling steps (default: the bundle's)
   --sampler {ddpm,ddim} default: the bundle's (ddpm)
   --eta ETA             DDIM eta (0 = deterministic)
@@ -92,6 +93,9 @@ options:
   -q, --quiet           print nothing but errors
   --json                print the run summary as JSON on stdout
   --version             print the runtime and ONNX Runtime versions
+  --grid-scale GRID_SCALE
+                        draw grid.png this many times larger (1..16, nearest neighbour; default: enough
+                        for 128-pixel images, e.g. 4 for 32x32, 1 keeps the size)
 )";
 }
 
@@ -118,6 +122,7 @@ Args parse_args(const std::vector<std::string>& argv) {
       {"--precision", [&](auto&, auto& v) { a.precision = v; }},
       {"--backend", [&](auto& f, auto& v) { a.backend = choice(f, v, {"onnx", "tensorrt"}); }},
   };
+      {"--grid-scale", [&](auto& f, auto& v) { a.grid_scale = to_int(f, v); }},
   std::map<std::string, std::function<void()>> flags = {
       {"--clip-denoised", [&] { a.clip_denoised = true; }},
       {"--no-clip-denoised", [&] { a.clip_denoised = false; }},

@@ -15,7 +15,7 @@ struct UsageError : std::runtime_error {
 struct Args {
   std::string prompts, bundle;
   std::optional<std::string> out;  // default: a fresh flexdit-images/run-DATE-TIME
-  std::optional<int> steps, batch, threads;
+  std::optional<int> steps, batch, threads, grid_scale;
   std::optional<std::string> sampler, precision, providers, init_noise, step_noise;
   std::optional<double> eta, cfg_scale;
   std::optional<bool> clip_denoised;

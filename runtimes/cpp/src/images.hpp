@@ -15,8 +15,16 @@ struct Images {
 // channels min-max scaled per image (a preview of latents).
 Images to_uint8(const float* x, size_t n, size_t C, size_t H, size_t W, double lo, double hi);
 
-Images make_grid(const Images& imgs, size_t cols = 0, size_t pad = 2);
+// The default integer upscaling of the grid: small models' images (e.g. 32x32: 4) become
+// viewable, images of kGridTile pixels or more keep their size (flexdit_runtime/images.py).
+constexpr size_t kGridTile = 128, kGridScaleMax = 16;
+size_t grid_scale(size_t h, size_t w);
 
-void write_png(const std::filesystem::path& path, const uint8_t* pixels, size_t h, size_t w, size_t c);  // Error(Io)
+// The images in rows of `cols` on white, `pad` pixels apart, each pixel then a scale x scale
+// block (nearest neighbour: the same bytes as the Python runtime; 0: grid_scale).
+Images make_grid(const Images& imgs, size_t cols = 0, size_t pad = 2, size_t scale = 0);
+
+// std::filesystem::filesystem_error with the system's reason (e.g. no space left on device)
+void write_png(const std::filesystem::path& path, const uint8_t* pixels, size_t h, size_t w, size_t c);
 
 }  // namespace flexdit

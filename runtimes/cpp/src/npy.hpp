@@ -16,6 +16,7 @@ struct NpyArray {
 };
 
 NpyArray read_npy(const std::filesystem::path& path);  // throws Error(Io) naming the file and the problem
+// std::filesystem::filesystem_error with the system's reason (e.g. no space left on device)
 void write_npy_f32(const std::filesystem::path& path, const float* data, const std::vector<int64_t>& shape);
 
 }  // namespace flexdit

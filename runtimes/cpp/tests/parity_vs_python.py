@@ -2,7 +2,7 @@
 (both run the same graphs at the same ONNX Runtime level: basic for fp32/fp16, all for int8;
 the same float64 tables cast the same way), images identical. Cases: DDPM (sections) and DDIM
 (eta 0 with DDIM striding, eta 0.5), all with classifier-free guidance, 3 images (a padded last
-graph call), every trajectory crossing every stage of the bundle.
+graph call), every trajectory crossing every stage of the bundle; grid.png (upscaled) byte for byte.
 
 usage: parity_vs_python.py REPO CLI BUNDLE [BUNDLE ...]
 Noise: x_T and every step's noise are drawn here (numpy) and given to both runtimes: the C++
@@ -20,6 +20,7 @@ sys.path.insert(0, str(repo / "runtimes" / "python"))
 from flexdit_bundle.manifest import load_bundle, stage_for  # noqa: E402
 from flexdit_runtime import Pipeline  # noqa: E402
 from flexdit_runtime.diffusion import space_timesteps  # noqa: E402
+from flexdit_runtime.images import grid  # noqa: E402
 
 CASES = [
     dict(name="ddpm12-cfg4", sampler="ddpm", steps=12, spacing="sections", eta=0.0, cfg_scale=4.0),
@@ -62,13 +63,17 @@ for bundle in bundles:
             from PIL import Image
 
             imgs = np.stack([np.asarray(Image.open(f)) for f in sorted((tmp / "out").glob("0*.png"))])
+            grid_png = np.asarray(Image.open(tmp / "out" / "grid.png"))
+        want_grid = grid(py.images)  # the default upscaling, nearest neighbour
+        grid_same = grid_png.size == want_grid.size and np.array_equal(grid_png.reshape(want_grid.shape), want_grid)
         err = float(np.abs(cpp.astype(np.float64) - py.samples).max() / np.abs(py.samples).max())
         img_diff = int(np.abs(imgs.astype(int) - py.images.astype(int).reshape(imgs.shape)).max())
-        ok = cpp.shape == py.samples.shape and np.isfinite(cpp).all() and err <= TOL and img_diff == 0
+        ok = cpp.shape == py.samples.shape and np.isfinite(cpp).all() and err <= TOL and img_diff == 0 and grid_same
         failures += not ok
         prec = ",".join(sorted(set(pipe.runner.precisions)))
         rows.append((bundle.name, prec, case["name"], err, img_diff))
         print(f"{'ok  ' if ok else 'FAIL'} {bundle.name} ({prec}) {case['name']}: max rel error {err:.2e}, "
-              f"max image difference {img_diff} (stages crossed: {sorted(stages)})")
+              f"max image difference {img_diff}, grid.png {grid_png.shape[:2]} {'identical' if grid_same else 'DIFFERS'} "
+              f"(stages crossed: {sorted(stages)})")
 print(f"{len(rows)} comparisons, {failures} failures")
 sys.exit(1 if failures or not rows else 0)
