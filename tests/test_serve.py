@@ -133,7 +133,7 @@ def test_service_endpoints(app):
     ({"prompts": [1], "steps": 0}, 400, "--steps must be in 1..1000, got 0"),
     ({"prompts": ["no such class"]}, 400, "not a class id"),
     ({"prompts": [99999]}, 400, "outside"),
-    ({"prompts": [1], "sampler": "euler"}, 400, "unknown sampler"),
+    ({"prompts": [1], "sampler": "heun"}, 400, "unknown sampler"),
     ({"prompts": [1], "cfg_scale": "nan"}, 400, "finite"),
     ({"prompts": [1, 2], "response_format": "png"}, 400, "one prompt"),
     ({"prompts": [1] * 17}, 400, "at most"),

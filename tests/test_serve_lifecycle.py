@@ -133,7 +133,7 @@ def test_start_up_says_what_it_is_doing(servers):
     applied" notice does not show (the port given was applied)."""
     for s in servers.values():
         lines = [ln for _, stream, ln in s.lines if stream == "stderr"]
-        assert lines[0].startswith("flexdit-serve: starting Ray"), lines[:3]
+        assert lines[0].startswith("flexdit-serve: starting a local Ray"), lines[:3]
         assert any(ln.startswith("flexdit-serve: serving ") and f":{s.port} " in ln for ln in lines), lines
         assert "New http_options" not in s.text() and "Connecting to existing Serve app" not in s.text()
 

@@ -52,7 +52,7 @@ class UserError(Exception):
 @click.option("--max-inflight", type=INT, default=None, help="images denoised at once per replica "
               "(default: the rows of one stage call)")
 @click.option("--max-queue", type=INT, default=None, help="images waiting beyond that; more answer 429 "
-              "(default 4 x max-inflight)")
+              "(default: whatever the replica can finish within the request's time-out at its measured speed)")
 @click.option("--max-wait-calls", type=INT, default=None, help="starvation bound: engine calls an image may wait "
               "between two of its steps (default 2 x stages)")
 @click.option("--max-images", type=INT, default=16, show_default=True, help="prompts per request")
@@ -152,7 +152,8 @@ def serve_app(cfg: ServeConfig, host: str, port: int, address: str | None, detac
     # be applied", which serve.run logs after serve.start although the port was applied.
     for name in ("ray", "ray.serve"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    say(f"starting Ray{f' (connecting to {address})' if address else ' (a local cluster: this can take a minute)'}...")
+    if address is None:  # (a cluster's failure to answer stays the one error line below)
+        say("starting a local Ray (this can take a minute)...")
     try:
         # Ray warns (UserWarning on stderr) before it raises, e.g. "Ray Client connection timed
         # out..." for an unreachable ray:// address: the error line below says it once

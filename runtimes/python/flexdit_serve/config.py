@@ -18,8 +18,9 @@ class ServeConfig:
     """``batching``: ``stage`` (stage-aware continuous batching, the default), ``request``
     (Ray Serve's request batching of whole trajectories: the static baseline) or ``none`` (one
     request at a time). ``max_inflight``: images being denoised at once per replica (default:
-    the rows of one stage call); ``max_queue``: images waiting beyond that (default 4 x
-    max_inflight; more answers 429 at once); ``max_wait_calls``: the starvation bound of the
+    the rows of one stage call); ``max_queue``: images waiting beyond that, more answer 429 at
+    once (default: no fixed number; a request is refused when the work queued ahead of it and
+    its own would not end within its time-out); ``max_wait_calls``: the starvation bound of the
     stage policy (engine calls an image may wait between its steps; default 2 x stages);
     ``timeout_s``: the longest a request may take, queue included (a request may ask for less);
     ``threads``: ONNX Runtime intra-op threads per replica; ``ray_cpus``: the CPUs Ray reserves
