@@ -75,30 +75,9 @@ std::string shape_str(const std::vector<int64_t>& s) {
 }
 
 int run(const flexdit_cli::Args& args) {
-  if (args.grid_scale && (*args.grid_scale < 1 || *args.grid_scale > static_cast<int>(kGridScaleMax)))
-    fail(ErrorKind::Argument, "--grid-scale must be in 1.." + std::to_string(kGridScaleMax) + ", got " +
-                                  std::to_string(*args.grid_scale));
   std::vector<std::string> prompts = read_prompts(args.prompts);
   fs::path out = args.out ? fs::path(*args.out) : flexdit_cli::fresh_output_dir();
   flexdit_cli::check_output_dir(out, args.force);
-  std::vector<float> init;
-  NpyArray init_arr;
-  if (args.init_noise) {
-    try {
-      init_arr = read_npy(*args.init_noise);
-    } catch (const Error& e) {
-      if (e.kind() != ErrorKind::Io) throw;
-      fail(ErrorKind::Io, std::string("cannot read --init-noise ") + *args.init_noise + ": " +
-                              std::string(e.what()).substr(std::string(e.what()).find(": ") + 2));
-    }
-    init = to_f32(init_arr);
-  }
-  NpyArray step_arr;
-  std::vector<float> step_noise;
-  if (args.step_noise) {
-    step_arr = read_npy(*args.step_noise);
-    step_noise = to_f32(step_arr);
-  }
   LoadOptions lo;
   lo.threads = args.threads.value_or(0);
   if (args.threads && *args.threads < 1)
@@ -124,20 +103,35 @@ int run(const flexdit_cli::Args& args) {
   so.batch = args.batch.value_or(0);
   auto lat = model->latent_shape();
   const size_t n = ids.size(), per = lat[0] * lat[1] * lat[2];
+  // noise files are read once the bundle says how large they are: no more bytes than that
+  std::vector<float> init;
   if (args.init_noise) {
     std::vector<int64_t> want = {static_cast<int64_t>(n), lat[0], lat[1], lat[2]};
     std::vector<int64_t> one(lat.begin(), lat.end());
-    if (init_arr.shape != want && init_arr.shape != one)
-      fail(ErrorKind::Argument, "initial noise has shape " + shape_str(init_arr.shape) + "; expected " + shape_str(want) +
-                                    " or " + shape_str(one));
+    NpyArray init_arr;
+    try {
+      init_arr = read_npy(*args.init_noise, [&](const std::vector<int64_t>& shape) {
+        if (shape != want && shape != one)
+          fail(ErrorKind::Argument, "initial noise has shape " + shape_str(shape) + "; expected " + shape_str(want) +
+                                        " or " + shape_str(one));
+      });
+    } catch (const Error& e) {
+      if (e.kind() != ErrorKind::Io) throw;
+      fail(ErrorKind::Io, std::string("cannot read --init-noise ") + *args.init_noise + ": " +
+                              std::string(e.what()).substr(std::string(e.what()).find(": ") + 2));
+    }
+    init = to_f32(init_arr);
     so.init_noise = init.data();
     so.init_noise_count = init.size();
   }
   SamplingParams params = model->params(so);
+  std::vector<float> step_noise;
   if (args.step_noise) {
     std::vector<int64_t> want = {params.steps, static_cast<int64_t>(n), lat[0], lat[1], lat[2]};
-    if (step_arr.shape != want)
-      fail(ErrorKind::Argument, "--step-noise has shape " + shape_str(step_arr.shape) + "; expected " + shape_str(want));
+    step_noise = to_f32(read_npy(*args.step_noise, [&](const std::vector<int64_t>& shape) {
+      if (shape != want)
+        fail(ErrorKind::Argument, "--step-noise has shape " + shape_str(shape) + "; expected " + shape_str(want));
+    }));
     for (float v : step_noise)
       if (!std::isfinite(v)) fail(ErrorKind::Argument, "--step-noise holds NaN or infinite values");
     so.noise_fn = [&](int k, const std::vector<int>& idx, float* dst) {
@@ -160,7 +154,7 @@ int run(const flexdit_cli::Args& args) {
       std::snprintf(name, sizeof name, "%03zu_", i);
       write_png(tmp / (name + safe_name(res.labels[i]) + ".png"), im.pixels.data() + i * img_bytes, im.h, im.w, im.c);
     }
-    Images g = make_grid(im, 0, 2, static_cast<size_t>(args.grid_scale.value_or(0)));
+    Images g = make_grid(im);
     write_png(tmp / "grid.png", g.pixels.data(), g.h, g.w, g.c);
     if (args.save_npy) write_npy_f32(tmp / "samples.npy", res.samples.data(), res.sample_shape);
   });

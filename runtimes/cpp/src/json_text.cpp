@@ -8,6 +8,9 @@
 namespace flexdit {
 
 json parse_json_strict(const std::string& text) {
+  // nlohmann skips a byte-order mark; JSON has none, and Python's reader refuses it: one rule
+  if (text.compare(0, 3, "\xEF\xBB\xBF") == 0)
+    throw std::invalid_argument("it starts with a byte-order mark, which JSON does not allow (save it as UTF-8 without one)");
   bool too_deep = false;
   json::parser_callback_t cb = [&](int depth, json::parse_event_t, json&) {
     if (depth > kMaxJsonDepth) {

@@ -1,6 +1,8 @@
 #include "manifest.hpp"
 
 #include <algorithm>
+#include <cmath>
+#include <cstdio>
 #include <map>
 #include <set>
 
@@ -14,6 +16,38 @@ namespace flexdit {
 namespace {
 
 [[noreturn]] void bundle_error(const std::string& msg) { fail(ErrorKind::Bundle, msg); }
+
+// Numeric rules a schema cannot state: flexdit_bundle/manifest.py's constants, same messages.
+constexpr double kMinBeta = 1e-10;
+constexpr double kMinAlphasCumprod = 1e-30;
+constexpr double kMinValueSpan = 1e-6;
+
+std::string fmt(const char* spec, double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, spec, v);
+  return buf;
+}
+
+// The linear schedule must give finite sampler tables (manifest.py: _validate_diffusion).
+void check_diffusion(const json& d, const Manifest& m) {
+  const int T = m.num_timesteps;
+  const double b0 = m.beta_start * 1000 / T, b1 = m.beta_end * 1000 / T;
+  for (auto [name, b] : {std::pair<const char*, double>{"beta_start", b0}, {"beta_end", b1}})
+    if (!(kMinBeta <= b && b < 1))
+      bundle_error(std::string("diffusion ") + name + " " + d.at(name).dump() + " gives the beta " + fmt("%g", b) +
+                   " at T = " + std::to_string(T) + " (betas are scaled by 1000 / T); the linear schedule's betas must lie in [" +
+                   fmt("%g", kMinBeta) + ", 1)");
+  const double step = (b1 - b0) / (T - 1);
+  double log_ac = 0;
+  for (int i = 0; i < T; ++i) log_ac += std::log1p(-(b0 + i * step));
+  if (log_ac < std::log(kMinAlphasCumprod))
+    bundle_error("diffusion betas " + fmt("%g", b0) + ".." + fmt("%g", b1) + " over " + std::to_string(T) +
+                 " timesteps leave alphas_cumprod 10^" + fmt("%.1f", log_ac / std::log(10.0)) + " at the last timestep, below " +
+                 fmt("%g", kMinAlphasCumprod) + ": the sampler's coefficients would overflow float32");
+  if (d.contains("defaults") && d["defaults"].contains("steps") && m.defaults.steps > T)
+    bundle_error("diffusion defaults.steps " + std::to_string(m.defaults.steps) + " is more than num_timesteps " +
+                 std::to_string(T));
+}
 
 // an integer field that must fit an int (the schema admits any JSON integer)
 int get_int(const json& j) {
@@ -302,14 +336,23 @@ Manifest validate_manifest(const json& j) {
   if (m.null_class < 0 || m.null_class > m.num_classes)
     bundle_error("null class " + std::to_string(m.null_class) + " is outside 0.." + std::to_string(m.num_classes) +
                  " (the model has " + std::to_string(m.num_classes) + " classes)");
+  if (m.null_class != m.num_classes)
+    bundle_error("null class " + std::to_string(m.null_class) + " is one of the real classes 0.." +
+                 std::to_string(m.num_classes - 1) + ": the unconditional half of guidance would use that class (the null class is " +
+                 std::to_string(m.num_classes) + ")");
   if (m.class_names && static_cast<int>(m.class_names->size()) != m.num_classes)
     bundle_error("the manifest lists " + std::to_string(m.class_names->size()) + " class names for " +
                  std::to_string(m.num_classes) + " classes");
+  check_diffusion(j["diffusion"], m);
+  if (!(m.value_hi - m.value_lo >= kMinValueSpan)) {
+    const json& vr = j["output"]["value_range"];
+    bundle_error("output value_range [" + vr[0].dump() + ", " + vr[1].dump() + "] must have lo < hi, hi - lo at least " +
+                 fmt("%g", kMinValueSpan));
+  }
   for (auto& st : m.stages) check_stage_io(st, m);
   if (m.decoder && (m.decoder->inputs.size() != 1 || m.decoder->outputs.size() != 1))
     bundle_error("the decoder must declare exactly one input and one output");
-  int T = m.num_timesteps;
-  if (T > 1000000) bundle_error("num_timesteps " + std::to_string(T) + " is out of range (at most 1000000)");
+  int T = m.num_timesteps;  // at most 1000000: the schema's maximum
   std::vector<int> seen(T > 0 ? T : 0, 0);
   for (auto& st : m.stages) {
     if (!(0 <= st.t_min && st.t_min <= st.t_max && st.t_max < T))

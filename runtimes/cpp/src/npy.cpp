@@ -1,6 +1,5 @@
 #include "npy.hpp"
 
-#include <cerrno>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -25,6 +24,7 @@ std::string numpy_dtype_name(const std::string& d) {
     case 'u': return "uint" + bits(8);
     case 'f': return "float" + bits(8);
     case 'c': return "complex" + bits(8);
+    case 'O': return "object";
     default: return d;
   }
 }
@@ -37,26 +37,36 @@ double half_to_double(uint16_t h) {
 
 }  // namespace
 
-NpyArray read_npy(const std::filesystem::path& path) {
-  std::string bytes = read_text_file(path);
+NpyArray read_npy(const std::filesystem::path& path, const NpyHeaderCheck& check_header) {
   auto bad = [&](const std::string& why) -> void { fail(ErrorKind::Io, "cannot read " + path.string() + ": " + why); };
-  if (bytes.size() < 10 || bytes.compare(0, 6, "\x93NUMPY") != 0) bad("not a .npy file");
-  int major = static_cast<unsigned char>(bytes[6]);
-  size_t hlen, start;
+  std::ifstream f(path, std::ios::binary);
+  if (!f) bad("cannot open it");
+  // read what the header declares and no more: /dev/zero or a huge file is one error, never a hang
+  auto take = [&](size_t n) {
+    std::string buf(n, '\0');
+    f.read(buf.data(), static_cast<std::streamsize>(n));
+    buf.resize(static_cast<size_t>(f.gcount()));
+    return buf;
+  };
+  std::string head = take(10);
+  if (head.size() < 10 || head.compare(0, 6, "\x93NUMPY") != 0) bad("not a .npy file");
+  int major = static_cast<unsigned char>(head[6]);
+  size_t hlen;
   if (major == 1) {
-    hlen = static_cast<unsigned char>(bytes[8]) | (static_cast<unsigned char>(bytes[9]) << 8);
-    start = 10;
+    hlen = static_cast<unsigned char>(head[8]) | (static_cast<unsigned char>(head[9]) << 8);
   } else if (major == 2 || major == 3) {
-    if (bytes.size() < 12) bad("truncated header");
+    std::string more = take(2);
+    if (more.size() < 2) bad("truncated header");
+    head += more;
     hlen = 0;
-    for (int i = 0; i < 4; ++i) hlen |= static_cast<size_t>(static_cast<unsigned char>(bytes[8 + i])) << (8 * i);
-    start = 12;
+    for (int i = 0; i < 4; ++i) hlen |= static_cast<size_t>(static_cast<unsigned char>(head[8 + i])) << (8 * i);
   } else {
     bad("unsupported .npy version");
     return {};
   }
-  if (bytes.size() < start + hlen) bad("truncated header");
-  std::string header = bytes.substr(start, hlen);
+  if (hlen > kNpyMaxHeader) bad("the header is larger than " + std::to_string(kNpyMaxHeader) + " bytes");
+  std::string header = take(hlen);
+  if (header.size() < hlen) bad("truncated header");
   std::smatch m;
   NpyArray a;
   if (!std::regex_search(header, m, std::regex(R"('descr'\s*:\s*'([^']*)')"))) bad("no dtype in the header");
@@ -76,20 +86,21 @@ NpyArray read_npy(const std::filesystem::path& path) {
   }
   size_t item = a.descr == "<f4" ? 4 : a.descr == "<f8" ? 8 : a.descr == "<f2" ? 2 : 0;
   if (!item) fail(ErrorKind::Argument, "initial noise must hold real floating-point values, got dtype " + numpy_dtype_name(a.descr));
-  size_t off = start + hlen;
-  if (bytes.size() - off != count * item) bad("the data size does not match its shape");
+  if (check_header) check_header(a.shape);
+  std::string bytes = take(count * item);
+  if (bytes.size() != count * item || !take(1).empty()) bad("the data size does not match its shape");
   a.values.resize(count);
   for (size_t i = 0; i < count; ++i) {
     if (item == 2) {
       uint16_t h;
-      std::memcpy(&h, bytes.data() + off + 2 * i, 2);
+      std::memcpy(&h, bytes.data() + 2 * i, 2);
       a.values[i] = half_to_double(h);
     } else if (item == 4) {
-      float f;
-      std::memcpy(&f, bytes.data() + off + 4 * i, 4);
-      a.values[i] = f;
+      float v;
+      std::memcpy(&v, bytes.data() + 4 * i, 4);
+      a.values[i] = v;
     } else {
-      std::memcpy(&a.values[i], bytes.data() + off + 8 * i, 8);
+      std::memcpy(&a.values[i], bytes.data() + 8 * i, 8);
     }
   }
   return a;
@@ -112,9 +123,7 @@ void write_npy_f32(const std::filesystem::path& path, const float* data, const s
   f.write(le, 2);
   f << header;
   f.write(reinterpret_cast<const char*>(data), static_cast<std::streamsize>(count * sizeof(float)));
-  errno = 0;
-  f.close();  // a full disk may only show when the buffer is flushed
-  if (!f) throw std::filesystem::filesystem_error("cannot write", path, std::error_code(errno ? errno : EIO, std::generic_category()));
+  if (!f) fail(ErrorKind::Io, "cannot write " + path.string());
 }
 
 }  // namespace flexdit

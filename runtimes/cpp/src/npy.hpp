@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -15,8 +16,12 @@ struct NpyArray {
   size_t count() const { return values.size(); }
 };
 
-NpyArray read_npy(const std::filesystem::path& path);  // throws Error(Io) naming the file and the problem
-// std::filesystem::filesystem_error with the system's reason (e.g. no space left on device)
+// Called with the header's shape (dtype already checked) before any data is read; throws to refuse it.
+using NpyHeaderCheck = std::function<void(const std::vector<int64_t>& shape)>;
+constexpr size_t kNpyMaxHeader = 1 << 16;
+// Reads exactly the bytes the header declares (more or fewer: an error). Throws Error(Io) naming
+// the file and the problem.
+NpyArray read_npy(const std::filesystem::path& path, const NpyHeaderCheck& check_header = {});
 void write_npy_f32(const std::filesystem::path& path, const float* data, const std::vector<int64_t>& shape);
 
 }  // namespace flexdit

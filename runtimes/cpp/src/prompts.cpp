@@ -160,11 +160,17 @@ std::vector<std::string> read_prompts(const std::filesystem::path& path) {
   std::error_code ec;
   if (!std::filesystem::exists(path, ec)) fail(ErrorKind::Prompt, "prompt file not found: " + path.string());
   std::ifstream f(path, std::ios::binary);
-  std::stringstream ss;
-  if (f) ss << f.rdbuf();
   if (!f || std::filesystem::is_directory(path, ec))
     fail(ErrorKind::Prompt, "cannot read prompt file " + path.string() + ": it is not a readable file");
-  return parse_prompts(ss.str(), path.string());
+  // reading stops past the limit: /dev/zero or a mistaken huge file is one error, not all memory
+  std::string text(kMaxPromptFileBytes + 1, '\0');
+  f.read(text.data(), static_cast<std::streamsize>(text.size()));
+  if (f.bad()) fail(ErrorKind::Prompt, "cannot read prompt file " + path.string() + ": it is not a readable file");
+  text.resize(static_cast<size_t>(f.gcount()));
+  if (text.size() > kMaxPromptFileBytes)
+    fail(ErrorKind::Prompt, "prompt file " + path.string() + " is larger than " + std::to_string(kMaxPromptFileBytes >> 20) +
+                                " MiB, more than a list of prompts needs (split it into several runs)");
+  return parse_prompts(text, path.string());
 }
 
 }  // namespace flexdit

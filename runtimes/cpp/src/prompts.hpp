@@ -24,6 +24,8 @@ class ClassIndex {
 };
 
 std::vector<std::string> parse_prompts(const std::string& text, const std::string& source);  // throws Error(Prompt)
+// A prompt file is a list of class names or ids: 16 MiB is over a million prompts (prompts.py).
+constexpr size_t kMaxPromptFileBytes = size_t(16) << 20;
 std::vector<std::string> read_prompts(const std::filesystem::path& path);                   // throws Error(Prompt)
 
 // difflib.SequenceMatcher(None, a, b).ratio() (no junk heuristics: strings are short)

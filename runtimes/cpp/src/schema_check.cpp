@@ -37,11 +37,9 @@ const std::regex& pattern(const std::string& p) {
   return it->second;
 }
 
-std::string fmt_num(double d) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%g", d);
-  return buf;
-}
+// a number as Python's str() writes it (integers whole, floats in shortest round-trip form),
+// so both runtimes word a range violation alike
+std::string fmt_num(const json& n) { return n.dump(); }
 
 void validate(const json& value, const json& schema, const json& root, std::vector<std::string>& path) {
   auto bad = [&](const std::string& msg) { throw Violation{path, msg}; };
@@ -94,10 +92,15 @@ void validate(const json& value, const json& schema, const json& root, std::vect
   }
   if (value.is_number()) {
     double v = value.get<double>();
-    if (schema.contains("minimum") && v < schema["minimum"].get<double>())
-      bad(fmt_num(v) + " is less than the minimum of " + fmt_num(schema["minimum"].get<double>()));
-    if (schema.contains("exclusiveMinimum") && v <= schema["exclusiveMinimum"].get<double>())
-      bad(fmt_num(v) + " is less than or equal to the minimum of " + fmt_num(schema["exclusiveMinimum"].get<double>()));
+    auto bound = [&](const char* key) { return schema[key].get<double>(); };
+    if (schema.contains("minimum") && v < bound("minimum"))
+      bad(fmt_num(value) + " is less than the minimum of " + fmt_num(schema["minimum"]));
+    if (schema.contains("exclusiveMinimum") && v <= bound("exclusiveMinimum"))
+      bad(fmt_num(value) + " is less than or equal to the minimum of " + fmt_num(schema["exclusiveMinimum"]));
+    if (schema.contains("maximum") && v > bound("maximum"))
+      bad(fmt_num(value) + " is greater than the maximum of " + fmt_num(schema["maximum"]));
+    if (schema.contains("exclusiveMaximum") && v >= bound("exclusiveMaximum"))
+      bad(fmt_num(value) + " is greater than or equal to the maximum of " + fmt_num(schema["exclusiveMaximum"]));
   }
   if (value.is_string() && schema.contains("pattern")) {
     const std::string& p = schema["pattern"].get_ref<const std::string&>();

@@ -45,6 +45,8 @@ def make_bundle(edits, where: Path) -> Path:
             token = f"__RAW_{i}__"
             raw[token] = e["raw"] if e["op"] == "set_raw" else "[" * e["depth"] + "]" * e["depth"]
             pointer_set(m, e["path"], token)
+        elif e["op"] == "bom":
+            pass  # applied to the text below
         elif e["op"] == "symlink_outside":
             src = bundle / e["file"]
             outside = where / ("outside-" + src.name)
@@ -55,11 +57,15 @@ def make_bundle(edits, where: Path) -> Path:
     text = json.dumps(m, indent=1)
     for token, value in raw.items():
         text = text.replace(json.dumps(token), value)
-    mf.write_text(text)
+    bom = b"\xef\xbb\xbf" if any(e["op"] == "bom" for e in edits or []) else b""
+    mf.write_bytes(bom + text.encode("utf-8"))
     return bundle
 
 
 def make_file(spec, path: Path):
+    if "text" in spec:
+        path.write_text(spec["text"], encoding="utf-8")
+        return
     s = spec["npy"]
     fill = s["fill"]
     dtype = np.dtype(s["dtype"])
@@ -95,7 +101,7 @@ for case in catalogue["cases"]:
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
         bundle = make_bundle(case.get("edits"), tmp)
-        (tmp / "prompts.txt").write_text(case.get("prompts", "1\n"))
+        (tmp / "prompts.txt").write_text(case.get("prompts", "1\n"), encoding="utf-8")
         for name, spec in (case.get("files") or {}).items():
             make_file(spec, tmp / name)
         out = tmp / "scratch" / "out"
