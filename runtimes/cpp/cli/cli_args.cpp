@@ -45,9 +45,10 @@ std::string choice(const std::string& flag, const std::string& v, const std::vec
 }  // namespace
 
 std::string usage_text() {
-  return R"(usage: flexdit-run-cpp [-h] --bundle BUNDLE [-o OUT] [--steps STEPS] [--sampler {ddpm,ddim}]
-                       [--eta ETA] [--cfg-scale CFG_SCALE] [--clip-denoised | --no-clip-denoised]
-                       [--spacing {sections,ddim}] [--seed SEED] [--init-noise INIT_NOISE]
+  return R"(usage: flexdit-run-cpp [-h] --bundle BUNDLE [-o OUT] [--steps STEPS]
+                       [--sampler {ddpm,ddim,dpmpp-2m,unipc,euler}] [--eta ETA] [--cfg-scale CFG_SCALE]
+                       [--clip-denoised | --no-clip-denoised] [--spacing {sections,ddim,linspace}]
+                       [--seed SEED] [--init-noise INIT_NOISE]
                        [--step-noise STEP_NOISE] [--batch BATCH] [--providers PROVIDERS]
                        [--threads THREADS] [--precision PRECISION] [--backend {onnx}]
                        [--no-prepack] [--no-shared-graphs] [--save-npy] [--grid-scale GRID_SCALE]
@@ -66,13 +67,16 @@ options:
   --force               replace the files of an earlier run in a non-empty -o (its PNGs and samples.npy;
                         anything else there stops the run)
   --steps STEPS         sampling steps (default: the bundle's)
-  --sampler {ddpm,ddim} default: the bundle's (ddpm)
-  --eta ETA             DDIM eta (0 = deterministic)
+  --sampler {ddpm,ddim,dpmpp-2m,unipc,euler}
+                        default: the bundle's (ddpm); dpmpp-2m, unipc and euler are few-step solvers (e.g.
+                        20 steps)
+  --eta ETA             DDIM eta in [0, 1] (0 = deterministic)
   --cfg-scale CFG_SCALE classifier-free guidance scale; <= 1 disables guidance
   --clip-denoised, --no-clip-denoised
                         clip the predicted x0 to [-1, 1] each step (default: the bundle's)
-  --spacing {sections,ddim}
-                        timestep respacing: equal sections (reference default) or DDIM striding
+  --spacing {sections,ddim,linspace}
+                        timestep placement: equal sections (ddpm/ddim default), DDIM striding, or linspace
+                        (dpmpp-2m/unipc/euler default, as diffusers; euler takes only linspace)
   --seed SEED           noise seed (image i uses its own generator (seed, i); see README: not numpy's)
   --init-noise INIT_NOISE
                         .npy of x_T, shape (N, C, H, W) or (C, H, W)
@@ -109,10 +113,10 @@ Args parse_args(const std::vector<std::string>& argv) {
       {"-o", [&](auto&, auto& v) { a.out = v; }},
       {"--out", [&](auto&, auto& v) { a.out = v; }},
       {"--steps", [&](auto& f, auto& v) { a.steps = to_int(f, v); }},
-      {"--sampler", [&](auto& f, auto& v) { a.sampler = choice(f, v, {"ddpm", "ddim"}); }},
+      {"--sampler", [&](auto& f, auto& v) { a.sampler = choice(f, v, {"ddpm", "ddim", "dpmpp-2m", "unipc", "euler"}); }},
       {"--eta", [&](auto& f, auto& v) { a.eta = to_double(f, v); }},
       {"--cfg-scale", [&](auto& f, auto& v) { a.cfg_scale = to_double(f, v); }},
-      {"--spacing", [&](auto& f, auto& v) { a.spacing = choice(f, v, {"sections", "ddim"}); }},
+      {"--spacing", [&](auto& f, auto& v) { a.spacing = choice(f, v, {"sections", "ddim", "linspace"}); }},
       {"--seed", [&](auto& f, auto& v) { a.seed = to_ll(f, v); }},
       {"--init-noise", [&](auto&, auto& v) { a.init_noise = v; }},
       {"--step-noise", [&](auto&, auto& v) { a.step_noise = v; }},

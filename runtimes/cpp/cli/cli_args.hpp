@@ -16,10 +16,10 @@ struct Args {
   std::string prompts, bundle;
   std::optional<std::string> out;  // default: a fresh flexdit-images/run-DATE-TIME
   std::optional<int> steps, batch, threads, grid_scale;
-  std::optional<std::string> sampler, precision, providers, init_noise, step_noise;
+  std::optional<std::string> sampler, spacing, precision, providers, init_noise, step_noise;
   std::optional<double> eta, cfg_scale;
   std::optional<bool> clip_denoised;
-  std::string spacing = "sections", backend = "onnx";
+  std::string backend = "onnx";
   long long seed = 0;
   bool save_npy = false, quiet = false, force = false, json = false, help = false, version = false, prepack = true,
        shared_graphs = true;

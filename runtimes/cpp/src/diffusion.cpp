@@ -9,18 +9,21 @@
 
 namespace flexdit {
 
-std::vector<double> linear_betas(int T, double beta_start, double beta_end) {
-  // numpy.linspace(start, stop, T): step = (stop - start) / (T - 1); y = i * step + start; y[-1] = stop
-  double scale = 1000.0 / T, start = scale * beta_start, stop = scale * beta_end;
-  std::vector<double> out(T);
-  if (T == 1) {
-    out[0] = start;
+std::vector<double> linspace(double a, double b, int n) {
+  std::vector<double> out(n);
+  if (n == 1) {
+    out[0] = a;
     return out;
   }
-  double step = (stop - start) / (T - 1);
-  for (int i = 0; i < T; ++i) out[i] = i * step + start;
-  out[T - 1] = stop;
+  double step = (b - a) / (n - 1);
+  for (int i = 0; i < n; ++i) out[i] = i * step + a;
+  out[n - 1] = b;
   return out;
+}
+
+std::vector<double> linear_betas(int T, double beta_start, double beta_end) {
+  double scale = 1000.0 / T;
+  return linspace(scale * beta_start, scale * beta_end, T);
 }
 
 std::vector<int> space_timesteps(int T, const std::string& spec) {
@@ -103,6 +106,54 @@ Diffusion::Diffusion(const std::vector<double>& base, const std::vector<int>& ke
     if (K == 1) return std::log(b[0]);
     return std::log(k == 0 ? pv[1] : b[k]);
   });
+}
+
+std::vector<double> solver_timesteps(const std::string& sampler, int T, int steps, const std::string& spacing) {
+  std::vector<double> out;
+  if (spacing != "linspace") {
+    for (int t : space_timesteps(T, spacing == "ddim" ? "ddim" + std::to_string(steps) : std::to_string(steps)))
+      out.insert(out.begin(), t);
+    return out;
+  }
+  if (sampler == "euler") {  // numpy.linspace(..., dtype=float32): float64 values rounded to float32
+    for (double t : linspace(0, T - 1, steps)) out.insert(out.begin(), static_cast<float>(t));
+    return out;
+  }
+  std::vector<double> ts = linspace(0, T - 1, steps + 1);
+  for (int j = steps; j >= 1; --j) out.push_back(std::nearbyint(ts[j]));  // round half to even; 0 dropped
+  return out;
+}
+
+SolverSchedule::SolverSchedule(const std::vector<double>& base, const std::vector<double>& ts) : timesteps(ts) {
+  // diffusers' float32 table: ac32 = float32 of the float64 running product of float32(1 - float32(beta))
+  std::vector<float> sig(base.size());
+  double prod = 1.0;
+  for (size_t j = 0; j < base.size(); ++j) {
+    prod *= static_cast<double>(1.0f - static_cast<float>(base[j]));
+    float ac = static_cast<float>(prod);
+    sig[j] = std::sqrt((1.0f - ac) / ac);
+  }
+  const double last = static_cast<double>(sig.size() - 1);
+  for (double t : ts) {  // numpy.interp over 0..T-1: slope * (t - f) + sig[f], exact at integers
+    double v;
+    if (t <= 0) {
+      v = sig.front();
+    } else if (t >= last) {
+      v = sig.back();
+    } else {
+      double f = std::floor(t);
+      size_t j = static_cast<size_t>(f);
+      v = t == f ? sig[j] : (static_cast<double>(sig[j + 1]) - sig[j]) * (t - f) + sig[j];
+    }
+    sigmas.push_back(static_cast<float>(v));
+  }
+  sigmas.push_back(0.0);
+  for (double s : sigmas) {  // the C library's sqrt and log, as Python's math module
+    double a = 1.0 / std::sqrt(s * s + 1.0);
+    alphas.push_back(a);
+    sigmas_vp.push_back(s * a);
+  }
+  for (size_t i = 0; i + 1 < sigmas.size(); ++i) lambdas.push_back(std::log(alphas[i]) - std::log(sigmas_vp[i]));
 }
 
 }  // namespace flexdit

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <cmath>
 #include <future>
 #include <set>
@@ -44,6 +46,36 @@ std::string fmt_g(double v) {
   return buf;
 }
 
+std::string joined(const std::vector<std::string>& v) {
+  std::string out;
+  for (auto& s : v) out += (out.empty() ? "" : ", ") + s;
+  return out;
+}
+
+// the spacing a sampler runs with (unset: its own), or one line on what it cannot use
+std::string spacing_for(const std::string& sampler, const std::optional<std::string>& spacing) {
+  if (!spacing) return is_solver(sampler) ? "linspace" : "sections";
+  const std::string& s = *spacing;
+  if (s != "sections" && s != "ddim" && s != "linspace")
+    arg_error("unknown spacing '" + s + "' (choose from sections, ddim, linspace)");
+  if (s == "linspace" && !is_solver(sampler))
+    arg_error("--spacing linspace is for " + joined(kSolvers) + "; " + sampler + " takes sections or ddim");
+  if (s != "linspace" && sampler == "euler")
+    arg_error("--spacing " + s + " does not apply to euler (it places fractional timesteps, linspace only)");
+  return s;
+}
+
+// a timestep as Python prints it: an integer without ".0", else the shortest repr of the float
+std::string timestep_text(double t) {
+  if (t == std::floor(t)) return std::to_string(static_cast<long long>(t));
+  char buf[64];
+  for (int digits = 1; digits <= 17; ++digits) {
+    std::snprintf(buf, sizeof buf, "%.*g", digits, t);
+    if (std::strtod(buf, nullptr) == t) break;
+  }
+  return buf;
+}
+
 // first image indices (positions in the prompt list) whose rows hold a non-finite value
 std::vector<int> nonfinite_images(const float* v, size_t rows, size_t row_len, size_t g, size_t lo) {
   std::vector<int> bad;
@@ -59,13 +91,13 @@ std::vector<int> nonfinite_images(const float* v, size_t rows, size_t row_len, s
 }
 
 // a request whose state stopped being finite would end as a black image: refuse it, naming where and why
-[[noreturn]] void nonfinite(const std::vector<int>& bad, int k, int K, int sid, int t, const std::string& cause,
+[[noreturn]] void nonfinite(const std::vector<int>& bad, int k, int K, int sid, double t, const std::string& cause,
                             ErrorKind kind = ErrorKind::Argument) {
   std::string shown;
   for (size_t i = 0; i < bad.size() && i < 8; ++i) shown += (i ? ", " : "") + std::to_string(bad[i]);
   if (bad.size() > 8) shown += ", ...";
   fail(kind, "sampling produced NaN or infinite values for image(s) " + shown + " at step " + std::to_string(K - k) +
-                 " of " + std::to_string(K) + " (stage " + std::to_string(sid) + ", t=" + std::to_string(t) + "): " + cause);
+                 " of " + std::to_string(K) + " (stage " + std::to_string(sid) + ", t=" + timestep_text(t) + "): " + cause);
 }
 
 double check_real(const std::string& name, double v, double lo, std::optional<double> hi) {
@@ -190,16 +222,22 @@ SamplingParams Model::params(const SampleOptions& o) const {
   const SamplingDefaults& d = m.defaults;
   SamplingParams p;
   p.sampler = o.sampler.value_or(d.sampler);
-  if (p.sampler != "ddpm" && p.sampler != "ddim") arg_error("unknown sampler '" + p.sampler + "' (choose from ddpm, ddim)");
-  p.spacing = o.spacing;
-  if (p.spacing != "sections" && p.spacing != "ddim")
-    arg_error("unknown spacing '" + p.spacing + "' (choose from sections, ddim)");
+  if (std::find(kSamplers.begin(), kSamplers.end(), p.sampler) == kSamplers.end())
+    arg_error("unknown sampler '" + p.sampler + "' (choose from " + joined(kSamplers) + ")");
+  p.spacing = spacing_for(p.sampler, o.spacing);
+  const bool solver = is_solver(p.sampler);
+  if (solver && o.eta) arg_error("--eta is for ddim; " + p.sampler + " takes none");
   p.clip_denoised = o.clip_denoised.value_or(d.clip_denoised);
   p.steps = o.steps.value_or(d.steps);
   if (p.steps < 1 || p.steps > m.num_timesteps)
     arg_error("--steps must be in 1.." + std::to_string(m.num_timesteps) + ", got " + std::to_string(p.steps));
+  // dpmpp-2m/unipc with linspace round T-1 .. 0 into N+1 timesteps: more than T-1 steps repeat one
+  const int most = p.spacing == "linspace" && p.sampler != "euler" ? m.num_timesteps - 1 : m.num_timesteps;
+  if (p.steps > most)
+    arg_error("--steps must be in 1.." + std::to_string(most) + " for " + p.sampler + " with " + p.spacing +
+              " spacing (more would repeat a timestep), got " + std::to_string(p.steps));
   p.cfg_scale = check_real("cfg-scale", o.cfg_scale.value_or(d.cfg_scale), 0.0, std::nullopt);
-  p.eta = check_real("eta", o.eta.value_or(d.eta), 0.0, 1.0);
+  p.eta = solver ? 0.0 : check_real("eta", o.eta.value_or(d.eta), 0.0, 1.0);
   return p;
 }
 
@@ -208,6 +246,12 @@ Diffusion Model::diffusion(int steps, const std::string& spacing) const {
   std::string spec = spacing == "ddim" ? "ddim" + std::to_string(steps) : std::to_string(steps);
   return Diffusion(linear_betas(m.num_timesteps, m.beta_start, m.beta_end), space_timesteps(m.num_timesteps, spec),
                    m.variance_type);
+}
+
+SolverSchedule Model::solver_schedule(const std::string& sampler, int steps, const std::string& spacing) const {
+  const Manifest& m = manifest();
+  return SolverSchedule(linear_betas(m.num_timesteps, m.beta_start, m.beta_end),
+                        solver_timesteps(sampler, m.num_timesteps, steps, spacing));
 }
 
 SampleResult Model::sample(const std::vector<int>& ids, const SampleOptions& o) const {
@@ -229,7 +273,15 @@ SampleResult Model::sample(const std::vector<int>& ids, const SampleOptions& o) 
     for (size_t i = 0; i < o.init_noise_count; ++i)
       if (!std::isfinite(o.init_noise[i])) arg_error("initial noise holds NaN or infinite values (after conversion to float32)");
   }
-  Diffusion d = diffusion(p.steps, p.spacing);
+  // ddpm/ddim walk a respaced Diffusion, the solvers a SolverSchedule with per-group history
+  const bool solver = is_solver(p.sampler);
+  std::optional<Diffusion> d;
+  std::optional<SolverSchedule> sched;
+  if (solver)
+    sched = solver_schedule(p.sampler, p.steps, p.spacing);
+  else
+    d = diffusion(p.steps, p.spacing);
+  const int K = solver ? sched->num_steps() : d->num_steps();
   const size_t per_call = o.batch > 0 ? static_cast<size_t>(o.batch) : static_cast<size_t>(capacity(p.cfg_scale));
   SampleResult res;
   res.class_ids = ids;
@@ -255,20 +307,27 @@ SampleResult Model::sample(const std::vector<int>& ids, const SampleOptions& o) 
     }
     std::vector<int64_t> y(rows);
     for (size_t i = 0; i < rows; ++i) y[i] = i < g ? ids[lo + i] : null_class;
-    std::vector<float> xin(p.guided() ? rows * per : 0), out(rows * cout * hw), guided(p.guided() ? g * cout * hw : 0),
-        noise(g * per);
-    for (int k = d.num_steps() - 1; k >= 0; --k) {
-      const int t = d.timestep_map[k];
-      const StageEngine& engine = *impl_->engines[m.stage_for(t).id];
+    std::vector<float> xin(p.guided() || solver ? rows * per : 0), out(rows * cout * hw),
+        guided(p.guided() ? g * cout * hw : 0), noise(g * per);
+    SolverState state;
+    if (solver) solver_initial_sample(*sched, p.sampler, x, g * per);
+    for (int k = K - 1; k >= 0; --k) {
+      // fractional (euler) timesteps run the stage whose range holds floor(t)
+      const double t = solver ? sched->timestep(k) : d->timestep_map[k];
+      const StageEngine& engine = *impl_->engines[m.stage_for(static_cast<int>(std::floor(t))).id];
       const float* feed = x;
+      if (solver) {
+        solver_model_input(*sched, p.sampler, x, k, g * per, xin.data());
+        feed = xin.data();
+      }
       if (p.guided()) {  // rows [0, g) conditional, [g, 2g) unconditional
-        std::copy(x, x + g * per, xin.begin());
-        std::copy(x, x + g * per, xin.begin() + g * per);
+        if (!solver) std::copy(x, x + g * per, xin.begin());
+        std::copy(xin.begin(), xin.begin() + g * per, xin.begin() + g * per);
         feed = xin.data();
       }
       double t0 = now();
-      engine.run_rows(rows, feed, t, y.data(), out.data(), &res.ort_seconds);
-      const int sid = engine.stage.id, K = d.num_steps();
+      engine.run_rows(rows, feed, static_cast<float>(t), y.data(), out.data(), &res.ort_seconds);
+      const int sid = engine.stage.id;
       res.stage_seconds[sid] += now() - t0;
       auto bad = nonfinite_images(out.data(), rows, cout * hw, g, lo);
       if (!bad.empty()) nonfinite(bad, k, K, sid, t, "the stage graph returned NaN or infinite values", ErrorKind::Runtime);
@@ -288,10 +347,12 @@ SampleResult Model::sample(const std::vector<int>& ids, const SampleOptions& o) 
         step_noise = noise.data();
       }
       StepShape shape{g, C, cout, hw};
-      if (p.sampler == "ddpm")
-        ddpm_step(d, shape, x, model_out, k, step_noise, p.clip_denoised, x);
+      if (solver)
+        solver_step(*sched, p.sampler, state, shape, x, model_out, k, p.clip_denoised);
+      else if (p.sampler == "ddpm")
+        ddpm_step(*d, shape, x, model_out, k, step_noise, p.clip_denoised, x);
       else
-        ddim_step(d, shape, x, model_out, k, step_noise, p.eta, p.clip_denoised, x);
+        ddim_step(*d, shape, x, model_out, k, step_noise, p.eta, p.clip_denoised, x);
       bad = nonfinite_images(x, g, per, g, lo);
       if (!bad.empty()) {
         bool noisy = step_noise && !nonfinite_images(step_noise, g, per, g, lo).empty();

@@ -26,7 +26,7 @@ struct LoadOptions {
 
 struct SamplingParams {
   int steps = 0;
-  std::string sampler, spacing;
+  std::string sampler, spacing;  // spacing resolved: sections, ddim or linspace
   double cfg_scale = 0, eta = 0;
   bool clip_denoised = false;
   bool guided() const { return cfg_scale > 1; }
@@ -39,8 +39,8 @@ using NoiseFn = std::function<void(int k, const std::vector<int>& indices, float
 struct SampleOptions {
   std::optional<int> steps;
   std::optional<std::string> sampler;
-  std::optional<double> cfg_scale, eta;
-  std::string spacing = "sections";
+  std::optional<double> cfg_scale, eta;      // eta: ddim only (a solver refuses one)
+  std::optional<std::string> spacing;        // unset: the sampler's own (solvers linspace, else sections)
   std::optional<bool> clip_denoised;
   int64_t seed = 0;
   int batch = 0;                      // images denoised together (0: what one graph call holds)
@@ -67,7 +67,8 @@ class Model {
   ~Model();
 
   SamplingParams params(const SampleOptions& o) const;  // defaults filled, every value checked
-  Diffusion diffusion(int steps, const std::string& spacing) const;
+  Diffusion diffusion(int steps, const std::string& spacing) const;  // ddpm, ddim
+  SolverSchedule solver_schedule(const std::string& sampler, int steps, const std::string& spacing) const;
   int resolve_class(const std::string& prompt, const std::string& where = "") const { return classes_.resolve(prompt, where); }
   std::string label(int id) const { return classes_.label(id); }
   int capacity(double cfg_scale) const;  // images per call of the smallest stage graph

@@ -34,7 +34,7 @@ std::string shape_text(const std::vector<int64_t>& s) {
   return out + "]";
 }
 
-uint16_t float_to_half(float f) {  // exact for the integers a timestep takes (< 2048)
+uint16_t float_to_half(float f) {  // round to nearest even, as numpy (timesteps are normal or 0)
   uint32_t x;
   std::memcpy(&x, &f, 4);
   uint32_t sign = (x >> 16) & 0x8000, mant = x & 0x7FFFFF;
@@ -205,7 +205,7 @@ StageEngine::StageEngine(OrtProcess& ort, const Bundle& bundle, const Stage& st,
     fail(ErrorKind::Bundle, art.path + ": the latent and output must be float32 and the class label int64");
 }
 
-void StageEngine::run_batch(const float* x, int t, const int64_t* y, float* out) const {
+void StageEngine::run_batch(const float* x, float t, const int64_t* y, float* out) const {
   const size_t B = stage.batch;
   Ort::MemoryInfo mem = Ort::MemoryInfo::CreateCpu(OrtDeviceAllocator, OrtMemTypeDefault);
   std::vector<float> tf;
@@ -216,13 +216,13 @@ void StageEngine::run_batch(const float* x, int t, const int64_t* y, float* out)
   values[0] = Ort::Value::CreateTensor<float>(mem, const_cast<float*>(x), B * x_row_, xs.data(), xs.size());
   const int64_t tshape[1] = {static_cast<int64_t>(B)};
   if (t_dtype_ == "float32") {
-    tf.assign(B, static_cast<float>(t));
+    tf.assign(B, t);
     values[1] = Ort::Value::CreateTensor<float>(mem, tf.data(), B, tshape, 1);
   } else if (t_dtype_ == "float16") {
-    th.assign(B, float_to_half(static_cast<float>(t)));
+    th.assign(B, float_to_half(t));
     values[1] = Ort::Value::CreateTensor(mem, th.data(), B * 2, tshape, 1, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16);
   } else {
-    ti.assign(B, t);
+    ti.assign(B, static_cast<int64_t>(t));  // truncation, as numpy's float32 -> int64
     values[1] = Ort::Value::CreateTensor<int64_t>(mem, ti.data(), B, tshape, 1);
   }
   values[2] = Ort::Value::CreateTensor<int64_t>(mem, const_cast<int64_t*>(y), B, tshape, 1);
@@ -247,7 +247,7 @@ void StageEngine::run_batch(const float* x, int t, const int64_t* y, float* out)
   }
 }
 
-void StageEngine::run_rows(size_t rows, const float* x, int t, const int64_t* y, float* out,
+void StageEngine::run_rows(size_t rows, const float* x, float t, const int64_t* y, float* out,
                            double* ort_seconds) const {
   const size_t B = stage.batch;
   std::vector<float> px, pout;

@@ -1,6 +1,7 @@
 // Every recorded conformance vector of flexdit_bundle/conformance (see its README): diffusion
-// tables and respaced timesteps, guide and single sampler steps, and the tiny bundle's three
-// trajectories from recorded noise, each within the tolerance its JSON states.
+// tables and respaced timesteps, guide and single sampler steps, the tiny bundle's three
+// trajectories from recorded noise, and the few-step solvers' schedules, update sequences and
+// tiny-bundle trajectories, each within the tolerance its JSON states.
 #include <filesystem>
 #include <map>
 #include <set>
@@ -25,6 +26,19 @@ static const fs::path kVec = kConf / "vectors";
 static json load_json(const fs::path& p) { return parse_json_strict(read_text_file(p)); }
 
 static std::vector<float> f32(const NpyArray& a) { return std::vector<float>(a.values.begin(), a.values.end()); }
+
+// a recorded trajectory's settings, starting from `init` (eta only where the case has one)
+static SampleOptions trajectory_options(const json& c, const std::vector<float>& init) {
+  SampleOptions o;
+  o.steps = c["steps"].get<int>();
+  o.sampler = c["sampler"].get<std::string>();
+  o.spacing = c["spacing"].get<std::string>();
+  if (c.contains("eta")) o.eta = c["eta"].get<double>();
+  o.cfg_scale = c["cfg_scale"].get<double>();
+  o.init_noise = init.data();
+  o.init_noise_count = init.size();
+  return o;
+}
 
 TEST_CASE(tables_and_timesteps) {
   json procs = load_json(kVec / "diffusion" / "processes.json");
@@ -130,14 +144,7 @@ TEST_CASE(tiny_bundle_trajectories_from_recorded_noise) {
     if (!c["step_noise"].is_null()) step = f32(read_npy(kVec / "trajectories" / c["step_noise"].get<std::string>()));
     std::vector<int> ids = c["class_ids"];
     const size_t n = ids.size(), per = init.size() / n;
-    SampleOptions o;
-    o.steps = c["steps"].get<int>();
-    o.sampler = c["sampler"].get<std::string>();
-    o.spacing = c["spacing"];
-    o.eta = c["eta"].get<double>();
-    o.cfg_scale = c["cfg_scale"].get<double>();
-    o.init_noise = init.data();
-    o.init_noise_count = init.size();
+    SampleOptions o = trajectory_options(c, init);
     std::vector<int> calls;
     if (!step.empty())
       o.noise_fn = [&](int k, const std::vector<int>& idx, float* dst) {
@@ -158,6 +165,88 @@ TEST_CASE(tiny_bundle_trajectories_from_recorded_noise) {
     for (auto it = ts.rbegin(); it != ts.rend(); ++it) stages.push_back(model->manifest().stage_for(*it).id);
     CHECK(stages == c["stage_per_step"].get<std::vector<int>>()) << c["name"];
   }
+}
+
+TEST_CASE(solver_schedules) {
+  json v = load_json(kVec / "solvers" / "solvers.json");
+  const int T = v["num_timesteps"];
+  const double tol = v["tolerance"]["sigmas_rel"];
+  const auto base = linear_betas(T, v["beta_start"], v["beta_end"]);
+  std::set<std::string> samplers;
+  for (auto& c : v["schedules"]) {
+    std::string what = c["sampler"].get<std::string>() + std::to_string(c["steps"].get<int>()) + "-" +
+                       c["spacing"].get<std::string>();
+    samplers.insert(c["sampler"].get<std::string>());
+    auto ts = solver_timesteps(c["sampler"], T, c["steps"], c["spacing"]);
+    CHECK(ts == c["timesteps"].get<std::vector<double>>()) << what;  // exact, euler's fractional ones too
+    SolverSchedule s(base, ts);
+    std::vector<double> want = c["sigmas"];
+    CHECK(s.sigmas.size() == want.size() && s.sigmas.back() == 0.0 && want.back() == 0.0) << what;
+    size_t bad = 0;
+    for (size_t i = 0; i < want.size() && i < s.sigmas.size(); ++i)
+      if (!(std::abs(s.sigmas[i] - want[i]) <= tol * std::abs(want[i]))) ++bad;
+    CHECK(bad == 0) << what << ": " << bad << " sigmas off";
+    CHECK(s.lambdas.size() + 1 == s.sigmas.size() && s.alphas.size() == s.sigmas.size()) << what;
+  }
+  CHECK(samplers == std::set<std::string>({"dpmpp-2m", "unipc", "euler"}));
+}
+
+TEST_CASE(solver_update_sequences) {
+  json v = load_json(kVec / "solvers" / "solvers.json");
+  const int T = v["num_timesteps"];
+  const double tol = v["tolerance"]["max_abs_over_max_ref"];
+  CHECK(v["sequences"].size() == 3);
+  for (auto& c : v["sequences"]) {
+    NpyArray x_T = read_npy(kVec / "solvers" / c["x_T"].get<std::string>());
+    auto eps = f32(read_npy(kVec / "solvers" / c["eps"].get<std::string>()));
+    auto want = f32(read_npy(kVec / "solvers" / c["expected"].get<std::string>()));
+    const std::string sampler = c["sampler"];
+    const int N = c["steps"];
+    SolverSchedule s(linear_betas(T, v["beta_start"], v["beta_end"]), solver_timesteps(sampler, T, N, c["spacing"]));
+    auto x = f32(x_T);
+    const size_t per_step = x.size(), cin = x_T.shape[1];
+    StepShape shape{(size_t)x_T.shape[0], cin, cin, (size_t)(x_T.shape[2] * x_T.shape[3])};
+    CHECK(eps.size() == N * per_step && want.size() == N * per_step) << c["name"];
+    SolverState state;
+    solver_initial_sample(s, sampler, x.data(), x.size());
+    for (int i = 0; i < N; ++i) {  // step i is kept index N-1-i
+      solver_step(s, sampler, state, shape, x.data(), eps.data() + i * per_step, N - 1 - i, false);
+      std::vector<float> ref(want.begin() + i * per_step, want.begin() + (i + 1) * per_step);
+      double err = rel_max_error(x, ref);
+      CHECK(err <= tol) << c["name"] << " step " << i << " error " << err;
+    }
+  }
+}
+
+TEST_CASE(solver_tiny_bundle_trajectories) {
+  json traj = load_json(kVec / "solver_trajectories" / "solver_trajectories.json");
+  LoadOptions lo;
+  lo.threads = 1;
+  auto model = Model::load((kVec / "solver_trajectories" / traj["bundle"].get<std::string>()).string(), lo);
+  const double tol = traj["tolerance"]["max_abs_over_max_ref"];
+  std::set<std::string> samplers;
+  for (auto& c : traj["trajectories"]) {
+    auto init = f32(read_npy(kVec / "solver_trajectories" / c["init_noise"].get<std::string>()));
+    auto final_ref = f32(read_npy(kVec / "solver_trajectories" / c["final"].get<std::string>()));
+    std::vector<int> ids = c["class_ids"];
+    SampleOptions o = trajectory_options(c, init);
+    o.clip_denoised = traj["clip_denoised"].get<bool>();
+    int draws = 0;  // the solvers draw no noise
+    o.noise_fn = [&](int, const std::vector<int>&, float*) { ++draws; };
+    SampleResult r = model->sample(ids, o);
+    double err = rel_max_error(r.samples, final_ref);
+    CHECK(err <= tol) << c["name"] << " error " << err;
+    CHECK(draws == 0) << c["name"];
+    std::cout << "  " << c["name"].get<std::string>() << ": max rel error " << err << "\n";
+    samplers.insert(*o.sampler);
+    // the timesteps the run walks, and the stage each picks (floor of a fractional timestep)
+    auto ts = model->solver_schedule(*o.sampler, *o.steps, *o.spacing).timesteps;
+    CHECK(ts == c["timesteps"].get<std::vector<double>>()) << c["name"];
+    std::vector<int> stages;
+    for (double t : ts) stages.push_back(model->manifest().stage_for(static_cast<int>(std::floor(t))).id);
+    CHECK(stages == c["stage_per_step"].get<std::vector<int>>()) << c["name"];
+  }
+  CHECK(samplers == std::set<std::string>({"dpmpp-2m", "unipc", "euler"}));
 }
 
 int main(int argc, char** argv) { return testing_min::run_all(argc, argv); }

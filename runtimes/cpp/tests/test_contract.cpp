@@ -232,8 +232,8 @@ TEST_CASE(sampling_arguments) {
   o.cfg_scale = INFINITY;
   CHECK_THROWS_WITH(model->sample({1}, o), "--cfg-scale must be a finite number");
   o.cfg_scale.reset();
-  o.sampler = "euler";
-  CHECK_THROWS_WITH(model->sample({1}, o), "unknown sampler 'euler' (choose from ddpm, ddim)");
+  o.sampler = "heun";
+  CHECK_THROWS_WITH(model->sample({1}, o), "unknown sampler 'heun' (choose from ddpm, ddim, dpmpp-2m, unipc, euler)");
   o.sampler.reset();
   o.seed = -1;
   CHECK_THROWS_WITH(model->sample({1}, o), "--seed must be at least 0, got -1");

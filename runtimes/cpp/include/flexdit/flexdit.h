@@ -29,8 +29,11 @@
 extern "C" {
 #endif
 
-/* 2: flexdit_load_options.shared_graphs (the struct grew: rebuild callers against this header) */
-#define FLEXDIT_API_VERSION 2
+/* 2: flexdit_load_options.shared_graphs (the struct grew: rebuild callers against this header)
+ * 3: the few-step solvers (sampler "dpmpp-2m", "unipc", "euler"; spacing "linspace"; spacing NULL
+ *    is the sampler's own). No layout change: callers built against 2 run unchanged; check
+ *    flexdit_api_version() >= 3 before asking a library for a solver. */
+#define FLEXDIT_API_VERSION 3
 
 typedef enum flexdit_status {
   FLEXDIT_OK = 0,
@@ -103,10 +106,14 @@ typedef void (*flexdit_progress_fn)(void* user);
 
 typedef struct flexdit_sample_options {
   int steps;                  /* 0 = the bundle's default */
-  const char* sampler;        /* NULL = the bundle's default; "ddpm" or "ddim" */
+  const char* sampler;        /* NULL = the bundle's default; "ddpm", "ddim", or a few-step solver:
+                                 "dpmpp-2m", "unipc", "euler" (README: Samplers) */
   double cfg_scale;           /* < 0 = the bundle's default; <= 1 disables guidance */
-  double eta;                 /* < 0 = the bundle's default; DDIM eta in [0, 1] */
-  const char* spacing;        /* NULL = "sections"; or "ddim" (striding) */
+  double eta;                 /* < 0 = the bundle's default; DDIM eta in [0, 1]; a solver takes
+                                 none (>= 0 with a solver is refused) */
+  const char* spacing;        /* NULL = the sampler's own: "sections" for ddpm/ddim, "linspace" for
+                                 the solvers; "ddim" (striding); "sections"/"ddim" also for
+                                 dpmpp-2m/unipc; euler takes only "linspace" */
   int clip_denoised;          /* -1 = the bundle's default; 0 or 1 */
   uint64_t seed;              /* image i draws from its own generator (seed, i): see README */
   int batch;                  /* images denoised together; 0 = what one graph call holds */

@@ -36,7 +36,7 @@ struct SampleOptions {
   std::optional<int> steps;
   std::optional<std::string> sampler;
   std::optional<double> cfg_scale, eta;
-  std::string spacing = "sections";
+  std::string spacing;  // "": the sampler's own (sections; linspace for the solvers)
   std::optional<bool> clip_denoised;
   uint64_t seed = 0;
   int batch = 0;
@@ -82,7 +82,7 @@ class Model {
     if (opt.sampler) o.sampler = opt.sampler->c_str();
     if (opt.cfg_scale) o.cfg_scale = *opt.cfg_scale;
     if (opt.eta) o.eta = *opt.eta;
-    o.spacing = opt.spacing.c_str();
+    o.spacing = opt.spacing.empty() ? nullptr : opt.spacing.c_str();
     if (opt.clip_denoised) o.clip_denoised = *opt.clip_denoised ? 1 : 0;
     o.seed = opt.seed;
     o.batch = opt.batch;
