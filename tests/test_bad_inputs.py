@@ -215,3 +215,19 @@ def test_export_refuses_with_one_line(case, project_ckpt, flex_bundle, tmp_path)
     assert lines[0].startswith(f"flexdit-export {args[0]}: error: ") and re.search(case["message"], lines[0]), lines[0]
     assert p.stdout == ""
     assert {r: _tree(r) for r in before} == before  # nothing written, replaced or left over
+
+
+# the bundle-reading rules hold in flexdit-export too (it loads bundles with the same code)
+INSPECT_CASES = [c for c in CASES if c["id"] in ("manifest-path-nul", "manifest-integer-5000-digits", "manifest-bom",
+                                                 "manifest-null-class-is-a-real-class", "manifest-num-timesteps-huge")]
+
+
+@pytest.mark.parametrize("command", ["inspect", "verify"])
+@pytest.mark.parametrize("case_env", INSPECT_CASES, ids=_ids(INSPECT_CASES), indirect=True)
+def test_export_inspect_and_verify_refuse_bad_manifests(case_env, command):
+    case, bundle, scratch, files, sub = case_env
+    p = run_cli("flexdit-export", command, str(bundle), check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr + p.stdout and p.stdout == ""
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"flexdit-export {command}: error: "), p.stderr
+    assert re.search(case["message"], lines[0]), lines[0]
