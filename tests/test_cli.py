@@ -255,7 +255,7 @@ def test_run_usage_errors_are_one_line(flex_bundle, tmp_path):
     """argparse's own refusals follow the same one-line form (no usage block)."""
     prompts = tmp_path / "p.txt"
     prompts.write_text("1\n")
-    for bad in (["--seed", "abc"], ["--sampler", "euler"], ["--no-such-flag"]):
+    for bad in (["--seed", "abc"], ["--sampler", "nope"], ["--no-such-flag"]):
         p = run_cli("flexdit-run", prompts, "--bundle", flex_bundle, "-o", tmp_path / "o", *bad, check=False)
         assert p.returncode == 2 and len(p.stderr.splitlines()) == 1, p.stderr
         assert p.stderr.startswith("flexdit-run: error: ") and "(see --help)" in p.stderr
