@@ -5,8 +5,10 @@ real trajectory inputs (the held-out rows of the stage's calibration set).
   where diffusion transformers overflow: LayerNorm and its adaLN modulation, softmax, the
   timestep/label embedders, the final layer); graph inputs and outputs stay fp32. Every
   calibration and held-out row is run through it: a NaN/Inf fails the conversion.
-- ``int8-dynamic``: weights int8 (per channel), activations quantised at run time
-  (``quantize_dynamic``); ONNX Runtime's CPU default, no calibration needed.
+- ``int8-dynamic``: weights int8 (per channel, 7-bit range), activations quantised at run time
+  (``quantize_dynamic``); ONNX Runtime's CPU default, no calibration needed. The 7-bit range
+  keeps the integer sums exact on every instruction set (``int8_dynamic``), so the gate
+  measured on one CPU holds on another.
 - ``int8-static``: a QDQ graph (``quantize_static``), weights int8 per-channel symmetric,
   activations int8 symmetric (zero point 0, as TensorRT requires) from the stage's own
   calibration rows, MinMax by default, calibrated in strides so memory stays bounded.
@@ -30,6 +32,8 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+
+from flexdit_bundle.cpu import measured_on
 
 from .errors import UserError
 from .export import error_stats, layer_of, onnx_session
@@ -229,10 +233,18 @@ def int8_dynamic(src, dst, op_types=DEFAULT_OP_TYPES, include=(), exclude=()) ->
         # matches the node lists against the new names: list both
         gemms = {n.name for n in model.graph.node if n.op_type == "Gemm"}
         sel = {k: v + [n + "_MatMul" for n in v if n in gemms] for k, v in sel.items()}
+        # reduce_range: weights in [-64, 64]. ONNX Runtime's u8 x s8 kernels on x86 without VNNI
+        # (AVX2, AVX-512 without VNNI) add pairs of products in int16 (vpmaddubsw), which saturates
+        # with full-range weights (2 x 255 x 127 > 32767) and cannot with these (2 x 255 x 64 <=
+        # 32767): the sums are then exact everywhere, at the VNNI kernels' speed. (u8 weights would
+        # be exact too, but ONNX Runtime runs u8 x u8 GEMMs several times slower on VNNI CPUs.)
         with _quiet():
             quantize_dynamic(str(pre), str(dst), op_types_to_quantize=list(op_types), per_channel=True,
-                             weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True}, **sel)
-    return {"mode": "dynamic", "weights": "int8 per-channel symmetric", "activations": "uint8 per-tensor, at run time",
+                             reduce_range=True, weight_type=QuantType.QInt8,
+                             extra_options={"MatMulConstBOnly": True}, **sel)
+    return {"mode": "dynamic", "weights": "int8 per-channel symmetric, 7-bit range [-64, 64] (exact integer sums "
+                                          "on every instruction set)",
+            "activations": "uint8 per-tensor, at run time",
             "op_types": list(op_types), "include": list(include), "exclude": list(exclude),
             "quantized_nodes": _quantised(src, dst, op_types)}
 
@@ -386,13 +398,18 @@ def _count_quantized(path) -> int:
 
 # ---------------------------------------------------------------- checks
 def compare_to_fp32(variant, fp32, feeds) -> dict:
-    """Run both graphs on the same feeds; error stats of the variant against fp32."""
+    """Run both graphs on the same feeds; error stats of the variant against fp32, and the
+    machine they were measured on."""
     if not feeds:
         raise UserError("no held-out calibration rows to check against; capture more images (--calib-holdout-images)")
-    ref_s, var_s = onnx_session(fp32), onnx_session(variant)
-    ref = np.concatenate([ref_s.run(None, f)[0] for f in feeds])
-    got = np.concatenate([var_s.run(None, f)[0] for f in feeds])
-    return {**error_stats(got, ref), "samples": int(len(ref))}
+    ref, got = graph_outputs(fp32, feeds), graph_outputs(variant, feeds)
+    return {**error_stats(got, ref), "samples": int(len(ref)), "measured_on": measured_on()}
+
+
+def graph_outputs(path, feeds) -> np.ndarray:
+    """The graph's first output over ``feeds``, concatenated (ONNX Runtime, CPU)."""
+    s = onnx_session(path)
+    return np.concatenate([s.run(None, f)[0] for f in feeds])
 
 
 def all_finite(path, feeds) -> bool:

@@ -51,11 +51,13 @@ class OpenVINOInt8(Builder):
             raise UserError("no held-out calibration rows to check against; capture more images (--calib-holdout-images)")
         ref_m = core.compile_model(str(DerivedOnnx.fp32_path(comp)), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         var_m = core.compile_model(str(files[0]), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        from flexdit_bundle.cpu import measured_on
+
         from ..quantize import error_stats
 
         ref = np.concatenate([ref_m(f)[0] for f in feeds])
         got = np.concatenate([var_m(f)[0] for f in feeds])
-        err = {**error_stats(got, ref), "samples": int(len(ref))}
+        err = {**error_stats(got, ref), "samples": int(len(ref)), "measured_on": measured_on()}
         tol = ctx.plan.error_tols[self.precision]
         if not err["finite"] or err["rel_rms"] > tol:
             raise UserError(f"{comp.what} OpenVINO int8 model fails its quality gate: relative RMS error "
