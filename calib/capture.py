@@ -95,17 +95,35 @@ def _labels(n: int, num_classes: int, seed: int, split: str) -> np.ndarray:
     return np.random.default_rng([seed, SPLIT_SALT[split], 0]).permutation(np.arange(n) % num_classes).astype(np.int64)
 
 
+PROGRESS_LINES = 10  # progress lines per chunk of images: a chunk of a long trajectory takes minutes
+
+
 class _Recorder:
     """Stands in for the model inside the sampler: files each call's rows under its stage
-    (keeping only the pre-chosen row indices) and returns the model's output."""
+    (keeping only the pre-chosen row indices), reports progress through the chunk's steps, and
+    returns the model's output."""
 
     def __init__(self, model, stages, keep: dict):
         self.model, self.cfg, self.stages = model, model.cfg, stages
         self.keep = keep  # sid -> sorted array of kept global row indices
         self.seen = {st["id"]: 0 for st in stages}
         self.rows = {st["id"]: [] for st in stages}
+        self.progress = None
+
+    def start_chunk(self, steps: int, log, what: str) -> None:
+        every = max(1, -(-steps // PROGRESS_LINES))
+        self.progress = (steps, every, log, what)
+        self.calls = 0
+
+    def _report(self) -> None:
+        self.calls += 1
+        steps, every, log, what = self.progress
+        if self.calls % every == 0 and self.calls < steps:
+            log(f"{what}: step {self.calls}/{steps}")
 
     def __call__(self, x, t, y, sparse_grid):
+        if self.progress is not None:
+            self._report()
         ts = {float(v) for v in t}
         assert len(ts) == 1, "a sampler call has one timestep"
         sid = stage_for(self.stages, ts.pop())["id"]
@@ -152,6 +170,7 @@ def _capture_split(model, stages, s: CaptureSettings, split: str, sample, num_ti
             return np.stack([np.random.default_rng([s.seed, SPLIT_SALT[split], 2, int(i), int(k)])
                              .standard_normal(shape, dtype=np.float32) for i in idx])
 
+        rec.start_chunk(s.steps, log, f"calibration capture ({split}): images {idx[0] + 1}-{idx[-1] + 1} of {n_img}")
         sample(rec, tuples, z, labels[idx], steps=s.steps, sampler=s.sampler, eta=s.eta,
                          cfg_scale=s.cfg_scale, cfg_channels=cfg_channels, spacing=s.spacing,
                          num_timesteps=num_timesteps, noise_fn=noise, clip_denoised=s.clip_denoised)

@@ -57,6 +57,7 @@ def build_component(comp: Component, keys, ctx: BuildContext) -> tuple[list, dic
     manifest artifacts, its parity map against PyTorch)."""
     artifacts, parity = [], {}
     for key in keys:
+        ctx.log(f"{comp.what}: building {key[0]} {key[1]} ...")  # an export or a calibration can take minutes
         builder = builder_for(*key)()
         files = builder.build(comp, ctx)
         record = builder.check(comp, ctx, files)
