@@ -17,6 +17,7 @@ from flexdit_export.export import error_stats, layer_of, onnx_session
 from flexdit_export.schedule import Stage
 from flexdit_export.stages import StageModule
 from flexdit_runtime import Pipeline, load_bundle
+from flexdit_bundle.cpu import measured_on
 from flexdit_bundle.manifest import BundleError, schema
 from flexdit_bundle.precision import PrecisionError, describe, parse_policy
 
@@ -78,6 +79,7 @@ def test_manifest_records_policy_optimisation_calibration(quant_bundle):
                 continue
             assert a["source_sha256"] == fp32["sha256"] and a["check"]["status"] == "passed"
             assert a["error"]["finite"] and a["error"]["rel_rms"] < TOL[a["precision"]]
+            assert a["error"]["measured_on"] == measured_on()  # the CPU the gate ran on
             if a["precision"] in ("int8-static", "fp8"):
                 assert a["quantization"]["calibration_sha256"] == cs.sha256
         cal = next(c for c in m["calibration"]["stages"] if c["id"] == st["id"])
@@ -173,6 +175,10 @@ def test_qdq_graphs_are_per_channel_symmetric_and_respect_excludes(quant_bundle)
     integer = [layer_of(n.name) for n in dyn.graph.node if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")]
     assert integer and not [x for x in integer if x.startswith("final_layer") or x.endswith("merged_layer2")]
     assert any(x.endswith("merged_layer1") for x in integer)
+    # int8 weights in the 7-bit range: exact integer sums also where u8 x s8 products are paired in int16 (AVX2)
+    w8 = [onnx.numpy_helper.to_array(i) for i in dyn.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert w8 and min(w.min() for w in w8) >= -64 and max(w.max() for w in w8) <= 64
+    assert "7-bit range [-64, 64]" in _art(stages[0], "int8-dynamic")["quantization"]["weights"]
     assert _art(stages[0], "fp8")["check"]["by"].endswith("(float8 Q/DQ emulated in fp32)")
 
 
@@ -246,6 +252,18 @@ def test_convert_user_errors(ref_ckpt, tmp_path, args, msg, capsys):
     last = err.strip().splitlines()[-1]
     assert last.startswith("flexdit-export convert: error:") and msg in last, err
     assert sorted(x.name for x in tmp_path.iterdir()) == []  # no bundle, no calibration set, no temp dirs
+
+
+def test_convert_shows_progress_through_long_phases(ref_ckpt, tmp_path):
+    """A capture chunk reports its sampling steps (the held-out capture was silent for minutes),
+    and every builder says what it starts."""
+    p = run_cli("flexdit-export", "convert", ref_ckpt, "-o", tmp_path / "b", "--num-heads", "4", "--schedule", "0:2",
+                "--precision", "fp16", "--calib-steps", "20", "--calib-images", "2", "--calib-holdout-images", "2")
+    lines = p.stderr.splitlines()
+    for split in ("calib", "holdout"):
+        steps = [ln for ln in lines if ln.startswith(f"calibration capture ({split}): images 1-2 of 2: step ")]
+        assert [ln.rsplit(" ", 1)[1] for ln in steps] == [f"{k}/20" for k in range(2, 20, 2)], lines
+    assert lines.index("stage 0: building onnx fp32 ...") < lines.index("stage 0: building onnx fp16 ...")
 
 
 def test_a_failed_quality_gate_publishes_nothing(ref_ckpt, tmp_path):
