@@ -94,12 +94,12 @@ options:
   --no-shared-graphs    one ONNX Runtime session per stage, even where the bundle has a graph shared by
                         several stages (same results; the shared graph loads faster)
   --save-npy            also write the final samples as samples.npy
-  -q, --quiet           print nothing but errors
-  --json                print the run summary as JSON on stdout
-  --version             print the runtime and ONNX Runtime versions
   --grid-scale GRID_SCALE
                         draw grid.png this many times larger (1..16, nearest neighbour; default: enough
                         for 128-pixel images, e.g. 4 for 32x32, 1 keeps the size)
+  -q, --quiet           print nothing but errors
+  --json                print the run summary as JSON on stdout
+  --version             print the runtime and ONNX Runtime versions
 )";
 }
 
@@ -123,10 +123,10 @@ Args parse_args(const std::vector<std::string>& argv) {
       {"--batch", [&](auto& f, auto& v) { a.batch = to_int(f, v); }},
       {"--providers", [&](auto&, auto& v) { a.providers = v; }},
       {"--threads", [&](auto& f, auto& v) { a.threads = to_int(f, v); }},
+      {"--grid-scale", [&](auto& f, auto& v) { a.grid_scale = to_int(f, v); }},
       {"--precision", [&](auto&, auto& v) { a.precision = v; }},
       {"--backend", [&](auto& f, auto& v) { a.backend = choice(f, v, {"onnx", "tensorrt"}); }},
   };
-      {"--grid-scale", [&](auto& f, auto& v) { a.grid_scale = to_int(f, v); }},
   std::map<std::string, std::function<void()>> flags = {
       {"--clip-denoised", [&] { a.clip_denoised = true; }},
       {"--no-clip-denoised", [&] { a.clip_denoised = false; }},

@@ -75,6 +75,9 @@ std::string shape_str(const std::vector<int64_t>& s) {
 }
 
 int run(const flexdit_cli::Args& args) {
+  if (args.grid_scale && (*args.grid_scale < 1 || *args.grid_scale > static_cast<int>(kGridScaleMax)))
+    fail(ErrorKind::Argument, "--grid-scale must be in 1.." + std::to_string(kGridScaleMax) + ", got " +
+                                  std::to_string(*args.grid_scale));
   std::vector<std::string> prompts = read_prompts(args.prompts);
   fs::path out = args.out ? fs::path(*args.out) : flexdit_cli::fresh_output_dir();
   flexdit_cli::check_output_dir(out, args.force);
@@ -154,7 +157,7 @@ int run(const flexdit_cli::Args& args) {
       std::snprintf(name, sizeof name, "%03zu_", i);
       write_png(tmp / (name + safe_name(res.labels[i]) + ".png"), im.pixels.data() + i * img_bytes, im.h, im.w, im.c);
     }
-    Images g = make_grid(im);
+    Images g = make_grid(im, 0, 2, static_cast<size_t>(args.grid_scale.value_or(0)));
     write_png(tmp / "grid.png", g.pixels.data(), g.h, g.w, g.c);
     if (args.save_npy) write_npy_f32(tmp / "samples.npy", res.samples.data(), res.sample_shape);
   });

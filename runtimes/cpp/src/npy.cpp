@@ -1,5 +1,6 @@
 #include "npy.hpp"
 
+#include <cerrno>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -123,7 +124,9 @@ void write_npy_f32(const std::filesystem::path& path, const float* data, const s
   f.write(le, 2);
   f << header;
   f.write(reinterpret_cast<const char*>(data), static_cast<std::streamsize>(count * sizeof(float)));
-  if (!f) fail(ErrorKind::Io, "cannot write " + path.string());
+  errno = 0;
+  f.close();  // a full disk may only show when the buffer is flushed
+  if (!f) throw std::filesystem::filesystem_error("cannot write", path, std::error_code(errno ? errno : EIO, std::generic_category()));
 }
 
 }  // namespace flexdit

@@ -22,6 +22,7 @@ constexpr size_t kNpyMaxHeader = 1 << 16;
 // Reads exactly the bytes the header declares (more or fewer: an error). Throws Error(Io) naming
 // the file and the problem.
 NpyArray read_npy(const std::filesystem::path& path, const NpyHeaderCheck& check_header = {});
+// std::filesystem::filesystem_error with the system's reason (e.g. no space left on device)
 void write_npy_f32(const std::filesystem::path& path, const float* data, const std::vector<int64_t>& shape);
 
 }  // namespace flexdit
