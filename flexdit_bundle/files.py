@@ -21,10 +21,6 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
-def sha256_bytes(data) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def umask_mode(kind: str = "dir") -> int:
     """The mode the process's umask gives a new directory (``mkdtemp`` makes 0700, which locks
     other users of a shared model directory out of a bundle)."""

@@ -17,7 +17,8 @@ from flexdit_runtime import Pipeline
 from flexdit_runtime.diffusion import Diffusion, linear_betas, space_timesteps
 from flexdit_bundle.manifest import BundleError, schema, validate_manifest
 from flexdit_runtime.prompts import ClassIndex, PromptError, read_prompts
-from flexdit_runtime.samplers import guide, sample
+from flexdit_runtime.samplers import guide
+from sampling_loop import sample
 
 
 def test_respacing_matches_improved_ddpm():

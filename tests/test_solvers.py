@@ -12,7 +12,8 @@ from conftest import run_cli
 from flexdit_bundle.manifest import BundleError
 from flexdit_runtime import Pipeline
 from flexdit_runtime.diffusion import SolverSchedule, linear_betas, solver_timesteps
-from flexdit_runtime.samplers import SOLVERS, guide, sample
+from flexdit_runtime.samplers import SOLVERS, guide
+from sampling_loop import sample
 
 from pathlib import Path
 

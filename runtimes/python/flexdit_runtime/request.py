@@ -68,10 +68,6 @@ class Request:
         """What the network receives as x at the next step (euler scales its sigma-space sample)."""
         return model_input(self.diffusion, self.params.sampler, self.x, self.k) if self.solver else self.x
 
-    @property
-    def steps_left(self) -> int:
-        return self.k + 1
-
     def noise(self, k: int) -> np.ndarray:
         """Fresh noise for step k: ``noise_fn(k, indices)`` if the caller gave one, else the next
         draw of each image's own generator."""

@@ -46,10 +46,6 @@ def engine_kind(kind: str) -> tuple[str, type]:
     return backend, getattr(importlib.import_module(module), name)
 
 
-def describe_tensors(entries) -> str:
-    return ", ".join(f"{e['name']} {e['dtype']} {list(e['shape'])}" for e in entries)
-
-
 class StageEngine(ABC):
     """A loaded stage graph. Safe to call from several threads at once (implementations that
     are not must serialise ``run`` themselves)."""
