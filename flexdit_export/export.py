@@ -8,16 +8,13 @@ inference. Graphs over 1.5 GB keep their weights in an external ``.data`` file.
 from __future__ import annotations
 
 import ast
-import contextlib
-import io
-import logging
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import UserError
+from .quiet import quiet
 
 MIN_OPSET = 18
 EXTERNAL_DATA_BYTES = 1_500_000_000
@@ -36,20 +33,9 @@ def check_opset(opset: int) -> None:
         raise UserError(f"opset {opset} is newer than the installed onnx supports ({max_opset()})")
 
 
-@contextlib.contextmanager
 def _quiet():
     """The exporter narrates its passes on stdout and warns about optional packages."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript", "torch.fx")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, lv in zip(loggers, levels):
-            lg.setLevel(lv)
+    return quiet("torch.onnx", "torch._dynamo", "torch.export", "onnxscript", "torch.fx")
 
 
 def param_bytes(module) -> int:

@@ -23,12 +23,8 @@ export names every node after its module (``export.name_nodes_by_layer``).
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
-import io
-import logging
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +33,7 @@ from flexdit_bundle.cpu import measured_on
 
 from .errors import UserError
 from .export import error_stats, layer_of, onnx_session
+from .quiet import quiet
 
 ISLAND_GROUPS = {
     "layernorm": "LayerNormalization nodes, the adaLN modulation (x * (1 + scale) + shift) that follows them "
@@ -150,20 +147,6 @@ def _nodes_for(model, patterns, op_types) -> list[str]:
             and any(layer_matches(layer_of(n.name), p) for p in patterns)]
 
 
-@contextlib.contextmanager
-def _quiet():
-    """ONNX Runtime's quantisation tools print progress and warn through logging."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        root.setLevel(level)
-
-
 # ---------------------------------------------------------------- variants
 def to_fp16(src, dst, islands: list[str]) -> dict:
     import onnx
@@ -171,7 +154,7 @@ def to_fp16(src, dst, islands: list[str]) -> dict:
 
     model = onnx.load(str(src))
     keep = island_nodes(model, islands)
-    with _quiet():
+    with quiet():
         m16 = convert_float_to_float16(model, keep_io_types=True, node_block_list=sorted(keep))
     onnx.save(m16, str(dst))
     return {"spec": islands, "fp32_nodes": len(keep), "total_nodes": len(model.graph.node)}
@@ -183,7 +166,7 @@ def _preprocess(src, tmpdir) -> Path:
 
     out = Path(tmpdir) / "pre.onnx"
     try:
-        with _quiet():
+        with quiet():
             quant_pre_process(str(src), str(out), skip_optimization=True)
     except Exception as e:
         raise UserError(f"quantisation pre-processing failed on {Path(src).name}: {str(e).splitlines()[0][:300]}") from None
@@ -238,7 +221,7 @@ def int8_dynamic(src, dst, op_types=DEFAULT_OP_TYPES, include=(), exclude=()) ->
         # with full-range weights (2 x 255 x 127 > 32767) and cannot with these (2 x 255 x 64 <=
         # 32767): the sums are then exact everywhere, at the VNNI kernels' speed. (u8 weights would
         # be exact too, but ONNX Runtime runs u8 x u8 GEMMs several times slower on VNNI CPUs.)
-        with _quiet():
+        with quiet():
             quantize_dynamic(str(pre), str(dst), op_types_to_quantize=list(op_types), per_channel=True,
                              reduce_range=True, weight_type=QuantType.QInt8,
                              extra_options={"MatMulConstBOnly": True}, **sel)
@@ -263,7 +246,7 @@ def _static(src, dst, reader, fp8: bool, op_types, include, exclude, method: str
         pre = _preprocess(src, tmp)
         sel = _selection(onnx.load(str(pre)), op_types, include, exclude)
         try:
-            with _quiet():
+            with quiet():
                 quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                                 activation_type=qtype, weight_type=qtype, op_types_to_quantize=list(op_types),
                                 calibrate_method=cm,
@@ -296,7 +279,7 @@ def activation_ranges(src, reader, op_types) -> dict:
     from onnxruntime.quantization import CalibrationMethod, create_calibrator
 
     n = len(reader)
-    with tempfile.TemporaryDirectory() as tmp, _quiet():
+    with tempfile.TemporaryDirectory() as tmp, quiet():
         cal = create_calibrator(Path(src), list(op_types), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
                                 calibrate_method=CalibrationMethod.MinMax)
         for lo in range(0, n, CALIB_STRIDE):
