@@ -27,7 +27,7 @@ ALIASES = {"int8": {"onnx": "int8-dynamic", "tensorrt": "int8-static", "openvino
 RUN_TIME_ONLY = {"bf16": ("openvino", "auto")}  # no artifact: precision -> the backends that offer it
 BACKEND_ARTIFACTS = {"bf16": ("aoti",)}  # ...except these backends, which compile artifacts of it
 # Quality tiers of the end-to-end bars: a policy allows any precision of its tier or better
-# (bf16 passes the fp16 bar, issue 12); ``--backend auto`` picks only among allowed ones.
+# (bf16 passes the fp16 bar); ``--backend auto`` picks only among allowed ones.
 TIERS = {"fp32": 0, "bf16": 1, "fp16": 1, "int8": 2, "int8-dynamic": 2, "int8-static": 2, "fp8": 2}
 STATIC = ("int8-static", "fp8")  # need calibration data
 

@@ -65,7 +65,7 @@ TRAJECTORIES = [
 CLASS_IDS = [0, 2, 3]  # three images: with CFG one image per graph call, without CFG a padded last call
 TRAJECTORY_TOL = 1e-5
 STEP_TOL = 1e-6
-# Few-step solvers (issue 21): schedules, update sequences (diffusers' schedulers fed fixed model
+# Few-step solvers: schedules, update sequences (diffusers' schedulers fed fixed model
 # outputs) and trajectories of the tiny bundle through all three stages.
 SOLVER_SCHEDULES = [("dpmpp-2m", 1, "linspace"), ("dpmpp-2m", 4, "linspace"), ("dpmpp-2m", 25, "linspace"),
                     ("dpmpp-2m", 12, "sections"), ("unipc", 3, "linspace"), ("unipc", 10, "linspace"),

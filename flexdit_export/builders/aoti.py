@@ -10,9 +10,9 @@ Precision recipes (pinned; the manifest records the one used):
     fp16   timestep and label embedders, the positional table and the final layer stay float32;
            the stage runs under ``torch.autocast(<device>, <dtype>)`` (matrix products and
            attention in the low precision with float32 accumulation, LayerNorm, softmax and the
-           sinusoid in float32, by autocast's own op lists) and returns float32. Issue 9: a stage
-           cast wholesale to bf16 crashed the AOTInductor compile on torch 2.11/CUDA; this recipe
-           keeps the graph's inputs, embedders and output float32.
+           sinusoid in float32, by autocast's own op lists) and returns float32. Why not a stage
+           cast wholesale to bf16: the AOTInductor compile can crash on it; this recipe keeps
+           the graph's inputs, embedders and output float32.
 
 Parity: every package is run at conversion (on its device) against the fp32 PyTorch stage on
 the component's fresh random inputs. fp32 must meet ``--parity-tol`` in max relative error, as
@@ -20,7 +20,7 @@ the ONNX graph does (tests: within 1e-4 on the CPU). bf16/fp16 must stay within 
 error of 1e-2 (``--error-tol bf16=X``): bfloat16 keeps 8 significant bits (relative rounding
 2^-9 = 2e-3 per operand), and a DiT stage sums ~30 such residual updates whose errors add
 roughly in quadrature, so 1e-2 is a few rounding units of the output, well under the sampler's
-own noise; issue 9's fidelity target uses the same bound.
+own noise.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ loads (``flexdit_export.quality_gates``); ``compare_policies`` also backs ``flex
 compare``. The bundle being written is sampled twice through the torch-free runtime from the same seeded
 noise: once with every stage in fp32, once with the bundle's precision policy (what
 ``flexdit-run`` loads by default). The shipped classifier (``flexdit_fashion.evaluate``) scores
-both: class accuracy and the classifier-feature FD against the 10k test images. Bars (issue 4):
+both: class accuracy and the classifier-feature FD against the 10k test images. Bars:
 
     int8 / fp8 in the policy:  accuracy within 2 points of fp32, FD within 1.15x of fp32
     fp16 / bf16 only:          accuracy within 1 point,          FD within 1.05x

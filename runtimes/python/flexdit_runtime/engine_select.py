@@ -1,8 +1,8 @@
 """``--backend auto``: per stage, the fastest installed CPU engine and precision the bundle's
 policy allows, by measurement.
 
-Why measure: the best engine depends on the machine (issue 12: ONNX Runtime fp32 was 2x PyTorch
-on one CPU and 1.1x on another; OpenVINO bf16 needs bf16 hardware). Allowed precisions: with no
+Why measure: the best engine depends on the machine (the same graphs rank differently on
+different CPUs; OpenVINO bf16 needs bf16 hardware). Allowed precisions: with no
 override, every precision of the stage's policy tier or better (``precision.allowed_by``: an
 fp32 policy allows only exact engines, fp16 allows bf16, int8 allows every int8 form); with an
 override, exactly that precision (``int8``: any int8 form). Every candidate is opened, then

@@ -1,8 +1,8 @@
 """OpenVINO CPU stage engines: the bundle's fp32 ONNX graphs in fp32 or bf16, and NNCF int8 models.
 
-Why a second CPU engine: which engine is fastest depends on the CPU (issue 12: on an AMX Xeon
-OpenVINO ran the same fp32 graphs 1.1-1.3x faster than ONNX Runtime, and 3.3x in bf16), so the
-runtime offers both and ``engine_select`` measures. Precisions and what each one loads:
+Why a second CPU engine: which engine is fastest depends on the CPU (and bf16 exists only where
+the CPU has it; measurements in benchmarks/README.md), so the runtime offers both and
+``engine_select`` measures. Precisions and what each one loads:
 
     fp32          the stage's onnx/fp32 graph, OpenVINO inference precision f32 (exact)
     bf16          the same graph, inference precision bf16 (only where the CPU has bf16)
