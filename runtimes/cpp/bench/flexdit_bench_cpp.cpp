@@ -15,7 +15,7 @@
 #include "error.hpp"
 #include "model.hpp"
 
-using namespace flexdit;
+using namespace flexdit_core;
 
 static double now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();

@@ -22,7 +22,7 @@
 #include "prompts.hpp"
 
 namespace fs = std::filesystem;
-using namespace flexdit;
+using namespace flexdit_core;
 
 namespace {
 

@@ -19,8 +19,8 @@
 #include "error.hpp"
 
 namespace fs = std::filesystem;
-using flexdit::ErrorKind;
-using flexdit::fail;
+using flexdit_core::ErrorKind;
+using flexdit_core::fail;
 
 namespace flexdit_cli {
 namespace {
@@ -257,7 +257,7 @@ void write_outputs(const fs::path& out, bool replace, const std::function<void(c
     error = replace ? foreign_message(out, f.labels, "nothing was written")
                     : "output directory " + out.string() +
                           " was created by another process meanwhile; nothing was written (use --force to replace it)";
-  } catch (const flexdit::Error& e) {
+  } catch (const flexdit_core::Error& e) {
     error = e.what();
   } catch (const fs::filesystem_error& e) {
     error = "cannot write the output directory " + out.string() + ": " + e.code().message();

@@ -16,7 +16,7 @@ namespace flexdit_cli {
 
 std::filesystem::path fresh_output_dir(const std::filesystem::path& root = "flexdit-images");  // root/run-DATE-TIME[-N]
 
-void check_output_dir(const std::filesystem::path& out, bool force);  // throws flexdit::Error(Io)
+void check_output_dir(const std::filesystem::path& out, bool force);  // throws flexdit_core::Error(Io)
 
 // write(staging_dir) creates the files (std::filesystem::filesystem_error on a write error); the
 // staging directory then becomes `out`.

@@ -1,5 +1,6 @@
 // Embeds the flexdit runtime through the C++ wrapper (flexdit/flexdit.hpp): RAII model, exceptions
-// with the status, caller-supplied noise (here: all-zero per-step noise) next to seeded sampling.
+// with the status, caller-supplied noise (here: all-zero per-step noise) next to seeded sampling,
+// and the step-wise sampler (two requests stepped together).
 // usage: flexdit_example_cpp BUNDLE
 #include <flexdit/flexdit.hpp>
 
@@ -32,12 +33,27 @@ int main(int argc, char** argv) {
     auto c = model.sample({0, 1}, opt);
     std::printf("DDPM with caller noise: %zu samples, first value %.5f, %.3f s\n", c.samples.size(), c.samples[0],
                 c.timing.seconds);
+    opt.noise_fn = nullptr;
+    auto guided = model.start({0, 1}, opt);  // the DDPM request of `a`'s length, with guidance
+    flexdit::SampleOptions quick;
+    quick.steps = 3;
+    quick.sampler = "dpmpp-2m";
+    auto few = model.start({2}, quick);
+    while (!guided.done() || !few.done()) {
+      std::vector<flexdit::Request*> live;
+      for (auto* r : {&guided, &few})
+        if (!r->done()) live.push_back(r);
+      model.step(live);
+    }
+    bool stepped_same = guided.finish().samples == model.sample({0, 1}, opt).samples;
+    std::printf("step-wise DDPM beside a 3-step dpmpp-2m request: %s\n", stepped_same ? "identical" : "DIFFERENT");
+    few.finish();
     try {
       model.resolve("no such class");
     } catch (const flexdit::Error& e) {
       std::printf("unknown prompt -> status %d: %s\n", static_cast<int>(e.status()), e.what());
     }
-    return same ? 0 : 1;
+    return same && stepped_same ? 0 : 1;
   } catch (const flexdit::Error& e) {
     std::fprintf(stderr, "flexdit_example_cpp: %s\n", e.what());
     return 1;

@@ -7,7 +7,7 @@
 
 #include "error.hpp"
 
-namespace flexdit {
+namespace flexdit_core {
 
 std::vector<double> linspace(double a, double b, int n) {
   std::vector<double> out(n);
@@ -156,4 +156,4 @@ SolverSchedule::SolverSchedule(const std::vector<double>& base, const std::vecto
   for (size_t i = 0; i + 1 < sigmas.size(); ++i) lambdas.push_back(std::log(alphas[i]) - std::log(sigmas_vp[i]));
 }
 
-}  // namespace flexdit
+}  // namespace flexdit_core

@@ -5,7 +5,7 @@
 #include <string>
 #include <vector>
 
-namespace flexdit {
+namespace flexdit_core {
 
 // numpy.linspace(a, b, n) in float64: a + j * ((b - a) / (n - 1)), the last element b exactly; n = 1: [a]
 std::vector<double> linspace(double a, double b, int n);
@@ -45,4 +45,4 @@ struct SolverSchedule {
   double timestep(int k) const { return timesteps[num_steps() - 1 - k]; }
 };
 
-}  // namespace flexdit
+}  // namespace flexdit_core

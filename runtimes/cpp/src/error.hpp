@@ -4,7 +4,7 @@
 #include <stdexcept>
 #include <string>
 
-namespace flexdit {
+namespace flexdit_core {
 
 enum class ErrorKind {
   Bundle = 1,    // the bundle cannot be trusted or used (missing, tampered, malformed)
@@ -25,4 +25,4 @@ class Error : public std::runtime_error {
 
 [[noreturn]] inline void fail(ErrorKind kind, const std::string& message) { throw Error(kind, message); }
 
-}  // namespace flexdit
+}  // namespace flexdit_core

@@ -11,7 +11,7 @@
 
 namespace fs = std::filesystem;
 
-namespace flexdit {
+namespace flexdit_core {
 namespace {
 
 struct Digest {
@@ -83,4 +83,4 @@ std::string read_text_file(const fs::path& path) {
   return ss.str();
 }
 
-}  // namespace flexdit
+}  // namespace flexdit_core

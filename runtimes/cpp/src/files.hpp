@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-namespace flexdit {
+namespace flexdit_core {
 
 std::string sha256_hex(const void* data, size_t size);
 std::string sha256_file(const std::filesystem::path& path);  // throws Error(Io) when unreadable
@@ -18,4 +18,4 @@ std::filesystem::path resolve_inside(const std::filesystem::path& root, const st
 
 std::string read_text_file(const std::filesystem::path& path);  // throws Error(Io)
 
-}  // namespace flexdit
+}  // namespace flexdit_core

@@ -9,7 +9,7 @@
 #include <system_error>
 
 
-namespace flexdit {
+namespace flexdit_core {
 
 Images to_uint8(const float* x, size_t n, size_t C, size_t H, size_t W, double lo_d, double hi_d) {
   const size_t hw = H * W, c_out = (C == 1 || C == 3) ? C : 3;
@@ -102,4 +102,4 @@ void write_png(const std::filesystem::path& path, const uint8_t* pixels, size_t 
   if (!flushed) write_failed(path, err);
 }
 
-}  // namespace flexdit
+}  // namespace flexdit_core

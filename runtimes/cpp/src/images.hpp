@@ -4,7 +4,7 @@
 #include <filesystem>
 #include <vector>
 
-namespace flexdit {
+namespace flexdit_core {
 
 struct Images {
   size_t n = 0, h = 0, w = 0, c = 0;  // (n, h, w, c) uint8
@@ -27,4 +27,4 @@ Images make_grid(const Images& imgs, size_t cols = 0, size_t pad = 2, size_t sca
 // std::filesystem::filesystem_error with the system's reason (e.g. no space left on device)
 void write_png(const std::filesystem::path& path, const uint8_t* pixels, size_t h, size_t w, size_t c);
 
-}  // namespace flexdit
+}  // namespace flexdit_core

@@ -5,7 +5,7 @@
 #include <cstring>
 #include <stdexcept>
 
-namespace flexdit {
+namespace flexdit_core {
 
 json parse_json_strict(const std::string& text) {
   // nlohmann skips a byte-order mark; JSON has none, and Python's reader refuses it: one rule
@@ -52,4 +52,4 @@ std::string json_preview(const json& value, size_t limit) {
   return s;
 }
 
-}  // namespace flexdit
+}  // namespace flexdit_core

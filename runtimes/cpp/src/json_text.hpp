@@ -5,7 +5,7 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
-namespace flexdit {
+namespace flexdit_core {
 
 using json = nlohmann::json;
 constexpr int kMaxJsonDepth = 200;
@@ -16,4 +16,4 @@ json parse_json_strict(const std::string& text);
 // A value shown in a message: compact, at most `limit` characters.
 std::string json_preview(const json& value, size_t limit = 60);
 
-}  // namespace flexdit
+}  // namespace flexdit_core

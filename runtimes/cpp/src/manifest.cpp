@@ -12,7 +12,7 @@
 
 namespace fs = std::filesystem;
 
-namespace flexdit {
+namespace flexdit_core {
 namespace {
 
 [[noreturn]] void bundle_error(const std::string& msg) { fail(ErrorKind::Bundle, msg); }
@@ -434,4 +434,4 @@ const Artifact& find_artifact(const std::vector<Artifact>& artifacts, const std:
                "); build it with flexdit-export convert --precision/--extra-precisions");
 }
 
-}  // namespace flexdit
+}  // namespace flexdit_core

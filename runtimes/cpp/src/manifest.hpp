@@ -9,7 +9,7 @@
 
 #include "json_text.hpp"
 
-namespace flexdit {
+namespace flexdit_core {
 
 constexpr const char* kFormatName = "flexdit-bundle";
 constexpr int kFormatVersion = 2;  // v1 (no shared weight files) is read unchanged
@@ -130,4 +130,4 @@ const Artifact& find_artifact(const std::vector<Artifact>& artifacts, const std:
 
 size_t dtype_bytes(const std::string& dtype);  // 0 for an unknown dtype
 
-}  // namespace flexdit
+}  // namespace flexdit_core

@@ -15,7 +15,7 @@
 #include "samplers.hpp"
 #include "stage_engine.hpp"
 
-namespace flexdit {
+namespace flexdit_core {
 
 struct Model::Impl {
   Bundle bundle;
@@ -254,17 +254,15 @@ SolverSchedule Model::solver_schedule(const std::string& sampler, int steps, con
                         solver_timesteps(sampler, m.num_timesteps, steps, spacing));
 }
 
-SampleResult Model::sample(const std::vector<int>& ids, const SampleOptions& o) const {
+void Model::check_request(const std::vector<int>& ids, const SampleOptions& o) const {
   const Manifest& m = manifest();
-  SamplingParams p = params(o);
   if (ids.empty()) fail(ErrorKind::Prompt, "no prompts given");
   for (int id : ids)
     if (id < 0 || id >= m.num_classes)
       fail(ErrorKind::Prompt, "class id " + std::to_string(id) + " is outside 0.." + std::to_string(m.num_classes - 1));
   if (o.seed < 0) arg_error("--seed must be at least 0, got " + std::to_string(o.seed));
   if (o.batch < 0) arg_error("--batch must be at least 1, got " + std::to_string(o.batch));
-  const size_t n = ids.size(), C = m.in_channels, H = m.input_size, hw = H * H, per = C * hw;
-  const size_t cout = m.learn_sigma ? 2 * C : C;
+  const size_t n = ids.size(), C = m.in_channels, H = m.input_size, per = C * H * H;
   if (o.init_noise) {
     if (o.init_noise_count != n * per && o.init_noise_count != per)
       arg_error("initial noise has " + std::to_string(o.init_noise_count) + " values; expected " +
@@ -273,96 +271,163 @@ SampleResult Model::sample(const std::vector<int>& ids, const SampleOptions& o) 
     for (size_t i = 0; i < o.init_noise_count; ++i)
       if (!std::isfinite(o.init_noise[i])) arg_error("initial noise holds NaN or infinite values (after conversion to float32)");
   }
-  // ddpm/ddim walk a respaced Diffusion, the solvers a SolverSchedule with per-group history
-  const bool solver = is_solver(p.sampler);
-  std::optional<Diffusion> d;
-  std::optional<SolverSchedule> sched;
-  if (solver)
-    sched = solver_schedule(p.sampler, p.steps, p.spacing);
+}
+
+std::unique_ptr<Request> Model::start(const std::vector<int>& ids, const SampleOptions& o, size_t first) const {
+  const Manifest& m = manifest();
+  auto r = std::make_unique<Request>();
+  r->params = params(o);
+  check_request(ids, o);
+  r->model = this;
+  r->class_ids = ids;
+  r->first = first;
+  // ddpm/ddim walk a respaced Diffusion, the solvers a SolverSchedule with per-request history
+  if (is_solver(r->params.sampler))
+    r->schedule = solver_schedule(r->params.sampler, r->params.steps, r->params.spacing);
   else
-    d = diffusion(p.steps, p.spacing);
-  const int K = solver ? sched->num_steps() : d->num_steps();
-  const size_t per_call = o.batch > 0 ? static_cast<size_t>(o.batch) : static_cast<size_t>(capacity(p.cfg_scale));
-  SampleResult res;
-  res.class_ids = ids;
-  for (int id : ids) res.labels.push_back(label(id));
-  res.sample_shape = {static_cast<int64_t>(n), static_cast<int64_t>(C), static_cast<int64_t>(H), static_cast<int64_t>(H)};
-  res.samples.resize(n * per);
-  res.stage_seconds.assign(m.stages.size(), 0.0);
-  const double start = now();
-  const int null_class = m.null_class;
-  for (size_t lo = 0; lo < n; lo += per_call) {
-    const size_t g = std::min(per_call, n - lo), rows = p.guided() ? 2 * g : g;
-    std::vector<int> indices(g);
-    for (size_t i = 0; i < g; ++i) indices[i] = static_cast<int>(lo + i);
-    std::vector<ImageNoise> rngs;
-    for (size_t i = 0; i < g; ++i) rngs.emplace_back(static_cast<uint64_t>(o.seed), lo + i);
-    float* x = res.samples.data() + lo * per;
-    for (size_t i = 0; i < g; ++i) {
-      if (o.init_noise)
-        std::copy(o.init_noise + (o.init_noise_count == per ? 0 : (lo + i) * per),
-                  o.init_noise + (o.init_noise_count == per ? 0 : (lo + i) * per) + per, x + i * per);
-      else
-        rngs[i].standard_normal(x + i * per, per);
-    }
-    std::vector<int64_t> y(rows);
-    for (size_t i = 0; i < rows; ++i) y[i] = i < g ? ids[lo + i] : null_class;
-    std::vector<float> xin(p.guided() || solver ? rows * per : 0), out(rows * cout * hw),
-        guided(p.guided() ? g * cout * hw : 0), noise(g * per);
-    SolverState state;
-    if (solver) solver_initial_sample(*sched, p.sampler, x, g * per);
-    for (int k = K - 1; k >= 0; --k) {
-      // fractional (euler) timesteps run the stage whose range holds floor(t)
-      const double t = solver ? sched->timestep(k) : d->timestep_map[k];
-      const StageEngine& engine = *impl_->engines[m.stage_for(static_cast<int>(std::floor(t))).id];
-      const float* feed = x;
-      if (solver) {
-        solver_model_input(*sched, p.sampler, x, k, g * per, xin.data());
-        feed = xin.data();
-      }
-      if (p.guided()) {  // rows [0, g) conditional, [g, 2g) unconditional
-        if (!solver) std::copy(x, x + g * per, xin.begin());
-        std::copy(xin.begin(), xin.begin() + g * per, xin.begin() + g * per);
-        feed = xin.data();
-      }
-      double t0 = now();
-      engine.run_rows(rows, feed, static_cast<float>(t), y.data(), out.data(), &res.ort_seconds);
-      const int sid = engine.stage.id;
-      res.stage_seconds[sid] += now() - t0;
-      auto bad = nonfinite_images(out.data(), rows, cout * hw, g, lo);
-      if (!bad.empty()) nonfinite(bad, k, K, sid, t, "the stage graph returned NaN or infinite values", ErrorKind::Runtime);
-      const float* model_out = out.data();
-      if (p.guided()) {
-        flexdit::guide(out.data(), g, cout, hw, static_cast<float>(p.cfg_scale), m.cfg_channels, C, guided.data());
-        model_out = guided.data();
-        bad = nonfinite_images(guided.data(), g, cout * hw, g, lo);
-        if (!bad.empty()) nonfinite(bad, k, K, sid, t, "guidance with cfg-scale " + fmt_g(p.cfg_scale) + " overflowed float32");
-      }
-      const float* step_noise = nullptr;
-      if (needs_noise(p.sampler, k, p.eta)) {
-        if (o.noise_fn)
-          o.noise_fn(k, indices, noise.data());
-        else
-          for (size_t i = 0; i < g; ++i) rngs[i].standard_normal(noise.data() + i * per, per);
-        step_noise = noise.data();
-      }
-      StepShape shape{g, C, cout, hw};
-      if (solver)
-        solver_step(*sched, p.sampler, state, shape, x, model_out, k, p.clip_denoised);
-      else if (p.sampler == "ddpm")
-        ddpm_step(*d, shape, x, model_out, k, step_noise, p.clip_denoised, x);
-      else
-        ddim_step(*d, shape, x, model_out, k, step_noise, p.eta, p.clip_denoised, x);
-      bad = nonfinite_images(x, g, per, g, lo);
-      if (!bad.empty()) {
-        bool noisy = step_noise && !nonfinite_images(step_noise, g, per, g, lo).empty();
-        nonfinite(bad, k, K, sid, t, noisy ? "the step's noise held NaN or infinite values"
-                                           : "the " + p.sampler + " update (eta " + fmt_g(p.eta) + ", cfg-scale " +
-                                                 fmt_g(p.cfg_scale) + ") overflowed float32");
-      }
-      if (o.progress) o.progress();
+    r->diffusion = diffusion(r->params.steps, r->params.spacing);
+  const size_t n = ids.size(), per = static_cast<size_t>(m.in_channels) * m.input_size * m.input_size;
+  r->x.resize(n * per);
+  for (size_t i = 0; i < n; ++i) {
+    r->rngs.emplace_back(static_cast<uint64_t>(o.seed), first + i);
+    float* xi = r->x.data() + i * per;
+    if (o.init_noise) {
+      const float* src = o.init_noise + (o.init_noise_count == per ? 0 : i * per);
+      std::copy(src, src + per, xi);
+    } else {
+      r->rngs[i].standard_normal(xi, per);
     }
   }
+  if (r->solver()) solver_initial_sample(*r->schedule, r->params.sampler, r->x.data(), n * per);
+  r->k = r->num_steps() - 1;
+  r->noise_fn = o.noise_fn;
+  r->progress = o.progress;
+  r->stage_seconds.assign(m.stages.size(), 0.0);
+  r->started = now();
+  return r;
+}
+
+void Model::step(const std::vector<Request*>& requests) const {
+  const Manifest& m = manifest();
+  std::set<const Request*> seen;
+  for (const Request* r : requests) {
+    if (!r) arg_error("a request to step is null");
+    if (r->model != this) arg_error("a request to step belongs to another model");
+    if (r->done()) arg_error("a request to step has no steps left (finish it)");
+    if (!seen.insert(r).second) arg_error("a request is given twice in one step");
+  }
+  // requests whose next timestep falls in the same stage share its calls (fractional euler
+  // timesteps run the stage whose range holds floor(t)), stages in order of first appearance
+  std::vector<std::pair<int, std::vector<Request*>>> by_stage;
+  for (Request* r : requests) {
+    int sid = m.stage_for(static_cast<int>(std::floor(r->timestep()))).id;
+    auto it = std::find_if(by_stage.begin(), by_stage.end(), [&](auto& e) { return e.first == sid; });
+    if (it == by_stage.end()) it = by_stage.insert(by_stage.end(), {sid, {}});
+    it->second.push_back(r);
+  }
+  const size_t C = m.in_channels, hw = static_cast<size_t>(m.input_size) * m.input_size, per = C * hw;
+  const size_t cout = m.learn_sigma ? 2 * C : C;
+  for (auto& [sid, group] : by_stage) {
+    std::vector<size_t> rows;
+    size_t total = 0;
+    for (Request* r : group) total += rows.emplace_back(r->params.guided() ? 2 * r->n() : r->n());
+    std::vector<float> xin(total * per), ts(total), out(total * cout * hw);
+    std::vector<int64_t> ys(total);
+    size_t lo = 0;
+    for (size_t j = 0; j < group.size(); ++j) {  // rows [0, n) conditional, [n, 2n) unconditional
+      const Request& r = *group[j];
+      const size_t n = r.n();
+      float* xr = xin.data() + lo * per;
+      if (r.solver())
+        solver_model_input(*r.schedule, r.params.sampler, r.x.data(), r.k, n * per, xr);
+      else
+        std::copy(r.x.begin(), r.x.end(), xr);
+      if (r.params.guided()) std::copy(xr, xr + n * per, xr + n * per);
+      std::fill(ts.begin() + lo, ts.begin() + lo + rows[j], static_cast<float>(r.timestep()));
+      for (size_t i = 0; i < rows[j]; ++i) ys[lo + i] = i < n ? r.class_ids[i] : m.null_class;
+      lo += rows[j];
+    }
+    const StageEngine& engine = *impl_->engines[sid];
+    double ort = 0, t0 = now();
+    std::exception_ptr failed;
+    try {
+      engine.run_rows(total, xin.data(), ts.data(), ys.data(), out.data(), &ort);
+    } catch (...) {
+      failed = std::current_exception();
+    }
+    const double seconds = now() - t0;
+    lo = 0;
+    for (size_t j = 0; j < group.size(); ++j) {
+      Request& r = *group[j];
+      const double share = static_cast<double>(rows[j]) / static_cast<double>(total);
+      r.stage_seconds[sid] += seconds * share;
+      r.ort_seconds += ort * share;
+      try {
+        if (failed) std::rethrow_exception(failed);
+        advance(r, out.data() + lo * cout * hw, sid);
+      } catch (...) {
+        r.failure = std::current_exception();
+        r.k = -1;
+      }
+      lo += rows[j];
+    }
+  }
+}
+
+// one step of a request from the stage's output for its rows; throws (naming where and why)
+// when its state stops being finite, which would end as a black image
+void Model::advance(Request& r, const float* out, int sid) const {
+  const Manifest& m = manifest();
+  const SamplingParams& p = r.params;
+  const size_t g = r.n(), rows = p.guided() ? 2 * g : g, C = m.in_channels;
+  const size_t hw = static_cast<size_t>(m.input_size) * m.input_size, per = C * hw, cout = m.learn_sigma ? 2 * C : C;
+  const int k = r.k, K = r.num_steps();
+  const double t = r.timestep();
+  float* x = r.x.data();
+  auto bad = nonfinite_images(out, rows, cout * hw, g, r.first);
+  if (!bad.empty()) nonfinite(bad, k, K, sid, t, "the stage graph returned NaN or infinite values", ErrorKind::Runtime);
+  const float* model_out = out;
+  std::vector<float> guided;
+  if (p.guided()) {
+    guided.resize(g * cout * hw);
+    guide(out, g, cout, hw, static_cast<float>(p.cfg_scale), m.cfg_channels, C, guided.data());
+    model_out = guided.data();
+    bad = nonfinite_images(guided.data(), g, cout * hw, g, r.first);
+    if (!bad.empty()) nonfinite(bad, k, K, sid, t, "guidance with cfg-scale " + fmt_g(p.cfg_scale) + " overflowed float32");
+  }
+  std::vector<float> noise;
+  if (needs_noise(p.sampler, k, p.eta)) {
+    noise.resize(g * per);
+    if (r.noise_fn) {
+      std::vector<int> indices(g);
+      for (size_t i = 0; i < g; ++i) indices[i] = static_cast<int>(r.first + i);
+      r.noise_fn(k, indices, noise.data());
+    } else {
+      for (size_t i = 0; i < g; ++i) r.rngs[i].standard_normal(noise.data() + i * per, per);
+    }
+  }
+  const float* step_noise = noise.empty() ? nullptr : noise.data();
+  StepShape shape{g, C, cout, hw};
+  if (r.solver())
+    solver_step(*r.schedule, p.sampler, r.state, shape, x, model_out, k, p.clip_denoised);
+  else if (p.sampler == "ddpm")
+    ddpm_step(*r.diffusion, shape, x, model_out, k, step_noise, p.clip_denoised, x);
+  else
+    ddim_step(*r.diffusion, shape, x, model_out, k, step_noise, p.eta, p.clip_denoised, x);
+  bad = nonfinite_images(x, g, per, g, r.first);
+  if (!bad.empty()) {
+    bool noisy = step_noise && !nonfinite_images(step_noise, g, per, g, r.first).empty();
+    nonfinite(bad, k, K, sid, t, noisy ? "the step's noise held NaN or infinite values"
+                                       : "the " + p.sampler + " update (eta " + fmt_g(p.eta) + ", cfg-scale " +
+                                             fmt_g(p.cfg_scale) + ") overflowed float32");
+  }
+  r.k -= 1;
+  if (r.progress) r.progress();
+}
+
+void Model::decode(SampleResult& res) const {
+  const Manifest& m = manifest();
+  const size_t n = res.class_ids.size();
   std::vector<float> decoded;
   const float* pixels = res.samples.data();
   std::vector<int64_t> chw = latent_shape();
@@ -376,8 +441,64 @@ SampleResult Model::sample(const std::vector<int>& ids, const SampleOptions& o) 
     chw = impl_->decoder->out_shape;
   }
   res.images = to_uint8(pixels, n, chw[0], chw[1], chw[2], m.value_lo, m.value_hi);
-  res.seconds = now() - start;
+}
+
+namespace {
+
+SampleResult result_for(const Model& model, const std::vector<int>& ids) {
+  SampleResult res;
+  res.class_ids = ids;
+  for (int id : ids) res.labels.push_back(model.label(id));
+  std::vector<int64_t> chw = model.latent_shape();
+  res.sample_shape = {static_cast<int64_t>(ids.size()), chw[0], chw[1], chw[2]};
+  res.stage_seconds.assign(model.manifest().stages.size(), 0.0);
   return res;
 }
 
-}  // namespace flexdit
+void add_times(SampleResult& res, const Request& r) {
+  for (size_t s = 0; s < res.stage_seconds.size(); ++s) res.stage_seconds[s] += r.stage_seconds[s];
+  res.ort_seconds += r.ort_seconds;
+}
+
+}  // namespace
+
+SampleResult Model::finish(const Request& r) const {
+  if (r.model != this) arg_error("the request to finish belongs to another model");
+  if (!r.done()) arg_error("the request has " + std::to_string(r.k + 1) + " steps left (step it until done)");
+  if (r.failure) std::rethrow_exception(r.failure);
+  SampleResult res = result_for(*this, r.class_ids);
+  res.samples = r.x;
+  add_times(res, r);
+  decode(res);
+  res.seconds = now() - r.started;
+  return res;
+}
+
+SampleResult Model::sample(const std::vector<int>& ids, const SampleOptions& o) const {
+  const double start_time = now();
+  SamplingParams p = params(o);
+  check_request(ids, o);
+  const Manifest& m = manifest();
+  const size_t n = ids.size(), per = static_cast<size_t>(m.in_channels) * m.input_size * m.input_size;
+  const size_t per_call = o.batch > 0 ? static_cast<size_t>(o.batch) : static_cast<size_t>(capacity(p.cfg_scale));
+  SampleResult res = result_for(*this, ids);
+  res.samples.resize(n * per);
+  for (size_t lo = 0; lo < n; lo += per_call) {
+    const size_t g = std::min(per_call, n - lo);
+    SampleOptions go = o;
+    if (o.init_noise && o.init_noise_count != per) {
+      go.init_noise = o.init_noise + lo * per;
+      go.init_noise_count = g * per;
+    }
+    auto r = start(std::vector<int>(ids.begin() + lo, ids.begin() + lo + g), go, lo);
+    while (!r->done()) step({r.get()});
+    if (r->failure) std::rethrow_exception(r->failure);
+    std::copy(r->x.begin(), r->x.end(), res.samples.begin() + lo * per);
+    add_times(res, *r);
+  }
+  decode(res);
+  res.seconds = now() - start_time;
+  return res;
+}
+
+}  // namespace flexdit_core

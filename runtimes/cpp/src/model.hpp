@@ -1,6 +1,7 @@
 // A loaded bundle, ready to sample: stage engines (weights shared), decoder, class index,
 // sampling defaults. Immutable after load; sample() may be called from several threads at once.
 #pragma once
+#include <exception>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -10,9 +11,11 @@
 #include "diffusion.hpp"
 #include "images.hpp"
 #include "manifest.hpp"
+#include "noise.hpp"
 #include "prompts.hpp"
+#include "samplers.hpp"
 
-namespace flexdit {
+namespace flexdit_core {
 
 struct LoadOptions {
   int threads = 0;             // size of the process's shared intra-op pool (0: ORT's default)
@@ -61,6 +64,35 @@ struct SampleResult {
   std::vector<double> stage_seconds;  // per stage id
 };
 
+class Model;
+
+// One set of images walking the sampler chain together: made by Model::start, advanced by
+// Model::step (one thread at a time per request), read by Model::finish. Mirrors the Python
+// runtime's Request.
+struct Request {
+  const Model* model = nullptr;
+  std::vector<int> class_ids;
+  size_t first = 0;  // image index of class_ids[0]: its generator, noise_fn indices, messages
+  SamplingParams params;
+  std::optional<Diffusion> diffusion;     // ddpm, ddim
+  std::optional<SolverSchedule> schedule;  // the solvers, with their history in `state`
+  SolverState state;
+  std::vector<ImageNoise> rngs;
+  std::vector<float> x;  // the sampler state, (n, C, H, W)
+  int k = -1;            // the next kept step to take; -1 when done
+  NoiseFn noise_fn;
+  std::function<void()> progress;
+  std::exception_ptr failure;  // why sampling stopped early (finish rethrows it)
+  std::vector<double> stage_seconds;  // this request's share of each stage's calls, by stage id
+  double ort_seconds = 0, started = 0;
+
+  size_t n() const { return class_ids.size(); }
+  bool done() const { return k < 0; }
+  bool solver() const { return schedule.has_value(); }
+  int num_steps() const { return solver() ? schedule->num_steps() : diffusion->num_steps(); }
+  double timestep() const { return solver() ? schedule->timestep(k) : diffusion->timestep_map[k]; }
+};
+
 class Model {
  public:
   static std::unique_ptr<Model> load(const std::string& bundle_dir, const LoadOptions& options = {});
@@ -72,7 +104,15 @@ class Model {
   int resolve_class(const std::string& prompt, const std::string& where = "") const { return classes_.resolve(prompt, where); }
   std::string label(int id) const { return classes_.label(id); }
   int capacity(double cfg_scale) const;  // images per call of the smallest stage graph
+  // One-shot: groups of `batch` images, each a request stepped to its end, decoded together.
   SampleResult sample(const std::vector<int>& class_ids, const SampleOptions& options) const;
+  // The step-wise sampler. start checks everything sample() checks; `first` is the image index
+  // of class_ids[0]. step advances every request by one step, rows of requests in the same
+  // stage sharing engine calls; a request that fails stops with its own error (finish rethrows
+  // it) while the others go on. Refused: a null, finished, repeated or other model's request.
+  std::unique_ptr<Request> start(const std::vector<int>& class_ids, const SampleOptions& options, size_t first = 0) const;
+  void step(const std::vector<Request*>& requests) const;
+  SampleResult finish(const Request& request) const;
 
   const Manifest& manifest() const;
   std::vector<std::string> precisions() const;  // the artifact precision each stage runs
@@ -87,8 +127,11 @@ class Model {
 
  private:
   explicit Model(std::unique_ptr<Impl> impl);
+  void check_request(const std::vector<int>& class_ids, const SampleOptions& o) const;
+  void advance(Request& r, const float* out, int sid) const;
+  void decode(SampleResult& res) const;  // res.samples -> res.images
   std::unique_ptr<Impl> impl_;
   ClassIndex classes_;
 };
 
-}  // namespace flexdit
+}  // namespace flexdit_core

@@ -2,7 +2,7 @@
 
 #include <cmath>
 
-namespace flexdit {
+namespace flexdit_core {
 namespace {
 
 uint64_t splitmix64(uint64_t& x) {
@@ -50,4 +50,4 @@ void ImageNoise::standard_normal(float* out, size_t count) {
   }
 }
 
-}  // namespace flexdit
+}  // namespace flexdit_core

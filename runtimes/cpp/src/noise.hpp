@@ -11,7 +11,7 @@
 #include <cstddef>
 #include <cstdint>
 
-namespace flexdit {
+namespace flexdit_core {
 
 class ImageNoise {
  public:
@@ -25,4 +25,4 @@ class ImageNoise {
   double spare_ = 0.0;
 };
 
-}  // namespace flexdit
+}  // namespace flexdit_core

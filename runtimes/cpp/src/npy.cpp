@@ -10,7 +10,7 @@
 #include "error.hpp"
 #include "files.hpp"
 
-namespace flexdit {
+namespace flexdit_core {
 namespace {
 
 // numpy's str(dtype) for a header descr: '<i8' -> int64, '|b1' -> bool, '<U3' stays '<U3'
@@ -129,4 +129,4 @@ void write_npy_f32(const std::filesystem::path& path, const float* data, const s
   if (!f) throw std::filesystem::filesystem_error("cannot write", path, std::error_code(errno ? errno : EIO, std::generic_category()));
 }
 
-}  // namespace flexdit
+}  // namespace flexdit_core

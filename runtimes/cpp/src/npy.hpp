@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-namespace flexdit {
+namespace flexdit_core {
 
 struct NpyArray {
   std::vector<int64_t> shape;
@@ -25,4 +25,4 @@ NpyArray read_npy(const std::filesystem::path& path, const NpyHeaderCheck& check
 // std::filesystem::filesystem_error with the system's reason (e.g. no space left on device)
 void write_npy_f32(const std::filesystem::path& path, const float* data, const std::vector<int64_t>& shape);
 
-}  // namespace flexdit
+}  // namespace flexdit_core

@@ -11,7 +11,7 @@
 #include <cstdint>
 #include <cstring>
 
-namespace flexdit {
+namespace flexdit_core {
 
 inline float numpy_expf(float x) {
   constexpr float kXmax = 88.72283935546875f, kXmin = -103.97208404541015625f;
@@ -40,4 +40,4 @@ inline float numpy_expf(float x) {
   return std::ldexp(num / den, static_cast<int>(k));  // exact for normal results
 }
 
-}  // namespace flexdit
+}  // namespace flexdit_core

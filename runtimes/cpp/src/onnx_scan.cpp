@@ -5,7 +5,7 @@
 #include "error.hpp"
 #include "files.hpp"
 
-namespace flexdit {
+namespace flexdit_core {
 namespace {
 
 struct Field {
@@ -111,4 +111,4 @@ std::map<std::string, OnnxInitializer> onnx_initializers(const std::filesystem::
   return onnx_initializers(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size());
 }
 
-}  // namespace flexdit
+}  // namespace flexdit_core

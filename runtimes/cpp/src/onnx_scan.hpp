@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-namespace flexdit {
+namespace flexdit_core {
 
 struct OnnxInitializer {
   std::string name;
@@ -23,4 +23,4 @@ struct OnnxInitializer {
 std::map<std::string, OnnxInitializer> onnx_initializers(const uint8_t* data, size_t size);
 std::map<std::string, OnnxInitializer> onnx_initializers(const std::filesystem::path& path);  // + Error(Io)
 
-}  // namespace flexdit
+}  // namespace flexdit_core

@@ -4,7 +4,7 @@
 
 #include "error.hpp"
 
-namespace flexdit {
+namespace flexdit_core {
 namespace {
 
 std::mutex g_mu;
@@ -71,4 +71,4 @@ std::string ort_message(const Ort::Exception& e) {
   return s.substr(0, 300);
 }
 
-}  // namespace flexdit
+}  // namespace flexdit_core

@@ -7,7 +7,7 @@
 #include <mutex>
 #include <string>
 
-namespace flexdit {
+namespace flexdit_core {
 
 class OrtProcess {
  public:
@@ -28,4 +28,4 @@ class OrtProcess {
 
 std::string ort_message(const Ort::Exception& e);  // one line, without ORT's prefix
 
-}  // namespace flexdit
+}  // namespace flexdit_core

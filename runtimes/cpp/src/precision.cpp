@@ -6,7 +6,7 @@
 
 #include "error.hpp"
 
-namespace flexdit {
+namespace flexdit_core {
 namespace {
 
 const char* const kPrecisions[] = {"fp32", "fp16", "int8-dynamic", "int8-static", "fp8"};
@@ -110,4 +110,4 @@ std::map<int, std::string> parse_precision_policy(const std::string& spec, int n
   return policy;
 }
 
-}  // namespace flexdit
+}  // namespace flexdit_core

@@ -8,7 +8,7 @@
 #include <utility>
 #include <vector>
 
-namespace flexdit {
+namespace flexdit_core {
 
 // A precision name or the alias int8 -> canonical name for the backend (onnx: int8-dynamic).
 std::string canonical_precision(const std::string& name, const std::string& backend = "onnx");
@@ -22,4 +22,4 @@ std::vector<std::pair<std::string, std::optional<std::vector<int>>>> parse_preci
 std::map<int, std::string> parse_precision_policy(const std::string& spec, int num_stages,
                                                   const std::string& backend = "onnx", const std::string& fallback = "");
 
-}  // namespace flexdit
+}  // namespace flexdit_core

@@ -8,7 +8,7 @@
 
 #include "error.hpp"
 
-namespace flexdit {
+namespace flexdit_core {
 namespace {
 
 std::string strip(const std::string& s) {
@@ -173,4 +173,4 @@ std::vector<std::string> read_prompts(const std::filesystem::path& path) {
   return parse_prompts(text, path.string());
 }
 
-}  // namespace flexdit
+}  // namespace flexdit_core

@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-namespace flexdit {
+namespace flexdit_core {
 
 class ClassIndex {
  public:
@@ -31,4 +31,4 @@ std::vector<std::string> read_prompts(const std::filesystem::path& path);       
 // difflib.SequenceMatcher(None, a, b).ratio() (no junk heuristics: strings are short)
 double similarity_ratio(const std::string& a, const std::string& b);
 
-}  // namespace flexdit
+}  // namespace flexdit_core

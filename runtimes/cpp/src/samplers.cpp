@@ -6,7 +6,7 @@
 #include <cmath>
 #include <vector>
 
-namespace flexdit {
+namespace flexdit_core {
 namespace {
 
 inline float f32(const std::vector<double>& table, int k) { return static_cast<float>(table[k]); }
@@ -233,4 +233,4 @@ void solver_step(const SolverSchedule& s, const std::string& sampler, SolverStat
   st.last_order = order;
 }
 
-}  // namespace flexdit
+}  // namespace flexdit_core

@@ -8,7 +8,7 @@
 
 #include "diffusion.hpp"
 
-namespace flexdit {
+namespace flexdit_core {
 
 // Shapes: x, noise, result (n, cin, hw); out (n, cout, hw) with cout = 2 cin (learned sigma) or cin.
 struct StepShape {
@@ -50,4 +50,4 @@ void solver_model_input(const SolverSchedule& s, const std::string& sampler, con
 void solver_step(const SolverSchedule& s, const std::string& sampler, SolverState& state, const StepShape& shape,
                  float* x, const float* out, int k, bool clip);
 
-}  // namespace flexdit
+}  // namespace flexdit_core

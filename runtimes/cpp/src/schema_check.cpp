@@ -6,7 +6,7 @@
 
 #include "error.hpp"
 
-namespace flexdit {
+namespace flexdit_core {
 
 extern const char* const kManifestSchemaText;  // generated: manifest_schema_data.cpp
 
@@ -161,4 +161,4 @@ const json& manifest_schema() {
   return schema;
 }
 
-}  // namespace flexdit
+}  // namespace flexdit_core

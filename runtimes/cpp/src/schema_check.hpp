@@ -8,7 +8,7 @@
 
 #include "json_text.hpp"
 
-namespace flexdit {
+namespace flexdit_core {
 
 struct SchemaViolation {
   std::string path;  // "stages/0/batch" or "(top)"
@@ -20,4 +20,4 @@ bool schema_validate(const json& value, const json& schema, SchemaViolation* vio
 
 const json& manifest_schema();  // parsed once from the embedded text
 
-}  // namespace flexdit
+}  // namespace flexdit_core

@@ -7,7 +7,7 @@
 
 #include "error.hpp"
 
-namespace flexdit {
+namespace flexdit_core {
 namespace {
 
 std::string dtype_name(ONNXTensorElementDataType t) {
@@ -205,7 +205,7 @@ StageEngine::StageEngine(OrtProcess& ort, const Bundle& bundle, const Stage& st,
     fail(ErrorKind::Bundle, art.path + ": the latent and output must be float32 and the class label int64");
 }
 
-void StageEngine::run_batch(const float* x, float t, const int64_t* y, float* out) const {
+void StageEngine::run_batch(const float* x, const float* t, const int64_t* y, float* out) const {
   const size_t B = stage.batch;
   Ort::MemoryInfo mem = Ort::MemoryInfo::CreateCpu(OrtDeviceAllocator, OrtMemTypeDefault);
   std::vector<float> tf;
@@ -216,13 +216,13 @@ void StageEngine::run_batch(const float* x, float t, const int64_t* y, float* ou
   values[0] = Ort::Value::CreateTensor<float>(mem, const_cast<float*>(x), B * x_row_, xs.data(), xs.size());
   const int64_t tshape[1] = {static_cast<int64_t>(B)};
   if (t_dtype_ == "float32") {
-    tf.assign(B, t);
+    tf.assign(t, t + B);
     values[1] = Ort::Value::CreateTensor<float>(mem, tf.data(), B, tshape, 1);
   } else if (t_dtype_ == "float16") {
-    th.assign(B, float_to_half(t));
+    for (size_t i = 0; i < B; ++i) th.push_back(float_to_half(t[i]));
     values[1] = Ort::Value::CreateTensor(mem, th.data(), B * 2, tshape, 1, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16);
   } else {
-    ti.assign(B, static_cast<int64_t>(t));  // truncation, as numpy's float32 -> int64
+    for (size_t i = 0; i < B; ++i) ti.push_back(static_cast<int64_t>(t[i]));  // truncation, as numpy's float32 -> int64
     values[1] = Ort::Value::CreateTensor<int64_t>(mem, ti.data(), B, tshape, 1);
   }
   values[2] = Ort::Value::CreateTensor<int64_t>(mem, const_cast<int64_t*>(y), B, tshape, 1);
@@ -247,31 +247,34 @@ void StageEngine::run_batch(const float* x, float t, const int64_t* y, float* ou
   }
 }
 
-void StageEngine::run_rows(size_t rows, const float* x, float t, const int64_t* y, float* out,
+void StageEngine::run_rows(size_t rows, const float* x, const float* t, const int64_t* y, float* out,
                            double* ort_seconds) const {
   const size_t B = stage.batch;
-  std::vector<float> px, pout;
+  std::vector<float> px, pt, pout;
   std::vector<int64_t> py;
   for (size_t lo = 0; lo < rows; lo += B) {
     size_t n = std::min(B, rows - lo);
     const float* cx = x + lo * x_row_;
     const int64_t* cy = y + lo;
+    const float* ct = t + lo;
     float* cout = out + lo * out_row_;
     if (n < B) {  // pad with copies of the chunk's first row
       px.assign(cx, cx + n * x_row_);
       py.assign(cy, cy + n);
+      pt.assign(ct, ct + n);
       for (size_t r = n; r < B; ++r) {
         px.insert(px.end(), cx, cx + x_row_);
         py.push_back(cy[0]);
+        pt.push_back(ct[0]);
       }
       pout.resize(B * out_row_);
       double t0 = now();
-      run_batch(px.data(), t, py.data(), pout.data());
+      run_batch(px.data(), pt.data(), py.data(), pout.data());
       if (ort_seconds) *ort_seconds += now() - t0;
       std::copy(pout.begin(), pout.begin() + n * out_row_, cout);
     } else {
       double t0 = now();
-      run_batch(cx, t, cy, cout);
+      run_batch(cx, ct, cy, cout);
       if (ort_seconds) *ort_seconds += now() - t0;
     }
   }
@@ -314,4 +317,4 @@ std::vector<float> DecoderEngine::run_rows(size_t rows, const float* z, double* 
   return out;
 }
 
-}  // namespace flexdit
+}  // namespace flexdit_core

@@ -18,7 +18,7 @@
 #include "ort_env.hpp"
 #include "weights.hpp"
 
-namespace flexdit {
+namespace flexdit_core {
 
 // ONNX Runtime's container of pre-packed weights, shared by the sessions of one model so that
 // the packed form of each shared weight exists once (the C++ API of 1.21 has no wrapper).
@@ -83,10 +83,10 @@ class StageEngine {
   StageEngine(OrtProcess& ort, const Bundle& bundle, const Stage& stage, const Artifact& artifact,
               SharedWeights& weights, const SessionSettings& settings, SharedSessions* shared = nullptr);
 
-  // rows of x (rows, C, H, W), one timestep for every row (fractional for euler: converted to the
+  // rows of x (rows, C, H, W), a timestep per row t (fractional for euler: converted to the
   // declared dtype as numpy converts float32), labels y -> out (rows, Cout, H, W).
   // Adds the time spent inside Session::Run to *ort_seconds.
-  void run_rows(size_t rows, const float* x, float t, const int64_t* y, float* out, double* ort_seconds) const;
+  void run_rows(size_t rows, const float* x, const float* t, const int64_t* y, float* out, double* ort_seconds) const;
 
   const Stage& stage;
   const Artifact& artifact;
@@ -95,7 +95,7 @@ class StageEngine {
   const GraphSession& graph() const { return *graph_; }
 
  private:
-  void run_batch(const float* x, float t, const int64_t* y, float* out) const;
+  void run_batch(const float* x, const float* t, const int64_t* y, float* out) const;
   std::shared_ptr<const GraphSession> graph_;
   const SharedGraph* shared_ = nullptr;
   std::vector<std::string> const_names_;       // the shared graph's stage inputs
@@ -118,4 +118,4 @@ class DecoderEngine {
   size_t batch_, in_row_, out_row_;
 };
 
-}  // namespace flexdit
+}  // namespace flexdit_core

@@ -7,7 +7,7 @@
 #include "files.hpp"
 #include "onnx_scan.hpp"
 
-namespace flexdit {
+namespace flexdit_core {
 namespace {
 
 ONNXTensorElementDataType ort_type(const std::string& dtype) {
@@ -120,4 +120,4 @@ uint64_t SharedWeights::resident_bytes() const {
   return n;
 }
 
-}  // namespace flexdit
+}  // namespace flexdit_core

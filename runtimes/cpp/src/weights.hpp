@@ -12,7 +12,7 @@
 #include "manifest.hpp"
 #include "ort_env.hpp"
 
-namespace flexdit {
+namespace flexdit_core {
 
 class SharedWeights {
  public:
@@ -56,4 +56,4 @@ class SharedWeights {
   std::map<std::string, std::unique_ptr<File>> files_;
 };
 
-}  // namespace flexdit
+}  // namespace flexdit_core

@@ -90,13 +90,13 @@ double rel_max_error(const A& got, const B& ref) {
   static void name();                                                         \
   static testing_min::Register register_##name(#name, name);                  \
   static void name()
-// Expects `expr` to throw flexdit::Error whose message contains `needle`.
+// Expects `expr` to throw flexdit_core::Error whose message contains `needle`.
 #define CHECK_THROWS_WITH(expr, needle)                                                                  \
   do {                                                                                                   \
     std::string _what = "(no exception)";                                                               \
     try {                                                                                                \
       expr;                                                                                              \
-    } catch (const flexdit::Error& _e) {                                                                 \
+    } catch (const flexdit_core::Error& _e) {                                                                 \
       _what = _e.what();                                                                                 \
     }                                                                                                    \
     CHECK(_what.find(needle) != std::string::npos) << "expected '" << (needle) << "', got: " << _what; \

@@ -17,7 +17,7 @@
 #include "samplers.hpp"
 
 namespace fs = std::filesystem;
-using namespace flexdit;
+using namespace flexdit_core;
 using testing_min::rel_max_error;
 
 static const fs::path kConf = fs::path(FLEXDIT_REPO_ROOT) / "flexdit_bundle" / "conformance";

@@ -23,7 +23,7 @@
 #include "prompts.hpp"
 
 namespace fs = std::filesystem;
-using namespace flexdit;
+using namespace flexdit_core;
 
 static const fs::path kTiny = fs::path(FLEXDIT_REPO_ROOT) / "flexdit_bundle" / "conformance" / "tiny-bundle";
 

@@ -2,7 +2,7 @@
 // schema + rules), prompt files, the precision grammar, ONNX initializer tables and .npy headers.
 // Seeded mutations (byte flips, insertions, deletions, truncations, splices of interesting
 // tokens, JSON value swaps) run a fixed number of iterations; the only acceptable outcomes are
-// success or flexdit::Error / std::invalid_argument. Anything else (a crash, another exception,
+// success or flexdit_core::Error / std::invalid_argument. Anything else (a crash, another exception,
 // a sanitizer report in the ASan/UBSan build) fails the test.
 #include <unistd.h>
 
@@ -21,7 +21,7 @@
 #include "prompts.hpp"
 
 namespace fs = std::filesystem;
-using namespace flexdit;
+using namespace flexdit_core;
 
 static const fs::path kTiny = fs::path(FLEXDIT_REPO_ROOT) / "flexdit_bundle" / "conformance" / "tiny-bundle";
 static const int kIterations = 4000;  // per target; fixed so the suite's time is fixed

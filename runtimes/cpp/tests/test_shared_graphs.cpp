@@ -18,7 +18,7 @@
 #include "model.hpp"
 
 namespace fs = std::filesystem;
-using namespace flexdit;
+using namespace flexdit_core;
 
 static fs::path g_bundle;
 
