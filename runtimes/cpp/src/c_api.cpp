@@ -185,6 +185,16 @@ struct Outputs {
   }
 };
 
+// An *_init_size: the library's defaults `d` into the caller's struct_size bytes, the fields
+// newer than this library zero (their default); a size below API 4's writes nothing.
+template <typename T>
+void write_defaults(T* o, size_t struct_size, T d) {
+  if (!o || struct_size < kApi4Size<T>) return;
+  std::memset(static_cast<void*>(o), 0, struct_size);
+  d.struct_size = struct_size;
+  std::memcpy(static_cast<void*>(o), &d, std::min(struct_size, sizeof d));
+}
+
 }  // namespace
 
 struct flexdit_request {
@@ -213,7 +223,6 @@ const char* flexdit_status_name(flexdit_status s) {
 }
 
 void flexdit_load_options_init_size(flexdit_load_options* o, size_t struct_size) {
-  if (!o || struct_size < kApi4Size<flexdit_load_options>) return;
   flexdit_load_options d;
   std::memset(&d, 0, sizeof d);
   d.threads = 0;
@@ -221,9 +230,7 @@ void flexdit_load_options_init_size(flexdit_load_options* o, size_t struct_size)
   d.verify_checksums = 1;
   d.prepack_weights = 1;
   d.shared_graphs = 1;
-  std::memset(o, 0, struct_size);  // fields newer than this library: zero, their default
-  d.struct_size = struct_size;
-  std::memcpy(o, &d, std::min(struct_size, sizeof d));
+  write_defaults(o, struct_size, d);
 }
 
 flexdit_status flexdit_model_load(const char* dir, const flexdit_load_options* options, flexdit_model** out) {
@@ -300,15 +307,12 @@ flexdit_status flexdit_model_class_label(const flexdit_model* model, int64_t id,
 }
 
 void flexdit_sample_options_init_size(flexdit_sample_options* o, size_t struct_size) {
-  if (!o || struct_size < kApi4Size<flexdit_sample_options>) return;
   flexdit_sample_options d;
   std::memset(&d, 0, sizeof d);
   d.cfg_scale = -1;
   d.eta = -1;
   d.clip_denoised = -1;
-  std::memset(o, 0, struct_size);  // fields newer than this library: zero, their default
-  d.struct_size = struct_size;
-  std::memcpy(o, &d, std::min(struct_size, sizeof d));
+  write_defaults(o, struct_size, d);
 }
 
 flexdit_status flexdit_sample(const flexdit_model* model, const int64_t* class_ids, size_t n,
