@@ -35,7 +35,9 @@ def test_inspect_reports_stages(flex_bundle):
     assert s["stages"][0]["gmacs_per_sample"] < s["stages"][2]["gmacs_per_sample"]
     text = run_cli("flexdit-export", "inspect", flex_bundle).stdout
     assert "s=2" in text and "dense" in text and "parity" in text
-    header, *rows = text.splitlines()[2:6]  # the parity column starts at one offset in every row
+    lines = text.splitlines()
+    at = next(i for i, line in enumerate(lines) if "parity (max rel)" in line)
+    header, *rows = lines[at:at + 4]  # the parity column starts at one offset in every row
     col = header.index("parity")
     assert all(row[col - 2:col] == "  " and row[col:].startswith("onnx/fp32 ") for row in rows), text
     assert "(* = the precision a stage loads by default)" in text  # the '*' is always explained
