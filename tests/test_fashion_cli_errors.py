@@ -134,9 +134,12 @@ def test_bad_policy(bundle, policy, message):
     (["eval"], "flexdit-fashion eval: error: the following arguments are required: bundle (see --help)"),
     (["eval", "B", "--per-class", "x"],
      "flexdit-fashion eval: error: argument --per-class: invalid int value: 'x' (see --help)"),
-    (["eval", "B", "--sampler", "euler"],
-     "flexdit-fashion eval: error: argument --sampler: invalid choice: 'euler' (choose from 'ddim', 'ddpm') "
-     "(see --help)"),
+    (["eval", "B", "--sampler", "heun"],
+     "flexdit-fashion eval: error: argument --sampler: invalid choice: 'heun' (choose from 'ddpm', 'ddim', "
+     "'dpmpp-2m', 'unipc', 'euler') (see --help)"),
+    (["compare", "B", "--policies", "int8", "--sampler", "heun"],
+     "flexdit-fashion compare: error: argument --sampler: invalid choice: 'heun' (choose from 'ddpm', 'ddim', "
+     "'dpmpp-2m', 'unipc', 'euler') (see --help)"),
     (["eval", "B", "--threads", "2"], "flexdit-fashion eval: error: unrecognized arguments: --threads 2 (see --help)"),
     (["compare", "B"], "flexdit-fashion compare: error: the following arguments are required: --policies "
                        "(see --help)"),

@@ -12,6 +12,8 @@ import os
 import sys
 import tempfile
 
+from flexdit_runtime.samplers import SAMPLERS
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse with the one-line usage error of ``flexdit-run`` / ``flexdit-export``
@@ -32,7 +34,7 @@ def build_parser():
     p.add_argument("bundle")
     p.add_argument("--per-class", type=int, default=100, help="images per class (default 100)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the bundle's)")
-    p.add_argument("--sampler", choices=("ddim", "ddpm"), help="default: the bundle's")
+    p.add_argument("--sampler", choices=SAMPLERS, help="default: the bundle's")
     p.add_argument("--cfg-scale", type=float, help="default: the bundle's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ckpt", help="also sample this checkpoint in PyTorch with the same noise and compare")
@@ -46,6 +48,7 @@ def build_parser():
                    help="precision specs, e.g. fp16 int8 'int8:stages=0-2,fp16:stages=3'")
     p.add_argument("--per-class", type=int, default=100)
     p.add_argument("--steps", type=int)
+    p.add_argument("--sampler", choices=SAMPLERS, help="default: the bundle's")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int)
     p.add_argument("--json", help="write the report here")
@@ -159,6 +162,7 @@ def _compare(a) -> int:
     if a.json:
         _check_writable("--json", a.json)
     r = compare_policies(load_bundle(a.bundle), {p: p for p in a.policies}, a.per_class, a.seed, a.steps, a.threads,
+                         sampler=a.sampler,
                          log=lambda m: print(m, file=sys.stderr, flush=True), classifier_dir=a.classifier,
                          data_dir=a.data_dir)
     print("| policy | class accuracy | FD | accuracy drop (points) | FD ratio | bar | verdict |")

@@ -95,7 +95,7 @@ def check_policy(bundle, spec) -> None:
 
 
 def compare_policies(bundle, policies: dict, per_class: int, seed: int = 0, steps=None, threads=None,
-                     log=print, classifier_dir=None, data_dir=None) -> dict:
+                     log=print, classifier_dir=None, data_dir=None, sampler=None) -> dict:
     """Sample fp32 once and every policy ({name: precision spec or None for the bundle's
     default}) from the same noise; score and judge each against fp32."""
     from flexdit_runtime import Pipeline
@@ -112,7 +112,7 @@ def compare_policies(bundle, policies: dict, per_class: int, seed: int = 0, step
         raise UserError(f"the end-to-end gate needs at least 1 image per class, got {per_class}")
     check_seed(seed)
     RuntimeSettings(providers=["cpu"], threads=threads)  # refuses --threads < 1
-    resolve_params(bundle.sampling_defaults, bundle.diffusion["num_timesteps"], steps=steps)
+    resolve_params(bundle.sampling_defaults, bundle.diffusion["num_timesteps"], steps=steps, sampler=sampler)
     for spec in policies.values():
         check_policy(bundle, spec)
     classifier, _ = load_classifier(classifier_dir)
@@ -124,7 +124,7 @@ def compare_policies(bundle, policies: dict, per_class: int, seed: int = 0, step
         backend, spec = split_backend(spec)
         pipe = Pipeline(bundle, providers=["cpu"], threads=threads, precision=spec, backend=backend)
         used = dict(enumerate(pipe.runner.precisions))
-        res, settings, _ = sample_bundle(None, labels, steps=steps, seed=seed, pipeline=pipe)
+        res, settings, _ = sample_bundle(None, labels, steps=steps, sampler=sampler, seed=seed, pipeline=pipe)
         scores = {**_scores(res.images, labels, classifier, test_feats), "seconds": res.seconds,
                   "policy": describe(used)}
         log(f"end-to-end: {name} ({scores['policy']}): class accuracy {scores['class_accuracy']:.3f}, "
