@@ -106,6 +106,35 @@ def test_images_equal_flexdit_run_files(app, serve_bundle, tmp_path):
     assert status == 200 and headers["content-type"] == "image/png" and png == want[0]
 
 
+def test_solver_requests_equal_flexdit_run_files(app, serve_bundle, tmp_path):
+    """Requests of the few-step solvers and of DDPM share the server's stage calls; each answer is
+    still the image flexdit-run draws with that solver alone."""
+    (tmp_path / "p.txt").write_text("2\n")
+    settings = [("dpmpp-2m", 6), ("unipc", 5), ("euler", 7), ("ddpm", 8)]
+    want = {}
+    for sampler, steps in settings:
+        out = tmp_path / f"{sampler}-{steps}"
+        run_cli("flexdit-run", tmp_path / "p.txt", "--bundle", serve_bundle, "-o", out, "--sampler", sampler,
+                "--steps", steps, "--seed", 5, "-q")
+        want[sampler] = next(out.glob("000_*.png")).read_bytes()
+    results = {}
+
+    def client(sampler, steps):
+        results[sampler] = call(app, "/t/v1/images", {"prompts": [2], "seed": 5, "steps": steps, "sampler": sampler})
+
+    threads = [threading.Thread(target=client, args=s) for s in settings]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for sampler, _ in settings:
+        status, payload, _ = results[sampler]
+        assert status == 200, payload
+        assert pngs(payload) == [want[sampler]], sampler
+    status, payload, _ = call(app, "/t/v1/images", {"prompts": [2], "sampler": "euler", "eta": 0.5})
+    assert status == 400 and b"eta" in payload
+
+
 def test_service_endpoints(app):
     assert call(app, "/t/healthz")[0] == 200
     status, body, _ = call(app, "/t/readyz")
