@@ -66,10 +66,18 @@ def measure(bundle: Path, per_class: int, out: Path, threads: int | None) -> dic
     return results
 
 
+def _cpu_model() -> str:
+    import platform
+
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def timing(bundle: Path, keys: list[str], out: Path, images: int, rounds: int, threads: int | None) -> dict:
     """Per-image time of each setting against DDPM-250, interleaved round by round in one process
     (the sequential ms/image of ``measure`` drift with the machine's load): medians and ratios."""
-    import platform
     import statistics
     import time
 
@@ -87,7 +95,7 @@ def timing(bundle: Path, keys: list[str], out: Path, images: int, rounds: int, t
             pipe(labels, sampler=sampler, steps=int(steps), seed=0)
             runs[k].append((time.perf_counter() - t0) / images)
     med = {k: statistics.median(v) for k, v in runs.items()}
-    results["timing"] = {"cpu": platform.processor() or platform.machine(), "images": images, "rounds": rounds,
+    results["timing"] = {"cpu": _cpu_model(), "images": images, "rounds": rounds,
                          "threads": threads, "ms_per_image": {k: v * 1e3 for k, v in med.items()},
                          "ratio_to_ddpm250": {k: med[k] / med["ddpm-250"] for k in keys}}
     out.write_text(json.dumps(results, indent=1))
