@@ -66,7 +66,7 @@ def build_shared(b, cs, out: Path) -> None:
     """Write pooled.xml (NNCF over all stages' rows) and dynq.xml (int8 weights) + feeds.npz."""
     import nncf
     import openvino as ov
-    from calib.readers import StageBatches
+    from flexdit_export.calib.readers import StageBatches
 
     core = ov.Core()
     base, feeds = merged_fp32(ov, core, b)
@@ -150,8 +150,8 @@ def main():
     if args.rss_child:
         return rss_child(args.bundle, args.rss_child[0], args.rss_child[1], args.threads)
     # only here: the RSS children must not pay for calib's or timing's (torch) imports
-    from calib.readers import StageBatches
-    from calib.store import CalibSet
+    from flexdit_export.calib.readers import StageBatches
+    from flexdit_export.calib.store import CalibSet
     from timing import interleaved_medians
 
     b = load_bundle(args.bundle, defer_weights=True)

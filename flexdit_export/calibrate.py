@@ -1,4 +1,4 @@
-"""The compiler's side of ``calib/``: ``flexdit-export calibrate`` (capture a per-stage set on
+"""The compiler's side of ``flexdit_export/calib/``: ``flexdit-export calibrate`` (capture a per-stage set on
 its own; ``convert --calib DIR`` then uses it, ``flexdit-export inspect DIR`` shows it) and the
 calibration set a conversion's plan asks for (given, reused or captured)."""
 
@@ -15,8 +15,8 @@ from .schedule import check_explicit
 
 def calibrate(ckpt, out, *, schedule=None, batch=2, num_heads=None, semantic_size=None, init_from_dit=None,
               num_timesteps=1000, cfg_channels=None, settings=None, force=False, log=print):
-    from calib import CalibError
-    from calib.capture import CaptureSettings, capture
+    from flexdit_export.calib import CalibError
+    from flexdit_export.calib.capture import CaptureSettings, capture
 
     problem = target_problem(out, force, "calibration set directory")
     if problem:
@@ -46,8 +46,8 @@ def stage_calibration(plan, log):
     """The plan's calibration set, ready for the builders: the given one, or the capture into
     ``OUT.calib`` (reused when it was made with exactly these settings). Every stage needs at
     least one graph batch of calibration and of held-out rows."""
-    from calib import CalibError
-    from calib.capture import capture_or_reuse
+    from flexdit_export.calib import CalibError
+    from flexdit_export.calib.capture import capture_or_reuse
 
     choice = plan.calibration
     if choice.existing is not None:
@@ -78,9 +78,9 @@ def find_matching_set(plan, limit: int = 64):
     beside ``-o out/bundle``), matched by content: the weights' hash, the schedule and the
     capture settings. When no graph needs static scales (only the held-out gate reads rows), any
     set of the same weights and schedule with enough rows will do. None when there is none."""
-    from calib import CalibError, CalibSet
-    from calib.capture import settings_record
-    from calib.store import INDEX
+    from flexdit_export.calib import CalibError, CalibSet
+    from flexdit_export.calib.capture import settings_record
+    from flexdit_export.calib.store import INDEX
 
     choice = plan.calibration
     want = settings_record(plan.model, choice.settings, plan.num_timesteps, plan.cfg_channels)

@@ -160,7 +160,7 @@ def render(s: dict) -> str:
 
 
 def summarise_calib(path) -> dict:
-    from calib import CalibError, CalibSet
+    from flexdit_export.calib import CalibError, CalibSet
 
     from .errors import UserError
     try:

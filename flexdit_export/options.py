@@ -27,7 +27,7 @@ class ConvertOptions:
     seed: int = 0
     force: bool = False
     defaults: dict = field(default_factory=dict)
-    # optimisation and precision (flexdit_export.optimize / .quantize, calib/)
+    # optimisation and precision (flexdit_export.optimize / .quantize, .calib)
     optimize: bool = False
     optimize_level: str = "basic"
     onnxsim: bool = False

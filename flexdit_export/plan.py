@@ -354,8 +354,8 @@ def needs_static_scales(plan: ConvertPlan) -> bool:
 def _calibration_choice(plan: ConvertPlan, opts: ConvertOptions) -> CalibrationChoice:
     """``--calib DIR`` must exist and fit this model and schedule; else the capture settings
     (bundle defaults + overrides) must be valid."""
-    from calib import CalibError, CalibSet
-    from calib.capture import CaptureSettings, model_sha256
+    from flexdit_export.calib import CalibError, CalibSet
+    from flexdit_export.calib.capture import CaptureSettings, model_sha256
 
     target = Path(str(plan.out).rstrip("/") + ".calib")
     if opts.calib:

@@ -1,13 +1,13 @@
-"""calib/: per-stage calibration sets captured from real trajectories, hashes, readers."""
+"""flexdit_export/calib/: per-stage calibration sets captured from real trajectories, hashes, readers."""
 
 import json
 
 import numpy as np
 import pytest
 
-from calib import CalibError, CalibSet
-from calib.capture import CaptureSettings, capture
-from calib.readers import OrtCalibrationReader, StageBatches
+from flexdit_export.calib import CalibError, CalibSet
+from flexdit_export.calib.capture import CaptureSettings, capture
+from flexdit_export.calib.readers import OrtCalibrationReader, StageBatches
 from conftest import run_cli
 from flexdit_export.reference_sampler import ReferenceDiffusion, reference_sample
 

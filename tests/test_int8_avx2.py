@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calib import CalibSet
-from calib.readers import StageBatches
+from flexdit_export.calib import CalibSet
+from flexdit_export.calib.readers import StageBatches
 from conftest import run_cli
 from flexdit_bundle.cpu import measured_on
 from flexdit_export.export import error_stats

@@ -10,8 +10,8 @@ import onnx
 import pytest
 import torch
 
-from calib import CalibSet
-from calib.readers import StageBatches
+from flexdit_export.calib import CalibSet
+from flexdit_export.calib.readers import StageBatches
 from conftest import run_cli
 from flexdit_export.export import error_stats, layer_of, onnx_session
 from flexdit_export.schedule import Stage

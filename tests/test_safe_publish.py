@@ -102,7 +102,7 @@ def test_signal_during_convert_leaves_nothing(ref_ckpt, tmp_path, sig):
 
 
 def test_bundle_and_calibration_dirs_take_the_umask(ref_ckpt, tmp_path):
-    from calib.store import write_set
+    from flexdit_export.calib.store import write_set
     import numpy as np
 
     stages = [{"id": 0, "t_min": 0, "t_max": 999, "sparse_grid": 2}]

@@ -33,7 +33,7 @@ class DerivedOnnx(Builder):
 
     @staticmethod
     def rows(comp, ctx, split: str) -> list[dict]:
-        from calib.readers import StageBatches
+        from flexdit_export.calib.readers import StageBatches
 
         return list(StageBatches(ctx.calib, comp.stage_id, ctx.plan.batch, split))
 

@@ -13,7 +13,7 @@ class OnnxFp8(DerivedOnnx):
     may_not_run = True
 
     def make(self, src, dst, comp, ctx):
-        from calib.readers import OrtCalibrationReader
+        from flexdit_export.calib.readers import OrtCalibrationReader
 
         reader = OrtCalibrationReader(ctx.calib, comp.stage_id, ctx.plan.batch)
         return {"quantization": {**fp8_static(src, dst, reader, **self.selection(ctx)),

@@ -18,7 +18,7 @@ class OnnxInt8Static(DerivedOnnx):
     precision = "int8-static"
 
     def make(self, src, dst, comp, ctx):
-        from calib.readers import OrtCalibrationReader
+        from flexdit_export.calib.readers import OrtCalibrationReader
 
         reader = OrtCalibrationReader(ctx.calib, comp.stage_id, ctx.plan.batch)
         return {"quantization": {**int8_static(src, dst, reader, method=ctx.plan.quant.calib_method,

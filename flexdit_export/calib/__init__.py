@@ -1,4 +1,4 @@
-"""calib: calibration data for quantising stage graphs.
+"""flexdit_export.calib: calibration data for quantising stage graphs.
 
 Trajectory capture (``capture``: the PyTorch model sampled with the bundle's sampler, every
 network call filed under its stage), per-stage sample sets on disk with a content hash
@@ -6,7 +6,7 @@ network call filed under its stage), per-stage sample sets on disk with a conten
 ``store`` and ``readers`` need only numpy (and onnxruntime for its reader); ``capture`` needs
 torch.
 
-Dependencies run one way: the compiler (``flexdit_export``) uses calib; calib imports only
+Dependencies run one way: the rest of the compiler uses calib; calib imports only
 the bundle contract (``flexdit_bundle``) and the runtime's respacing rule, never the compiler
 (the sampler it records through is passed in). ``tests/test_imports.py`` holds that.
 """
