@@ -33,8 +33,7 @@ MIN_ALPHAS_CUMPROD = 1e-30  # below it 1 / sqrt(alphas_cumprod) and the update o
 MIN_VALUE_SPAN = 1e-6  # hi - lo of output.value_range
 
 
-class BundleError(Exception):
-    """The bundle cannot be trusted or used; the message says why and what to do."""
+from .errors import BundleError  # noqa: E402,F401  (defined with the other user errors; re-exported here)
 
 
 def schema() -> dict:

@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from flexdit_runtime.cli_common import FLOAT, INT, Choice, output_options
+from flexdit_bundle.cli_support import FLOAT, INT, Choice, output_options
 from flexdit_runtime.samplers import SAMPLERS
 
 BACKEND_CHOICES = ("onnx", "tensorrt", "openvino", "aoti")
@@ -224,7 +224,7 @@ def doctor(**kw):
 
 
 def main(argv=None) -> int:
-    from flexdit_runtime.cli_common import run
+    from flexdit_bundle.cli_support import run
 
     return run(cli, "flexdit-export", argv)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flexdit_bundle.errors import FlexditError
 from flexdit_bundle.files import StagingDirectory, sha256_file
 
 FORMAT = "flexdit-calib"
@@ -27,7 +28,7 @@ INDEX = "calib.json"
 SPLITS = ("calib", "holdout")
 
 
-class CalibError(Exception):
+class CalibError(FlexditError):
     """The calibration set is missing, incomplete, modified or made for another model/schedule."""
 
 

@@ -17,7 +17,7 @@ from flexdit_runtime.samplers import SAMPLERS
 
 class _Parser(argparse.ArgumentParser):
     """argparse with the one-line usage error of ``flexdit-run`` / ``flexdit-export``
-    (``flexdit_runtime.cli_common.run``): ``PROG CMD: error: MESSAGE (see --help)``, status 2,
+    (``flexdit_bundle.cli_support.run``): ``PROG CMD: error: MESSAGE (see --help)``, status 2,
     instead of the multi-line usage block. Subcommand parsers inherit the class."""
 
     def error(self, message):

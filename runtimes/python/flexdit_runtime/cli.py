@@ -22,7 +22,7 @@ import click
 from flexdit_bundle.files import ForeignEntries, StagingDirectory, entry_label, os_error_message, write_problem
 from flexdit_bundle.manifest import BundleError
 
-from .cli_common import FLOAT, INT, Choice, output_options, run
+from flexdit_bundle.cli_support import FLOAT, INT, Choice, output_options, run
 from .device import DEVICES
 from .images import GRID_SCALES, GRID_TILE, grid, save_png
 from .pipeline import Pipeline

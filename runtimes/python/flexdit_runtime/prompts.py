@@ -7,8 +7,7 @@ import difflib
 from pathlib import Path
 
 
-class PromptError(ValueError):
-    pass
+from flexdit_bundle.errors import PromptError  # noqa: E402,F401  (re-exported: the API raises it from here)
 
 
 ECHO_LIMIT = 60

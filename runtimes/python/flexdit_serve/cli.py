@@ -21,7 +21,7 @@ import warnings
 import click
 
 from flexdit_bundle.manifest import BundleError, load_bundle
-from flexdit_runtime.cli_common import FLOAT, INT, Choice, run
+from flexdit_bundle.cli_support import FLOAT, INT, Choice, run
 from flexdit_runtime.stage_engine import backend_choices
 
 from .config import BATCHING, ConfigError, ServeConfig

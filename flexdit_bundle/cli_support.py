@@ -1,8 +1,11 @@
-"""What both command lines (``flexdit-run``, ``flexdit-export``) share on top of click: parameter
+"""What the command lines (``flexdit-run``, ``flexdit-serve``, ``flexdit-export``) share on top of click: parameter
 types and one-line usage errors in the wording scripts and the C++ runtime's tests already
 match (``argument --steps: invalid int value: 'x'``), exit codes (2 for every user error, 130
 for Ctrl-C), and the ``--json`` / ``-q`` pair declared once. click gives shell completion:
-``eval "$(_FLEXDIT_RUN_COMPLETE=bash_source flexdit-run)"`` (likewise ``_FLEXDIT_EXPORT_COMPLETE``)."""
+``eval "$(_FLEXDIT_RUN_COMPLETE=bash_source flexdit-run)"`` (likewise ``_FLEXDIT_EXPORT_COMPLETE``).
+
+It lives in the contract package, beside the errors it reports, because the compiler and the
+runtimes each install it and neither may import the other."""
 
 from __future__ import annotations
 
