@@ -1,6 +1,7 @@
 """The package dependency graph has one direction: runtime <- contract <- calib <- compiler
-<- demo evaluation (calib is a sub-package of the compiler that the rest of it builds on). Read from the source with ``ast`` (every import statement, also the ones
-inside functions), so a lazy import cannot hide a cycle."""
+<- demo evaluation (calib is a sub-package of the compiler that the rest of it builds on). Read
+from the source with ``ast`` (every import statement, also the ones inside functions), so a lazy
+import cannot hide a cycle."""
 
 import ast
 from pathlib import Path

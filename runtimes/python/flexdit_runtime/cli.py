@@ -83,10 +83,13 @@ def _backend_choices() -> tuple:
 def version_text() -> str:
     from importlib import metadata
 
-    try:
-        v = metadata.version("flexdit-export")
-    except metadata.PackageNotFoundError:
-        v = "unknown (not installed)"
+    v = "unknown (not installed)"
+    for dist in ("flexdit-runtime", "flexdit-export"):  # the runtime alone, or the development install
+        try:
+            v = metadata.version(dist)
+            break
+        except metadata.PackageNotFoundError:
+            pass
     try:
         import onnxruntime as ort
         ort_v = f"onnxruntime {ort.__version__} (providers: {', '.join(ort.get_available_providers())})"
