@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import schema_check
 from .files import OutsideError, resolve_inside, sha256_file
+from .spec import Artifact, Decoder, Diffusion, Manifest, Model, SamplingDefaults, SharedGraph, Stage, WeightFile
 
 FORMAT_NAME, FORMAT_VERSION = "flexdit-bundle", 2
 # Migration rule: a v1 bundle (every graph self-contained, no ``weights``) is a valid v2 bundle
@@ -40,8 +41,11 @@ def schema() -> dict:
     return json.loads(resources.files(__package__).joinpath("manifest.schema.json").read_text())
 
 
-def validate_manifest(m: dict) -> None:
-    """Schema plus the rules a schema cannot say (coverage of timesteps, unique ids)."""
+def validate_manifest(m: dict | Manifest) -> None:
+    """Schema plus the rules a schema cannot say (coverage of timesteps, unique ids). Works on
+    the JSON form: it runs before the manifest is trusted to have the types' shape."""
+    if isinstance(m, Manifest):
+        m = m.to_json()
     try:
         schema_check.validate(m, schema())
     except schema_check.SchemaError as e:
@@ -205,83 +209,94 @@ def _validate_shared_graphs(m: dict, files: dict) -> None:
             raise BundleError(f"shared graph {gid!r} lists stages {graphs[gid]['stages']}, but stages {stages} use it")
 
 
-def stage_for(stages: list, t: int) -> dict:
-    """The stage entry whose [t_min, t_max] holds original timestep ``t``."""
+def stage_for(stages, t: int):
+    """The stage entry whose [t_min, t_max] holds original timestep ``t`` (typed stages, or the
+    JSON dicts of a manifest not yet loaded)."""
     for st in stages:
-        if st["t_min"] <= t <= st["t_max"]:
+        typed = st if isinstance(st, Stage) else Stage.from_json(st)
+        if typed.serves(t):
             return st
     raise BundleError(f"no stage serves timestep {t}")
 
 
 @dataclass
 class Bundle:
+    """A bundle directory and its typed manifest (a dict given here is read with ``from_json``)."""
+
     root: Path
-    manifest: dict
+    manifest: Manifest
+
+    def __post_init__(self):
+        if not isinstance(self.manifest, Manifest):
+            self.manifest = Manifest.from_json(self.manifest)
 
     @property
-    def stages(self) -> list:
-        return self.manifest["stages"]
+    def stages(self) -> tuple[Stage, ...]:
+        return self.manifest.stages
 
     @property
-    def model(self) -> dict:
-        return self.manifest["model"]
+    def model(self) -> Model:
+        return self.manifest.model
 
     @property
-    def diffusion(self) -> dict:
-        return self.manifest["diffusion"]
+    def diffusion(self) -> Diffusion:
+        return self.manifest.diffusion
 
     @property
-    def decoder(self) -> dict | None:
-        return self.manifest["decoder"]
+    def decoder(self) -> Decoder | None:
+        return self.manifest.decoder
 
-    def artifact(self, entry: dict, backend: str = "onnx", precision: str | None = None) -> dict:
+    def artifact(self, entry: Stage | Decoder, backend: str = "onnx", precision: str | None = None) -> Artifact:
         """The artifact of a stage (or the decoder) for a backend and precision
         (None: the first one listed for the backend)."""
-        for a in entry["artifacts"]:
-            if a["backend"] == backend and (precision is None or a["precision"] == precision):
+        for a in entry.artifacts:
+            if a.backend == backend and (precision is None or a.precision == precision):
                 return a
-        have = ", ".join(f"{a['backend']}/{a['precision']}" for a in entry["artifacts"])
+        have = ", ".join(f"{a.backend}/{a.precision}" for a in entry.artifacts)
         want = backend + (f"/{precision}" if precision else "")
-        what = f"stage {entry['id']}" if "id" in entry else "this graph"
+        what = f"stage {entry.id}" if isinstance(entry, Stage) else "this graph"
         hint = "" if backend != "onnx" else "; build it with flexdit-export convert --precision/--extra-precisions"
         if backend == "tensorrt":
             hint = "; build engines with flexdit-export engines BUNDLE"
         raise BundleError(f"bundle has no {want} artifact for {what} (it has: {have}){hint}")
 
-    def path(self, artifact: dict) -> Path:
+    def path(self, artifact) -> Path:
         """The file of an artifact (or of any manifest entry with a ``path``), confined to the bundle."""
         try:
-            return resolve_inside(self.root, artifact["path"])
+            return resolve_inside(self.root, artifact.path)
         except OutsideError as e:
             raise BundleError(f"{e}; refusing to read it") from None
 
-    def stage_for(self, t: int) -> dict:
+    def stage_for(self, t: int) -> Stage:
         """The stage that serves original timestep ``t``."""
         return stage_for(self.stages, t)
 
     @property
-    def sampling_defaults(self) -> dict:
-        return {**SAMPLING_DEFAULTS, **self.diffusion.get("defaults", {})}
+    def sampling_defaults(self) -> SamplingDefaults:
+        """The bundle's defaults with every one it leaves out taken from ``SAMPLING_DEFAULTS``."""
+        own = self.diffusion.defaults
+        return SamplingDefaults(**{k: v if own is None or getattr(own, k) is None else getattr(own, k)
+                                   for k, v in SAMPLING_DEFAULTS.items()})
 
     @property
-    def weight_files(self) -> dict:
+    def weight_files(self) -> dict[str, WeightFile]:
         """Shared weight files by id (format v2; empty for self-contained graphs)."""
-        return {w["id"]: w for w in self.manifest.get("weights") or []}
+        return {w.id: w for w in self.manifest.weights or ()}
 
     @property
-    def shared_graphs(self) -> dict:
+    def shared_graphs(self) -> dict[str, SharedGraph]:
         """Graphs shared by several stages, by id (optional; see ``add_shared_graphs`` in the compiler)."""
-        return {g["id"]: g for g in self.manifest.get("shared_graphs") or []}
+        return {g.id: g for g in self.manifest.shared_graphs or ()}
 
     def all_files(self):
         """Every file entry the manifest checksums: shared weight files, shared graphs, graphs, external data."""
-        yield from self.manifest.get("weights") or []
-        yield from self.manifest.get("shared_graphs") or []
-        for entry in self.stages + ([self.decoder] if self.decoder else []):
-            for a in entry["artifacts"]:
+        yield from self.manifest.weights or ()
+        yield from self.manifest.shared_graphs or ()
+        for entry in self.manifest.graph_entries:
+            for a in entry.artifacts:
                 yield a
-                if "external_data" in a:
-                    yield a["external_data"]
+                if a.external_data is not None:
+                    yield a.external_data
 
 
 def _finite(text: str) -> float:
@@ -335,19 +350,19 @@ def load_bundle(path, verify_checksums: bool = True, defer_weights: bool = False
     if not isinstance(m, dict) or m.get("format", {}).get("name") != FORMAT_NAME:
         raise BundleError(f"{mf} is not a {FORMAT_NAME} manifest")
     validate_manifest(m)
-    bundle = Bundle(root, m)
+    bundle = Bundle(root, Manifest.from_json(m))
     if verify_checksums:
-        deferred = {id(w) for w in bundle.manifest.get("weights") or []} if defer_weights else set()
+        deferred = {id(w) for w in bundle.manifest.weights or ()} if defer_weights else set()
         for a in bundle.all_files():
             f = bundle.path(a)
             if not f.is_file():
-                raise BundleError(f"bundle file missing: {a['path']} (the bundle is incomplete; re-run flexdit-export convert)")
+                raise BundleError(f"bundle file missing: {a.path} (the bundle is incomplete; re-run flexdit-export convert)")
             if id(a) in deferred:
-                if f.stat().st_size != a["bytes"]:
-                    raise BundleError(f"checksum mismatch for {a['path']}: the bundle was modified or truncated; "
+                if f.stat().st_size != a.bytes:
+                    raise BundleError(f"checksum mismatch for {a.path}: the bundle was modified or truncated; "
                                       "re-run flexdit-export convert")
                 continue
-            if sha256_file(f) != a["sha256"]:
-                raise BundleError(f"checksum mismatch for {a['path']}: the bundle was modified or truncated; "
+            if sha256_file(f) != a.sha256:
+                raise BundleError(f"checksum mismatch for {a.path}: the bundle was modified or truncated; "
                                   "re-run flexdit-export convert")
     return bundle

@@ -6,45 +6,56 @@ from flexdit_bundle.manifest import MANIFEST, SAMPLING_DEFAULTS, load_bundle
 
 
 def summarise(bundle_path, verify_checksums: bool = True) -> dict:
+    """The bundle as the JSON ``inspect --json`` prints (manifest parts in their manifest form)."""
     b = load_bundle(bundle_path, verify_checksums)
     m = b.manifest
-    cfg = m["model"]["config"]
-    N = (cfg["input_size"] // cfg["patch_size"]) ** 2
+    cfg = m.model.config
+    N = (cfg.input_size // cfg.patch_size) ** 2
     stages = []
     for st in b.stages:
         stages.append({
-            "id": st["id"], "t_min": st["t_min"], "t_max": st["t_max"], "sparse_grid": st["sparse_grid"],
-            "tokens": st["tokens"], "dense_tokens": N, "pruning_rate": round(1 - st["tokens"] / N, 4),
-            "batch": st["batch"], "gmacs_per_sample": round(st.get("macs", 0) / 1e9, 3),
-            "default_precision": st.get("default_precision"),
-            "artifacts": [{"backend": a["backend"], "precision": a["precision"], "path": a["path"],
-                           "bytes": a.get("bytes", 0) + a.get("external_data", {}).get("bytes", 0),
-                           "shared_bytes": _bound_bytes(b, a), "weight_file": a.get("weights", {}).get("file"),
-                           **{k: a[k] for k in ("optimization", "error", "check", "quantization", "fp32_islands",
-                                                "tensorrt") if k in a}}
-                          for a in st["artifacts"]],
-            "parity": st.get("parity", {}),
+            "id": st.id, "t_min": st.t_min, "t_max": st.t_max, "sparse_grid": st.sparse_grid,
+            "tokens": st.tokens, "dense_tokens": N, "pruning_rate": round(1 - st.tokens / N, 4),
+            "batch": st.batch, "gmacs_per_sample": round((st.macs or 0) / 1e9, 3),
+            "default_precision": st.default_precision,
+            "artifacts": [{"backend": a.backend, "precision": a.precision, "path": a.path, "bytes": _file_bytes(a),
+                           "shared_bytes": _bound_bytes(b, a), "weight_file": a.weights.file if a.weights else None,
+                           **{k: _json(v) for k, v in (("optimization", a.optimization), ("error", a.error),
+                                                       ("check", a.check), ("quantization", a.quantization),
+                                                       ("fp32_islands", a.fp32_islands), ("tensorrt", a.tensorrt))
+                              if v is not None}}
+                          for a in st.artifacts],
+            "parity": st.parity or {},
         })
-    dec = m["decoder"]
+    dec = m.decoder
     weights, sizes = _weights_summary(b)
-    return {"bundle": str(bundle_path), "format": m["format"], "created_by": m["created_by"],
-            "model": {k: m["model"][k] for k in ("family", "name", "num_classes")} | {"config": cfg},
-            "diffusion": m["diffusion"], "stages": stages,
-            "decoder": None if not dec else {"kind": dec["kind"], "scale_factor": dec["scale_factor"],
-                                             "parity": dec.get("parity", {})},
-            "output": m["output"], "weights": weights, "shared_graphs": _shared_graphs(b), "sizes": sizes,
+    return {"bundle": str(bundle_path), "format": m.format.to_json(), "created_by": m.created_by.to_json(),
+            "model": {"family": m.model.family, "name": m.model.name, "num_classes": m.model.num_classes,
+                      "config": cfg.to_json()},
+            "diffusion": m.diffusion.to_json(), "stages": stages,
+            "decoder": None if not dec else {"kind": dec.kind, "scale_factor": dec.scale_factor,
+                                             "parity": dec.parity or {}},
+            "output": m.output.to_json(), "weights": weights, "shared_graphs": _shared_graphs(b), "sizes": sizes,
             "total_bytes": sizes["total"],
-            "calibration": _calib_brief(m.get("calibration")),
-            "quality": m.get("quality")}
+            "calibration": _calib_brief(m.calibration),
+            "quality": m.quality}
+
+
+def _json(v):
+    return v.to_json() if hasattr(v, "to_json") else v
+
+
+def _file_bytes(a) -> int:
+    """Bytes of an artifact's own files: the graph and its external data."""
+    return (a.bytes or 0) + (a.external_data.bytes or 0 if a.external_data else 0)
 
 
 def _bound_bytes(b, a) -> int:
     """Bytes of shared weight tensors a graph uses (stored once, in its precision's weight file)."""
-    ref = a.get("weights")
-    if not ref:
+    if not a.weights:
         return 0
-    tensors = b.weight_files[ref["file"]]["tensors"]
-    return sum(tensors[i]["bytes"] for i in set(ref["bindings"].values()))
+    tensors = b.weight_files[a.weights.file].tensors
+    return sum(tensors[i].bytes for i in set(a.weights.bindings.values()))
 
 
 def _weights_summary(b) -> tuple[list, dict]:
@@ -52,15 +63,15 @@ def _weights_summary(b) -> tuple[list, dict]:
     per-stage graph files, decoder and manifest."""
     users = {}
     for st in b.stages:
-        for a in st["artifacts"]:
-            if a.get("weights"):
-                users.setdefault(a["weights"]["file"], set()).add(st["id"])
-    weights = [{"id": w["id"], "path": w["path"], "bytes": w["bytes"], "tensors": len(w["tensors"]),
-                "sha256": w["sha256"], "stages": sorted(users.get(w["id"], ()))} for w in b.manifest.get("weights") or []]
+        for a in st.artifacts:
+            if a.weights:
+                users.setdefault(a.weights.file, set()).add(st.id)
+    weights = [{"id": w.id, "path": w.path, "bytes": w.bytes, "tensors": len(w.tensors),
+                "sha256": w.sha256, "stages": sorted(users.get(w.id, ()))} for w in b.weight_files.values()]
     def files(entries):
-        return sum(a.get("bytes", 0) + a.get("external_data", {}).get("bytes", 0) for e in entries for a in e["artifacts"])
-    sizes = {"shared_weights": sum(w["bytes"] for w in weights), "per_stage": files(b.stages),
-             "shared_graphs": sum(g["bytes"] for g in b.shared_graphs.values()),
+        return sum(_file_bytes(a) for e in entries for a in e.artifacts)
+    sizes = {"shared_weights": sum(w.bytes for w in b.weight_files.values()), "per_stage": files(b.stages),
+             "shared_graphs": sum(g.bytes for g in b.shared_graphs.values()),
              "decoder": files([b.decoder]) if b.decoder else 0,
              "manifest": (b.root / MANIFEST).stat().st_size if (b.root / MANIFEST).exists() else 0}
     sizes["total"] = sum(sizes.values())
@@ -69,17 +80,17 @@ def _weights_summary(b) -> tuple[list, dict]:
 
 def _shared_graphs(b) -> list:
     """Graphs that stand for several stage graphs (one session for those stages at run time)."""
-    return [{"id": g["id"], "path": g["path"], "bytes": g["bytes"], "precision": g["precision"], "stages": g["stages"],
-             "stage_inputs": g["stage_inputs"], "verified": g["verified"]} for g in b.shared_graphs.values()]
+    return [{"id": g.id, "path": g.path, "bytes": g.bytes, "precision": g.precision, "stages": list(g.stages),
+             "stage_inputs": list(g.stage_inputs), "verified": g.verified.to_json()} for g in b.shared_graphs.values()]
 
 
 def _calib_brief(c):
     if not c:
         return None
-    return {"sha256": c["sha256"], "path": c.get("path"), "method": c.get("method"),
-            "settings": {k: c["settings"].get(k) for k in ("sampler", "steps", "cfg_scale", "images", "holdout_images",
-                                                           "seed", "max_rows")},
-            "stages": c["stages"]}
+    return {"sha256": c.sha256, "path": c.extra.get("path"), "method": c.method,
+            "settings": {k: c.settings.get(k) for k in ("sampler", "steps", "cfg_scale", "images", "holdout_images",
+                                                        "seed", "max_rows")},
+            "stages": [x.to_json() for x in c.stages]}
 
 
 def _sampling_line(d: dict) -> str:

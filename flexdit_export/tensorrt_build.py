@@ -179,7 +179,7 @@ def engines_command(bundle_path, precision_spec=None, cache_dir=None, timing_cac
     except PrecisionError as e:
         raise UserError(str(e)) from None
     policy = {st["id"]: policy.get(st["id"], st.get("default_precision", "fp32")) for st in stages}
-    manifest = json.loads(json.dumps(bundle.manifest))
+    manifest = bundle.manifest.to_json()
     for st in manifest["stages"]:
         st["artifacts"] = [a for a in st["artifacts"] if a["backend"] != "tensorrt"]
     with BundleWriter.updating(bundle_path) as w:

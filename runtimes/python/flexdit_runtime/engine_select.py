@@ -155,7 +155,7 @@ def profile_path(bundle: Bundle, settings: RuntimeSettings, wants, kinds) -> Pat
     if not base:
         return None
     key = json.dumps([str(Path(bundle.root).resolve()),
-                      hashlib.sha256(json.dumps(bundle.manifest, sort_keys=True).encode()).hexdigest(),
+                      hashlib.sha256(json.dumps(bundle.manifest.to_json(), sort_keys=True).encode()).hexdigest(),
                       settings.threads, os.cpu_count(), platform.processor() or platform.machine(), wants, kinds])
     return Path(base) / "auto-profiles" / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
 

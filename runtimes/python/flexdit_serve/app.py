@@ -139,8 +139,8 @@ class FlexDiTServer:
     @api.get("/v1/model", summary="what this bundle draws and how")
     async def model_info(self):
         m = self.model
-        return {"classes": m.classes.names, "num_classes": m.classes.num_classes, "defaults": m.defaults,
-                "stages": [{"id": st["id"], "t_min": st["t_min"], "t_max": st["t_max"], "batch": b}
+        return {"classes": m.classes.names, "num_classes": m.classes.num_classes, "defaults": m.defaults.to_json(),
+                "stages": [{"id": st.id, "t_min": st.t_min, "t_max": st.t_max, "batch": b}
                            for st, b in zip(m.bundle.stages, m.runner.batches)],
                 "batching": self.config.batching, "max_images_per_request": self.max_images}
 
