@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
+from flexdit_export.component_io import stage_io
 from flexdit_export.export import export_onnx
 from flexdit_export.model import SIZES, ModelConfig, build_model
 from flexdit_export.schedule import equal_stages, paper4_grids
-from flexdit_export.stages import INPUT_NAMES, OUTPUT_NAMES, StageModule
+from flexdit_export.stages import StageModule
 from flexdit_runtime.engines import make_session
 from timing import FLEX_LAYOUT, interleaved_medians, random_weights
 
@@ -54,7 +55,8 @@ def main():
         paths = {}
         for st in stages:
             p = tmp / f"{body}_s{st.sparse_grid}.onnx"
-            export_onnx(StageModule(flex, st).eval(), (x, t, y), p, INPUT_NAMES, OUTPUT_NAMES)
+            io = stage_io(cfg, st, 2)
+            export_onnx(StageModule(flex, st).eval(), (x, t, y), p, io.input_names, io.output_names)
             paths[st.sparse_grid] = p
         feeds = {"x": x.numpy(), "t": t.numpy(), "y": y.numpy()}
         for threads in args.threads:

@@ -94,11 +94,12 @@ def test_stage_forward_creates_no_host_tensor(cfg):
 
 def test_exported_stage_has_no_device_transfer():
     from flexdit_export.schedule import Stage
-    from flexdit_export.stages import StageModule, sample_inputs
+    from flexdit_export.component_io import stage_io
+    from flexdit_export.stages import StageModule
 
     m = random_model(MICRO, seed=1)
     sm = StageModule(m, Stage(0, 999, 2)).eval()
-    ep = torch.export.export(sm, sample_inputs(m.cfg, 2, torch.Generator().manual_seed(0)), strict=False)
+    ep = torch.export.export(sm, stage_io(m.cfg, sm.stage, 2).sample(torch.Generator().manual_seed(0)), strict=False)
     bad = [str(n.target) for n in ep.graph.nodes if n.op == "call_function" and "device" in n.kwargs
            and "assert" not in str(n.target)]  # (metadata asserts only check, they create nothing)
     assert not bad, bad
