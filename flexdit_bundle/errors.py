@@ -43,7 +43,7 @@ class ArgumentError(BundleError):
         """The one-line message with the parameter spelled as the caller's flag (``flags``:
         library keyword -> flag; absent keywords use ``flag``)."""
         name = (flags or {}).get(self.param) or self.flag(self.param)
-        return f"{name} {self.problem}"
+        return f"{name}{'' if self.problem.startswith(':') else ' '}{self.problem}"
 
 
 class PromptError(FlexditError, ValueError):

@@ -8,4 +8,9 @@ class UserError(FlexditError):
     """A problem with the user's input (file, flag, checkpoint, bundle), not a bug."""
 
 
-__all__ = ["UserError", "ArgumentError", "BundleError", "FlexditError", "PromptError"]
+class OptionError(UserError, ArgumentError):
+    """A ``ConvertOptions`` value refused: ``param`` is the field; flexdit-export says it as the
+    flag the field declares (``options.flag_names``)."""
+
+
+__all__ = ["UserError", "OptionError", "ArgumentError", "BundleError", "FlexditError", "PromptError"]

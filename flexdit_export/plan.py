@@ -18,7 +18,7 @@ from .builders import builder_for
 from .bundle import check_target
 from .checkpoints import Checkpoint, check_model_overrides, load_checkpoint
 from .classnames import choose_class_names
-from .errors import UserError
+from .errors import OptionError, UserError
 from .export import check_opset
 from .optimize import LEVELS
 from .options import ConvertOptions
@@ -168,7 +168,7 @@ def check_recorded_sampling(ckpt_path, defaults: dict, num_timesteps: int) -> No
 
 def resolve_plan(ckpt_path, out, opts: ConvertOptions, gates=()) -> ConvertPlan:
     if opts.batch < 1 or opts.batch > 4096:
-        raise UserError(f"--batch must be between 1 and 4096, got {opts.batch}")
+        raise OptionError("batch", f"must be between 1 and 4096, got {opts.batch}")
     bad = [f for f in opts.formats if f not in FORMATS]
     if bad or not opts.formats:
         raise UserError(f"unknown format(s) {', '.join(bad) or '(none)'}; choose from {', '.join(FORMATS)}")
@@ -179,7 +179,7 @@ def resolve_plan(ckpt_path, out, opts: ConvertOptions, gates=()) -> ConvertPlan:
     _check_not_inside(ckpt_path, out)
     check_target(out, opts.force)
     if opts.num_timesteps < 2:
-        raise UserError(f"--num-timesteps must be at least 2, got {opts.num_timesteps}")
+        raise OptionError("num_timesteps", f"must be at least 2, got {opts.num_timesteps}")
     check_explicit(opts.schedule)
     check_sampling_defaults(opts.defaults, opts.num_timesteps)
     check_model_overrides(opts.num_heads, opts.semantic_size)
@@ -191,7 +191,7 @@ def resolve_plan(ckpt_path, out, opts: ConvertOptions, gates=()) -> ConvertPlan:
         trt_env = MappingProxyType(dict(require_tensorrt()))
     device = _aoti_device(opts)
     if opts.onnxsim and not opts.optimize:
-        raise UserError("--onnxsim is part of --optimize; add --optimize")
+        raise OptionError("onnxsim", "is part of --optimize; add --optimize")
     tols = _error_tols(opts)
     ck = load_checkpoint(ckpt_path, opts.num_heads, opts.semantic_size, opts.init_from_dit)
     cfg = ck.config
@@ -235,14 +235,14 @@ def _aoti_device(opts: ConvertOptions) -> str | None:
     """--device: where AOTInductor packages will run (they are native code for one device)."""
     if opts.backend != "aoti":
         if opts.device is not None:
-            raise UserError("--device applies to --backend aoti (AOTInductor packages are compiled for one device)")
+            raise OptionError("device", "applies to --backend aoti (AOTInductor packages are compiled for one device)")
         return None
     device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device not in AOTI_DEVICES:
         raise UserError(f"unknown --device {device!r} (choose from {', '.join(AOTI_DEVICES)})")
     if device == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device cuda: this torch ({torch.__version__}) sees no CUDA GPU; convert on the kind of GPU "
-                        "the bundle will run on, or use --device cpu")
+        raise OptionError("device", f"cuda: this torch ({torch.__version__}) sees no CUDA GPU; convert on the kind "
+                                    "of GPU the bundle will run on, or use --device cpu")
     return device
 
 
@@ -260,7 +260,7 @@ def _error_tols(opts: ConvertOptions) -> dict:
         try:
             prec, tol = canonical(k, "aoti" if opts.backend == "aoti" else "onnx"), float(v)
         except (PrecisionError, ValueError):
-            raise UserError(f"--error-tol: {k}={v} is not PRECISION=NUMBER") from None
+            raise OptionError("error_tol", f": {k}={v} is not PRECISION=NUMBER") from None
         tols[prec] = check_tolerance(tol, f"--error-tol {k}")
     return tols
 
@@ -316,13 +316,13 @@ def _quant_selection(opts: ConvertOptions, model) -> QuantSelection:
     if opts.calib_method not in CALIB_METHODS:
         raise UserError(f"unknown calibration method {opts.calib_method!r} (choose from {', '.join(CALIB_METHODS)})")
     if not opts.quant_ops:
-        raise UserError("--quant-ops names no operator type")
+        raise OptionError("quant_ops", "names no operator type")
     from .quantize import QUANTISABLE_OP_TYPES as known
 
     unknown = [op for op in opts.quant_ops if op not in known]
     if unknown:
-        raise UserError(f"--quant-ops: {', '.join(map(repr, unknown))} is not an operator type ONNX Runtime quantises "
-                        f"(choose from {', '.join(sorted(known))})")
+        raise OptionError("quant_ops", f": {', '.join(map(repr, unknown))} is not an operator type ONNX Runtime "
+                                       f"quantises (choose from {', '.join(sorted(known))})")
     if opts.optimize_level not in LEVELS:
         raise UserError(f"unknown optimisation level {opts.optimize_level!r} (choose from {', '.join(LEVELS)})")
     modules = [n for n, _ in model.named_modules()]
@@ -330,12 +330,12 @@ def _quant_selection(opts: ConvertOptions, model) -> QuantSelection:
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     for p in opts.quant_include:
         if not any(layer_matches(n, p) for n in linears):
-            raise UserError(f"--quant-include: {p!r} holds no linear layer "
-                            "(nothing there is a MatMul/Gemm to quantise)")
+            raise OptionError("quant_include", f": {p!r} holds no linear layer "
+                                               "(nothing there is a MatMul/Gemm to quantise)")
     exclude, mine = resolve_exclude(opts.quant_exclude, modules)
     check_layer_patterns(mine, modules, "--quant-exclude")
     if "op:" in islands:
-        raise UserError("--fp32-islands: 'op:' needs an operator type, e.g. op:Softmax")
+        raise OptionError("fp32_islands", ": 'op:' needs an operator type, e.g. op:Softmax")
     check_layer_patterns(island_layer_patterns(islands), modules, "--fp32-islands")
     return QuantSelection(op_types=tuple(opts.quant_ops), include=tuple(opts.quant_include), exclude=tuple(exclude),
                           islands=tuple(islands), calib_method=opts.calib_method)
