@@ -1,6 +1,5 @@
-"""Write a bundle atomically: everything goes into a temporary sibling directory, the stage
-graphs' weights are stored once per precision (``share_weights``), the manifest is validated
-against the contract's schema, then one rename publishes it. The rename is exclusive unless
+"""Write a bundle atomically: everything goes into a temporary sibling directory, the manifest
+(finished by ``finalize``) last, then one rename publishes it. The rename is exclusive unless
 ``force``: a bundle another process published meanwhile is never silently replaced. A failed
 or interrupted conversion leaves nothing behind (nor does a killed one, for long: its
 temporaries carry its pid and the next writer removes them)."""
@@ -13,11 +12,9 @@ import tempfile
 from pathlib import Path
 
 from flexdit_bundle.files import StagingDirectory, make_temp_dir, remove_stale, sha256_file, target_problem
-from flexdit_bundle.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST, Bundle, BundleError, validate_manifest
+from flexdit_bundle.manifest import MANIFEST, Bundle
 
 from .errors import UserError
-from .share_weights import share_weights
-from .shared_graph import add_shared_graphs
 
 
 SCRATCH_PREFIX = "flexdit-export-"
@@ -34,10 +31,9 @@ def check_target(target, force: bool) -> None:
 
 
 class BundleWriter:
-    def __init__(self, target, force: bool = False, log=None):
+    def __init__(self, target, force: bool = False):
         self.target = Path(target)
         self.force = force
-        self._log, self._notes = log, set()  # notes of the final passes, each given once
         check_target(self.target, force)
         try:
             self.staging = StagingDirectory(self.target)
@@ -45,12 +41,6 @@ class BundleWriter:
             raise UserError(f"cannot write the bundle directory {self.target}: {e.strerror or e}") from None
         self.tmp = self.staging.path
         self._scratch = None
-
-    def _note(self, line: str) -> None:
-        """The manifest is completed twice when gates run (preview, then commit): say things once."""
-        if self._log and line not in self._notes:
-            self._notes.add(line)
-            self._log(line)
 
     def scratch(self) -> Path:
         """A private work directory in $TMPDIR (``flexdit-export-<pid>-*``), removed with the
@@ -93,22 +83,15 @@ class BundleWriter:
                                   "bytes": d.stat().st_size}
         return a
 
-    def _complete(self, manifest: dict) -> dict:
-        manifest = share_weights(self.tmp, {"format": {"name": FORMAT_NAME, "version": FORMAT_VERSION}, **manifest})
-        manifest = add_shared_graphs(self.tmp, manifest, self._note)
-        try:
-            validate_manifest(manifest)
-        except BundleError as e:
-            raise UserError(f"internal error: the manifest being written is invalid: {e}") from None
-        return manifest
-
     def preview(self, manifest: dict) -> Bundle:
-        """The bundle as it will be published, readable by the runtime before the rename (for
-        checks that run the runtime on it)."""
-        return Bundle(self.tmp, self._complete(manifest))
+        """The bundle as it will be published (``manifest`` finalized), readable by the runtime
+        before the rename (for checks that run the runtime on it)."""
+        return Bundle(self.tmp, manifest)
 
     def commit(self, manifest: dict) -> Path:
-        manifest = self._complete(manifest)
+        """Write the finalized ``manifest`` into the staging directory and publish it."""
+        if "format" not in manifest:  # finalize() adds it with the passes every bundle needs
+            raise UserError("internal error: the manifest being written was not finalized")
         try:
             text = json.dumps(manifest, indent=2, allow_nan=False)  # NaN/Infinity are not JSON
         except ValueError as e:

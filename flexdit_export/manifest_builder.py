@@ -17,7 +17,8 @@ def versions() -> dict:
             "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
 
 
-def assemble(plan, stage_entries: list, decoder: dict | None, calib) -> dict:
+def assemble(plan, stage_entries: list, decoder: dict | None, calib, weight_files: list) -> dict:
+    """The manifest before ``finalize``; ``weight_files``: those the builders wrote themselves."""
     cfg, ck = plan.cfg, plan.checkpoint
     return {
         "created_by": versions(),
@@ -33,20 +34,8 @@ def assemble(plan, stage_entries: list, decoder: dict | None, calib) -> dict:
         "output": {"space": "decoded" if decoder else ("pixel" if cfg.in_channels in (1, 3) else "latent"),
                    "value_range": [-1.0, 1.0]},
         "calibration": None if calib is None else calibration_record(calib, stage_entries, plan.quant.calib_method),
-        "weights": builder_weight_files(stage_entries),
+        "weights": sorted(weight_files, key=lambda w: w["id"]),
     }
-
-
-def builder_weight_files(stage_entries: list) -> list:
-    """Weight files a builder wrote itself (AOTI: one per precision for every stage package),
-    handed over on its artifacts as ``_weight_file``; ``share_weights`` adds the ONNX ones."""
-    files = {}
-    for st in stage_entries:
-        for a in st["artifacts"]:
-            w = a.pop("_weight_file", None)
-            if w is not None:
-                files[w["id"]] = w
-    return [files[k] for k in sorted(files)]
 
 
 def calibration_record(calib, stage_entries: list, method: str) -> dict:
@@ -59,6 +48,9 @@ def calibration_record(calib, stage_entries: list, method: str) -> dict:
             "stages": stages}
 
 
-def quality_record(reports: dict) -> dict:
-    """One gate: its report as it is; several: {gate name: report}."""
-    return next(iter(reports.values())) if len(reports) == 1 else reports
+def with_quality(manifest: dict, reports: dict) -> dict:
+    """The finalized manifest with the gates' record: one gate's report as it is, several as
+    {gate name: report}; placed before ``shared_graphs``, where manifests have always had it."""
+    shared = {k: v for k, v in manifest.items() if k == "shared_graphs"}
+    rest = {k: v for k, v in manifest.items() if k != "shared_graphs"}
+    return {**rest, "quality": next(iter(reports.values())) if len(reports) == 1 else reports, **shared}

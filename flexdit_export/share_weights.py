@@ -1,4 +1,4 @@
-"""One copy of the weights per precision: the last pass before a bundle is published.
+"""One copy of the weights per precision: the first step of ``finalize``.
 
 Stage graphs differ only in their pooling tables; every other initializer is the same tensor
 in every stage. This pass moves each initializer that two or more stage graphs of one
@@ -61,8 +61,9 @@ def weight_file_name(precision: str) -> str:
 def share_weights(root, manifest: dict) -> dict:
     """Rewrite the ONNX stage graphs under ``root`` so each precision's shared tensors live in
     one weight file; -> the manifest with ``weights`` and per-artifact bindings (sha256/bytes
-    of rewritten graphs updated, ``source_sha256`` references remapped). Idempotent: graphs that
-    already reference a weight file are read back through it and shared again."""
+    of rewritten graphs updated, ``source_sha256`` references remapped). Idempotent, for
+    ``flexdit-export engines``, which finalizes a published bundle again: graphs that already
+    reference a weight file are read back through it and shared again."""
     import onnx
 
     root = Path(root)

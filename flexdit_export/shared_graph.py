@@ -1,4 +1,5 @@
-"""One ONNX Runtime graph for every stage of a precision: the pass after ``share_weights``.
+"""One ONNX Runtime graph for every stage of a precision: the step of ``finalize`` after
+``share_weights``.
 
 The stage graphs of one precision are node-for-node the same graph; they differ only in a few
 small constants (the pooling table, the reshape targets that carry the token count, the
@@ -39,7 +40,6 @@ from .share_weights import ALIGNMENT, _dtypes
 # depend on static shapes.) fp8/bf16 ONNX graphs do not run on ONNX Runtime's CPU provider.
 PRECISIONS = ("fp32", "fp16", "int8-dynamic", "int8-static")
 VERIFY_THREADS = (1, 2)
-_VERIFIED: dict = {}  # (shared graph, stage graphs, weight file sha256s) -> _verify's answer
 
 
 def shared_graph_name(precision: str, index: int) -> str:
@@ -70,8 +70,9 @@ def _value(t) -> tuple:
 def add_shared_graphs(root, manifest: dict, log=None) -> dict:
     """Write the shared graphs of ``manifest``'s ONNX stage artifacts under ``root`` (after
     ``share_weights``); -> the manifest with ``shared_graphs`` and per-artifact ``shared_graph``.
-    Idempotent: earlier shared graphs are removed and rebuilt from the stage graphs, and stage
-    constants the weight file already holds are not stored again."""
+    Idempotent (a published bundle is finalized again by ``flexdit-export engines``): earlier
+    shared graphs are removed and rebuilt from the stage graphs, and stage constants the weight
+    file already holds are not stored again."""
     import onnx
 
     root = Path(root)
@@ -103,10 +104,7 @@ def add_shared_graphs(root, manifest: dict, log=None) -> dict:
         path = root / rel
         onnx.save(model, str(path))
         digest = sha256_file(path)
-        key = (digest, *(a["sha256"] for _, a, _ in members), files[members[0][1]["weights"]["file"]]["sha256"])
-        if key not in _VERIFIED:  # the writer completes a manifest twice (preview for the gates, then commit)
-            _VERIFIED[key] = _verify(root, path, [(st, a) for st, a, _ in members], values)
-        diff = _VERIFIED[key]
+        diff = _verify(root, path, [(st, a) for st, a, _ in members], values)
         if diff is not None:
             path.unlink()
             if log:

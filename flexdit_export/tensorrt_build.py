@@ -189,4 +189,6 @@ def engines_command(bundle_path, precision_spec=None, cache_dir=None, timing_cac
             if f.relative_to(w.tmp).as_posix() not in listed:
                 f.unlink()
         manifest.pop("format", None)
-        return w.commit(manifest)
+        from .finalize import finalize
+
+        return w.commit(finalize(w.tmp, manifest))

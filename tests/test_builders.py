@@ -82,3 +82,58 @@ def test_gate_loading_by_name():
         load_gate("fashion-mnist", per_class=-1)
     with pytest.raises(UserError, match="needs the optional package no_such_gate_pkg"):
         load_gate("no_such_gate_pkg.gates:Gate")
+
+
+def test_finalize_runs_once_before_the_gates(ref_ckpt, tmp_path, monkeypatch):
+    """Weight sharing, shared graphs and validation run once, and the gates judge their result:
+    the bundle that is published."""
+    from flexdit_bundle.manifest import Bundle
+    from flexdit_export import finalize
+
+    calls = []
+
+    def counted(name):
+        real = getattr(finalize, name)
+        return lambda *a, **k: calls.append(name) or real(*a, **k)
+
+    for name in ("share_weights", "add_shared_graphs", "validate_manifest"):
+        monkeypatch.setattr(finalize, name, counted(name))
+
+    class ManifestGate(RecordingGate):
+        def run(self, bundle, *, seed, log):
+            self.seen.append(bundle.manifest)
+            return {"passed": True, "verdict": "passed"}
+
+    gate = ManifestGate()
+    opts = ConvertOptions(schedule="600:2,300:3,0:dense", num_heads=4)
+    out = convert(ref_ckpt, tmp_path / "b", opts, log=lambda m: None, gates=[gate])
+    assert calls == ["share_weights", "add_shared_graphs", "validate_manifest"]
+    published = json.loads((out / "manifest.json").read_text())
+    assert published["weights"][0]["id"] == "fp32" and published["shared_graphs"][0]["stages"] == [0, 1]
+    assert published["quality"] == {"passed": True, "verdict": "passed"}
+    unjudged = Bundle(out, {k: v for k, v in published.items() if k != "quality"})
+    assert gate.seen == [unjudged.manifest]
+    assert list(published)[-2:] == ["quality", "shared_graphs"]  # where the manifests written before have it
+
+
+def test_builders_hand_over_their_weight_files(ref_ckpt, tmp_path, monkeypatch):
+    """A weight file a builder wrote itself is handed over by its ``weight_files``, not on its artifact."""
+    from flexdit_export.builders import REGISTRY, BuildContext, onnx_fp32
+    from flexdit_export.bundle import BundleWriter
+    from flexdit_export.components import stage_component
+    from flexdit_export.convert import build_component
+
+    entry = {"id": "extra", "path": "stages/extra.bin", "sha256": "0" * 64, "bytes": 0, "alignment": 64, "tensors": []}
+
+    class WithFile(onnx_fp32.OnnxFp32):
+        def weight_files(self, comp, ctx):
+            return [entry]
+
+    monkeypatch.setitem(REGISTRY, ("onnx", "fp32"), WithFile)
+    plan = resolve_plan(ref_ckpt, tmp_path / "b", ConvertOptions(schedule="0:2", num_heads=4))
+    with pytest.raises(RuntimeError, match="not published"), BundleWriter(tmp_path / "b") as w:
+        ctx = BuildContext(plan=plan, writer=w, work=w.scratch(), calib=None, log=lambda m: None)
+        artifacts, parity, files = build_component(stage_component(plan, 0), plan.builds[0], ctx)
+        raise RuntimeError("not published")
+    assert files == {"extra": entry} and list(parity) == ["onnx/fp32"] and "_weight_file" not in artifacts[0]
+    assert list(tmp_path.iterdir()) == []

@@ -138,9 +138,7 @@ class _Shared:
 
 
 def _shared(ctx) -> _Shared:
-    if not hasattr(ctx, "_aoti"):
-        ctx._aoti = _Shared()
-    return ctx._aoti
+    return ctx.shared.setdefault("aoti", _Shared())
 
 
 class AotiPackage(Builder):
@@ -236,8 +234,10 @@ class AotiPackage(Builder):
         info = {"device": ctx.plan.device, "compat": self.env, "recipe": recipe(self.precision),
                 "compile_seconds": round(self.seconds, 2), "inductor_configs": dict(INDUCTOR_CONFIGS)}
         return ctx.writer.artifact(files, "aoti", self.precision, aoti=info,
-                                   weights={"file": entry["id"], "bindings": bindings[comp.stage_id]},
-                                   _weight_file=entry)  # manifest_builder moves it to the manifest's weights
+                                   weights={"file": entry["id"], "bindings": bindings[comp.stage_id]})
+
+    def weight_files(self, comp, ctx):
+        return [self._weights(ctx)[0]]
 
 
 def _package(precision: str) -> type:

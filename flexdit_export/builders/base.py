@@ -7,8 +7,10 @@ decoder: ``flexdit_export.components``); a *builder* makes one kind of artifact,
     files  = builder.build(component, ctx)          # write the artifact's files into the bundle
     record = builder.check(component, ctx, files)   # parity / quality gate: UserError when it fails
     entry  = builder.describe(component, ctx, files, record)   # the manifest artifact
+    shared = builder.weight_files(component, ctx)   # weight files it wrote that ``entry`` binds
 
 A builder instance serves one component (it may keep what ``build`` learned for ``describe``).
+Weight files of the ONNX graphs are not a builder's: ``finalize`` writes them for the bundle.
 A builder whose ``measures_parity`` is set compares against the PyTorch module; its record is
 filed in the component's ``parity`` map under "backend/precision".
 """
@@ -30,6 +32,7 @@ class BuildContext:
     work: Path  # scratch directory, removed after the conversion
     calib: object | None  # calib.CalibSet when any stage builds a lower precision
     log: Callable[[str], None]
+    shared: dict = field(default_factory=dict)  # builder family -> what its builders share in this conversion
 
 
 @dataclass
@@ -75,6 +78,11 @@ class Builder(ABC):
     @abstractmethod
     def describe(self, comp: Component, ctx: BuildContext, files: list[Path], record: dict) -> dict:
         ...
+
+    def weight_files(self, comp: Component, ctx: BuildContext) -> list[dict]:
+        """The manifest ``weights`` entries of files this builder wrote and its artifact binds
+        (several components' artifacts may name the same file: one entry per id is kept)."""
+        return []
 
 
 def check_parity(what: str, stats: dict, tol: float) -> None:
