@@ -16,9 +16,11 @@ from typing import Callable
 
 import torch
 
+from flexdit_bundle.spec import TensorSpec as ManifestTensor
+
 VAE_LATENT_SCALE = 0.18215  # SD's latent scale: parity draws latents of the size the sampler produces
 
-_TORCH_DTYPES = {"float32": torch.float32, "int64": torch.int64}
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64}  # the format's dtypes
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,8 @@ class DiffusionLatent:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One graph input or output. ``draw`` (inputs only) makes a sample from a generator."""
+    """One graph input or output: the manifest's tensor entry (``manifest_spec``) plus, for
+    inputs, how to draw a sample (``draw``)."""
     name: str
     shape: tuple
     dtype: str = "float32"
@@ -68,9 +71,9 @@ class TensorSpec:
             raise ValueError(f"tensor {self.name} declares no way to draw a sample (an output?)")
         return self.draw(self.shape, self.dtype, gen)
 
-    def manifest_entry(self) -> dict:
-        """The manifest's tensor entry (the format's name/shape/dtype, nothing more)."""
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+    def manifest_spec(self) -> ManifestTensor:
+        """The manifest's tensor entry, as the contract types it."""
+        return ManifestTensor(name=self.name, shape=self.shape, dtype=self.dtype)
 
 
 @dataclass(frozen=True)
@@ -97,33 +100,32 @@ class ComponentIO:
         gen = torch.Generator().manual_seed(seed)
         return lambda i: self.sample(gen)
 
-    def feeds(self, inputs) -> dict:
-        """Input tensors (torch) keyed by graph input name, as numpy arrays for a session."""
-        return {s.name: v.numpy() for s, v in zip(self.inputs, inputs)}
+    def manifest_specs(self) -> dict:
+        """The component's ``inputs``/``outputs`` of the manifest, as the contract types them."""
+        return {"inputs": tuple(s.manifest_spec() for s in self.inputs),
+                "outputs": tuple(s.manifest_spec() for s in self.outputs)}
 
     def manifest_entries(self) -> dict:
-        """The component's ``inputs``/``outputs`` entries of the manifest."""
-        return {"inputs": [s.manifest_entry() for s in self.inputs],
-                "outputs": [s.manifest_entry() for s in self.outputs]}
+        """The component's ``inputs``/``outputs`` of the manifest in JSON form."""
+        return {key: [t.to_json() for t in specs] for key, specs in self.manifest_specs().items()}
 
-    def mismatch(self, entry: dict) -> str | None:
-        """Why a manifest entry's ``inputs``/``outputs`` are not this declaration (None: they are)."""
-        want = self.manifest_entries()
-        for key in ("inputs", "outputs"):
-            got = [_as_entry(e) for e in entry.get(key, [])]
-            if got != want[key]:
-                return f"{key} {_describe(got) or 'none'} in the bundle, {_describe(want[key])} declared for the checkpoint"
+    def mismatch(self, entry) -> str | None:
+        """Why a manifest entry's (typed or JSON) ``inputs``/``outputs`` are not this
+        declaration; None when they are."""
+        for key, want in self.manifest_specs().items():
+            got = tuple(ManifestTensor.from_json(t) for t in
+                        (entry.get(key, ()) if isinstance(entry, dict) else getattr(entry, key)))
+            if [_key(t) for t in got] != [_key(t) for t in want]:
+                return f"{key} {_describe(got) or 'none'} in the bundle, {_describe(want)} declared for the checkpoint"
         return None
 
 
-def _as_entry(e) -> dict:
-    """A manifest tensor entry, read as a dict or a typed node, in ``manifest_entry``'s form."""
-    e = e.to_json() if hasattr(e, "to_json") else e
-    return {"name": e["name"], "shape": list(e["shape"]), "dtype": e["dtype"]}
+def _key(t: ManifestTensor) -> tuple:
+    return t.name, tuple(t.shape), t.dtype
 
 
-def _describe(entries) -> str:
-    return ", ".join(f"{e['name']} {e['dtype']}{list(e['shape'])}" for e in entries)
+def _describe(tensors) -> str:
+    return ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in tensors)
 
 
 def stage_io(cfg, stage, batch: int) -> ComponentIO:

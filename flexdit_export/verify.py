@@ -37,17 +37,17 @@ def _check_shared_weights(bundle) -> dict:
     sw = SharedWeights(bundle)
     graphs = bindings = 0
     for entry in bundle.stages:
-        for a in entry["artifacts"]:
-            if a.get("weights"):
+        for a in entry.artifacts:
+            if a.weights:
                 sw.check_bindings(a)
                 graphs += 1
-                bindings += len(a["weights"]["bindings"])
+                bindings += len(a.weights.bindings)
     for g in bundle.shared_graphs.values():
         sw.check_bindings(g)
         graphs += 1
-        bindings += len(g["weights"]["bindings"])
-    files = bundle.manifest.get("weights") or []
-    return {"files": len(files), "bytes": sum(w["bytes"] for w in files), "graphs": graphs, "bindings": bindings}
+        bindings += len(g.weights.bindings)
+    files = bundle.manifest.weights or ()
+    return {"files": len(files), "bytes": sum(w.bytes for w in files), "graphs": graphs, "bindings": bindings}
 
 
 def verify(bundle_path, ckpt=None, steps: int = 8, num_images: int = 2, sampler: str = "ddim", seed: int = 0,
@@ -69,7 +69,7 @@ def verify(bundle_path, ckpt=None, steps: int = 8, num_images: int = 2, sampler:
         return report
     m = bundle.manifest
     # the checkpoint as it records itself; the bundle's values only fill what it does not record
-    recorded = m["model"]["config"]
+    recorded = m.model.config.to_json()
     ck = load_checkpoint(ckpt, num_heads, None, init_from_dit,
                          fallback={"num_heads": recorded["num_heads"], "semantic_size": recorded.get("semantic_size")})
     if ck.config.to_dict() != recorded:
@@ -79,25 +79,25 @@ def verify(bundle_path, ckpt=None, steps: int = 8, num_images: int = 2, sampler:
     model = ck.build()
     cfg = ck.config
     for st in bundle.stages:
-        stage = Stage(st["t_min"], st["t_max"], st["sparse_grid"])
-        io = component_io.stage_io(cfg, stage, st["batch"])
+        stage = Stage(st.t_min, st.t_max, st.sparse_grid)
+        io = component_io.stage_io(cfg, stage, st.batch)
         why = io.mismatch(st)
         if why is not None:  # the graph would be fed tensors it does not take
             report["ok"] = False
-            report["stages"].append({"id": st["id"], "ok": False, "why": why})
-            log(f"stage {st['id']}: FAIL: {why}")
+            report["stages"].append({"id": st.id, "ok": False, "why": why})
+            log(f"stage {st.id}: FAIL: {why}")
             continue
         module = StageModule(model, stage).eval()
-        stats = parity_onnx(bundle.path(bundle.artifact(st, "onnx", "fp32")), module, io.sampler(seed + 1000 + st["id"]),
+        stats = parity_onnx(bundle.path(bundle.artifact(st, "onnx", "fp32")), module, io.sampler(seed + 1000 + st.id),
                             io.input_names)
         ok = bool(stats["finite"] and stats["max_rel"] <= STAGE_TOL)
         report["ok"] &= ok
-        report["stages"].append({"id": st["id"], **stats, "ok": ok})
-        log(f"stage {st['id']}: max abs {stats['max_abs']:.2e} rel {stats['max_rel']:.2e} {'ok' if ok else 'FAIL'}")
+        report["stages"].append({"id": st.id, **stats, "ok": ok})
+        log(f"stage {st.id}: max abs {stats['max_abs']:.2e} rel {stats['max_rel']:.2e} {'ok' if ok else 'FAIL'}")
     # One short trajectory, same initial noise, DDIM eta 0 unless asked otherwise.
-    d = m["diffusion"]
-    cfg_scale = float(d.get("defaults", {}).get("cfg_scale", 4.0))
-    clip = bool(d.get("defaults", {}).get("clip_denoised", False))
+    d = m.diffusion
+    defaults = bundle.sampling_defaults
+    cfg_scale, clip = float(defaults.cfg_scale), bool(defaults.clip_denoised)
     rng = np.random.default_rng(seed)
     z = rng.standard_normal((num_images, cfg.in_channels, cfg.input_size, cfg.input_size), dtype=np.float32)
     y = np.arange(num_images, dtype=np.int64) % cfg.num_classes
@@ -111,16 +111,16 @@ def verify(bundle_path, ckpt=None, steps: int = 8, num_images: int = 2, sampler:
     pipe = Pipeline(bundle, providers=["cpu"])
     res = pipe([int(v) for v in y], steps=steps, sampler=sampler, cfg_scale=cfg_scale, init_noise=z,
                batch=num_images, noise_fn=lambda k, idx: noise(k)[idx], clip_denoised=clip)
-    stages = [(s["t_min"], s["t_max"], s["sparse_grid"]) for s in bundle.stages]
+    stages = [(s.t_min, s.t_max, s.sparse_grid) for s in bundle.stages]
     ref = reference_sample(model, stages, z, y, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
-                           cfg_channels=d["cfg_channels"], num_timesteps=d["num_timesteps"], noise_fn=noise, clip_denoised=clip)
+                           cfg_channels=d.cfg_channels, num_timesteps=d.num_timesteps, noise_fn=noise, clip_denoised=clip)
     err = float(np.abs(res.samples - ref).max())
     rel = err / (float(np.abs(ref).max()) or 1.0)
     if pipe.decoder is not None:
         img_run, img_ref = pipe.decoder(res.samples), pipe.decoder(ref)
     else:
         img_run, img_ref = res.samples, ref
-    vr = m["output"]["value_range"]
+    vr = m.output.value_range
     p = psnr(img_run, img_ref, vr)
     ok = bool(p >= PSNR_MIN_DB)
     report["ok"] &= ok

@@ -10,7 +10,9 @@ import pytest
 import torch
 from torch import nn
 
+import flexdit_bundle
 from factories import TINY_FLEX
+from flexdit_bundle.spec import Stage
 from flexdit_export import component_io
 from flexdit_export.component_io import ComponentIO, Integers, Normal, TensorSpec
 from flexdit_export.components import decoder_component, decoder_entry, stage_component, stage_entry
@@ -64,7 +66,10 @@ def test_stage_components_draw_and_describe_what_is_declared(ref_ckpt, tmp_path)
         assert list(out.shape) == io.manifest_entries()["outputs"][0]["shape"]  # the declared output is what it returns
         entry = stage_entry(plan, sid, [], {})
         assert {k: entry[k] for k in ("inputs", "outputs")} == io.manifest_entries()
-        assert io.mismatch(entry) is None
+        assert io.mismatch(entry) is None and io.mismatch(Stage.from_json(entry)) is None
+        specs = io.manifest_specs()  # the contract's typed tensor entries, in the same JSON
+        assert all(type(t) is flexdit_bundle.TensorSpec for t in specs["inputs"] + specs["outputs"])
+        assert {k: [t.to_json() for t in v] for k, v in specs.items()} == io.manifest_entries()
 
 
 def test_decoder_component_draws_and_describes_what_is_declared(monkeypatch):
