@@ -111,7 +111,10 @@ def measure(name: str, work: Path, rounds: int, threads: int) -> dict:
         for key, b, shared in (("dense", dense, True), ("stages", flex, True), ("per_stage_sessions", flex, False)):
             runs[key].append(_probe(b, threads, shared))
     med = {k: {m: statistics.median(r[m] for r in v) for m in ("load_s", "rss_mb")} for k, v in runs.items()}
-    n_stages = len(json.loads((flex / "manifest.json").read_text())["stages"])
+    from flexdit_bundle import load_bundle
+
+    manifest = load_bundle(flex, verify_checksums=False).manifest
+    n_stages = len(manifest.stages)
     return {"model": name, "stages": n_stages, "param_bytes": weights,
             "bundle_bytes": _dir_bytes(flex), "dense_bundle_bytes": _dir_bytes(dense),
             "size_ratio": _dir_bytes(flex) / weights, "dense_size_ratio": _dir_bytes(dense) / weights,
@@ -122,7 +125,7 @@ def measure(name: str, work: Path, rounds: int, threads: int) -> dict:
             # the same bundle with RuntimeSettings(shared_graphs=False): one session per stage
             "per_stage_sessions_load_ratio": med["per_stage_sessions"]["load_s"] / med["dense"]["load_s"],
             "per_stage_sessions_rss_ratio": med["per_stage_sessions"]["rss_mb"] / med["dense"]["rss_mb"],
-            "shared_graphs": [g["path"] for g in json.loads((flex / "manifest.json").read_text()).get("shared_graphs", [])],
+            "shared_graphs": [g.path for g in manifest.shared_graphs or ()],
             "stages_run": runs["stages"][0]["stages_run"], "rounds": rounds, "threads": threads}
 
 

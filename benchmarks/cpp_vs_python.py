@@ -37,7 +37,7 @@ bundle, n, steps, sampler, cfg, threads, repeats = sys.argv[1], int(sys.argv[2])
 t0 = time.perf_counter()
 pipe = Pipeline.from_bundle(bundle, settings=RuntimeSettings(threads=threads, shared_thread_pool=True))
 load = time.perf_counter() - t0
-ncls = pipe.bundle.model["num_classes"]
+ncls = pipe.bundle.model.num_classes
 ids = [i % ncls for i in range(n)]
 pipe(ids, steps=2, sampler=sampler, cfg_scale=cfg)
 per, cpu = [], []

@@ -75,8 +75,8 @@ def build_shared(b, cs, out: Path) -> None:
     dynq = nncf.compress_weights(base.clone(), mode=nncf.CompressWeightsMode.INT8_SYM)
     ov.save_model(dynq, str(out / "dynq.xml"), compress_to_fp16=False)
     print(f"int8 weights (data-free): {time.perf_counter() - t0:.0f} s", flush=True)
-    batch = b.stages[0]["batch"]
-    rows = [{**f, **feeds[i]} for i, st in enumerate(b.stages) for f in StageBatches(cs, st["id"], batch, "calib")]
+    batch = b.stages[0].batch
+    rows = [{**f, **feeds[i]} for i, st in enumerate(b.stages) for f in StageBatches(cs, st.id, batch, "calib")]
     t0 = time.perf_counter()
     pooled = nncf.quantize(base, nncf.Dataset(rows), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(rows))
     ov.save_model(pooled, str(out / "pooled.xml"), compress_to_fp16=False)
@@ -103,7 +103,7 @@ def candidates(b, out: Path, threads: int) -> dict:
     def shared(m):
         return [lambda f, i=i: m({**f, **feeds[i]})[0] for i in range(len(b.stages))]
 
-    return {"onnx/fp32": [lambda f, e=ort.engines[st["id"]]: e.run(f["x"], f["t"], f["y"]) for st in b.stages],
+    return {"onnx/fp32": [lambda f, e=ort.engines[st.id]: e.run(f["x"], f["t"], f["y"]) for st in b.stages],
             "nncf per stage": [lambda f, m=m: m(f)[0] for m in per["f32"]],
             "nncf per stage, bf16": [lambda f, m=m: m(f)[0] for m in per["bf16"]],
             "nncf pooled": shared(pooled),
@@ -117,7 +117,7 @@ def rss_child(bundle: str, out: str, which: str, threads: int) -> None:
 
     if which in ("openvino/fp32", "openvino/int8-static"):
         r = StageRunner(b, RuntimeSettings(threads=threads), {"*": which.split("/")[1]}, "openvino")
-        fns = [lambda f, e=r.engines[st["id"]]: e.run(f["x"], f["t"], f["y"]) for st in b.stages]
+        fns = [lambda f, e=r.engines[st.id]: e.run(f["x"], f["t"], f["y"]) for st in b.stages]
     else:
         core = ov.Core()
         feeds = load_feeds(Path(out), len(b.stages))
@@ -127,8 +127,8 @@ def rss_child(bundle: str, out: str, which: str, threads: int) -> None:
         fns = [lambda f, i=i: m({**f, **feeds[i]})[0] for i in range(len(b.stages))]
     for st, fn in zip(b.stages, fns):
         rng = np.random.default_rng(0)
-        fn({"x": rng.standard_normal(st["inputs"][0]["shape"], dtype=np.float32),
-            "t": np.full(st["batch"], st["t_min"], np.float32), "y": np.zeros(st["batch"], np.int64)})
+        fn({"x": rng.standard_normal(st.inputs[0].shape, dtype=np.float32),
+            "t": np.full(st.batch, st.t_min, np.float32), "y": np.zeros(st.batch, np.int64)})
     status = dict(ln.split(":", 1) for ln in Path("/proc/self/status").read_text().splitlines() if ":" in ln)
     print(json.dumps({"VmHWM": int(status["VmHWM"].split()[0]) / 1024}))
 
@@ -162,10 +162,10 @@ def main():
         build_shared(b, cs, out)
     cands = candidates(b, out, args.threads)
     names = list(cands)
-    batch = b.stages[0]["batch"]
+    batch = b.stages[0].batch
     rows = {}
     for i, st in enumerate(b.stages):
-        hold = list(StageBatches(cs, st["id"], batch, "holdout"))
+        hold = list(StageBatches(cs, st.id, batch, "holdout"))
         ref = np.concatenate([cands["onnx/fp32"][i](f) for f in hold])
         err = {}
         for n in names:
@@ -173,7 +173,7 @@ def main():
             err[n] = float(np.sqrt(((got - ref) ** 2).mean() / (ref ** 2).mean()))
         x = hold[0]
         ms = interleaved_medians({n: (lambda fn=cands[n][i]: fn(x)) for n in names}, args.rounds, 2)
-        rows[st["id"]] = {"ms": ms, "rel_rms": err}
+        rows[st.id] = {"ms": ms, "rel_rms": err}
     print(f"\n### {args.bundle}: batch {batch}, {args.threads} threads, {args.rounds} interleaved rounds; median ms per "
           "call (speed-up vs onnx/fp32), rel RMS error vs fp32 on held-out rows")
     print("| stage | " + " | ".join(names) + " |")

@@ -220,25 +220,25 @@ def main():
         rows = {}
         for st in b.stages:
             x, t, y = sample_inputs(st)
-            fns = {n: (lambda r=r, i=st["id"]: r.engines[i].run(x, t, y)) for n, r in runners.items()}
+            fns = {n: (lambda r=r, i=st.id: r.engines[i].run(x, t, y)) for n, r in runners.items()}
             if model is not None:
                 import torch
 
                 torch.set_num_threads(threads)
                 xt, tt, yt = (torch.from_numpy(a) for a in (x, t, y))
-                fns["torch eager"] = lambda s=st["sparse_grid"]: model(xt, tt, yt, s)
-            rows[st["id"]] = interleaved_medians(fns, args.rounds, args.warmup)
+                fns["torch eager"] = lambda s=st.sparse_grid: model(xt, tt, yt, s)
+            rows[st.id] = interleaved_medians(fns, args.rounds, args.warmup)
         what = f"FlexDiT-{args.body}/2 body, latent {args.latent}" if args.body else str(bundle_dir)
-        print(f"\n### {what}, batch {b.stages[0]['batch']}, {threads} thread(s), {args.rounds} interleaved rounds: "
+        print(f"\n### {what}, batch {b.stages[0].batch}, {threads} thread(s), {args.rounds} interleaved rounds: "
               "median ms per call (speed-up vs onnx/fp32)")
         print("| stage (tokens) | " + " | ".join(names) + " |")
         print("|---|" + "---|" * len(names))
         for st in b.stages:
-            med = rows[st["id"]]
+            med = rows[st.id]
             base = med["onnx/fp32"]
-            print(f"| {st['id']} ({st['tokens']}) | " + " | ".join(f"{med[n]:.2f} ({base / med[n]:.2f}x)" for n in names)
+            print(f"| {st.id} ({st.tokens}) | " + " | ".join(f"{med[n]:.2f} ({base / med[n]:.2f}x)" for n in names)
                   + " |")
-        total = {n: sum(rows[st["id"]][n] for st in b.stages) for n in names}
+        total = {n: sum(rows[st.id][n] for st in b.stages) for n in names}
         print("| all stages, sum | " + " | ".join(f"{total[n]:.2f} ({total['onnx/fp32'] / total[n]:.2f}x)"
                                                  for n in names) + " |")
         # accuracy of each candidate against onnx/fp32 on the same inputs (max relative error)
@@ -247,8 +247,8 @@ def main():
             e = []
             for st in b.stages:
                 x, t, y = sample_inputs(st)
-                ref = runners["onnx/fp32"].engines[st["id"]].run(x, t, y)
-                got = r.engines[st["id"]].run(x, t, y)
+                ref = runners["onnx/fp32"].engines[st.id].run(x, t, y)
+                got = r.engines[st.id].run(x, t, y)
                 e.append(float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-12)))
             errs[n] = max(e)
         print("max |diff| / max |ref| vs onnx/fp32: " + ", ".join(f"{n} {v:.1e}" for n, v in errs.items()))

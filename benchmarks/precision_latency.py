@@ -71,7 +71,7 @@ def main():
         torch.set_num_threads(threads)
         cands = {}
         for st in bundle.stages:
-            s = st["sparse_grid"]
+            s = st.sparse_grid
             cands[(s, "torch eager")] = (lambda s=s: model(xt, tt, yt, s))
             for prec in PRECISIONS:
                 sess = make_session(bundle.path(bundle.artifact(st, "onnx", prec)), ["CPUExecutionProvider"], threads)
@@ -82,12 +82,12 @@ def main():
         print("| stage (s) | PyTorch eager | " + " | ".join(f"ORT {p}" for p in PRECISIONS) + " |")
         print("|---|---|" + "---|" * len(PRECISIONS))
         for st in bundle.stages:
-            s = st["sparse_grid"]
+            s = st.sparse_grid
             eager, fp32 = med[(s, "torch eager")], med[(s, "ORT fp32")]
             cells = [f"{med[(s, f'ORT {p}')]:.1f} ({fp32 / med[(s, f'ORT {p}')]:.2f}x \\| "
                      f"{eager / med[(s, f'ORT {p}')]:.2f}x)" for p in PRECISIONS]
-            print(f"| {st['id']} (s={s}) | {eager:.1f} | " + " | ".join(cells) + " |")
-            results.append({"threads": threads, "stage": st["id"], "sparse_grid": s, "median_ms": {
+            print(f"| {st.id} (s={s}) | {eager:.1f} | " + " | ".join(cells) + " |")
+            results.append({"threads": threads, "stage": st.id, "sparse_grid": s, "median_ms": {
                 "torch eager": eager, **{p: med[(s, f"ORT {p}")] for p in PRECISIONS}}})
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

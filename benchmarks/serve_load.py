@@ -165,7 +165,9 @@ def main():
     work = Path(args.work or tempfile.mkdtemp(prefix="serve-load-"))
     work.mkdir(parents=True, exist_ok=True)
     bundles = build_bundles(args.model, work, args.batch)
-    nclass = json.loads((bundles["serve"] / "manifest.json").read_text())["model"]["num_classes"]
+    from flexdit_bundle import load_bundle
+
+    nclass = load_bundle(bundles["serve"], verify_checksums=False).model.num_classes
     rng = random.Random(0)
     pairs = [(rng.randrange(nclass), rng.randrange(10**6), args.steps[i % len(args.steps)]) for i in range(args.pool)]
     t = time.monotonic()

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from . import schema_check
 from .files import OutsideError, resolve_inside, sha256_file
-from .spec import Artifact, Decoder, Diffusion, Manifest, Model, SamplingDefaults, SharedGraph, Stage, WeightFile
+from .spec import (Artifact, Decoder, Diffusion, Manifest, Model, ModelConfig, Output, SamplingDefaults, SharedGraph, Stage,
+                   WeightFile)
 
 FORMAT_NAME, FORMAT_VERSION = "flexdit-bundle", 2
 # Migration rule: a v1 bundle (every graph self-contained, no ``weights``) is a valid v2 bundle
@@ -41,17 +42,17 @@ def schema() -> dict:
     return json.loads(resources.files(__package__).joinpath("manifest.schema.json").read_text())
 
 
-def validate_manifest(m: dict | Manifest) -> None:
-    """Schema plus the rules a schema cannot say (coverage of timesteps, unique ids). Works on
-    the JSON form: it runs before the manifest is trusted to have the types' shape."""
-    if isinstance(m, Manifest):
-        m = m.to_json()
+def validate_manifest(m: dict | Manifest) -> Manifest:
+    """Schema plus the rules a schema cannot say (coverage of timesteps, unique ids); -> the
+    typed manifest. The schema is checked on the JSON form, before the types are built from it."""
+    d = m.to_json() if isinstance(m, Manifest) else m
     try:
-        schema_check.validate(m, schema())
+        schema_check.validate(d, schema())
     except schema_check.SchemaError as e:
         where = "/".join(str(p) for p in e.path) or "(top)"
         raise BundleError(f"manifest does not match the schema at {where}: {e.message[:200]}") from None
-    version = m["format"]["version"]
+    m = Manifest.from_json(d)
+    version = m.format.version
     if version > FORMAT_VERSION:
         raise BundleError(f"bundle format version {version} is newer than this runtime supports "
                           f"({FORMAT_VERSION}); upgrade flexdit-export")
@@ -59,154 +60,155 @@ def validate_manifest(m: dict | Manifest) -> None:
         raise BundleError(f"bundle format version {version} is no longer supported; re-convert the checkpoint "
                           "with flexdit-export convert")
     _validate_weights(m)
-    _validate_model(m["model"])
-    _validate_diffusion(m["diffusion"])
-    _validate_output(m["output"])
-    for st in m["stages"]:
-        _validate_stage_io(st, m["model"]["config"])
-    if m["decoder"] and (len(m["decoder"]["inputs"]) != 1 or len(m["decoder"]["outputs"]) != 1):
+    _validate_model(m.model)
+    _validate_diffusion(m.diffusion)
+    _validate_output(m.output)
+    for st in m.stages:
+        _validate_stage_io(st, m.model.config)
+    if m.decoder and (len(m.decoder.inputs) != 1 or len(m.decoder.outputs) != 1):
         raise BundleError("the decoder must declare exactly one input and one output")
-    T = m["diffusion"]["num_timesteps"]
+    T = m.diffusion.num_timesteps
     seen = [0] * T
-    for st in m["stages"]:
-        if not st["t_min"] <= st["t_max"] < T:
-            raise BundleError(f"stage {st['id']} range [{st['t_min']}, {st['t_max']}] is outside 0..{T - 1}")
-        for t in range(st["t_min"], st["t_max"] + 1):
+    for st in m.stages:
+        if not st.t_min <= st.t_max < T:
+            raise BundleError(f"stage {st.id} range [{st.t_min}, {st.t_max}] is outside 0..{T - 1}")
+        for t in range(st.t_min, st.t_max + 1):
             seen[t] += 1
     if any(c != 1 for c in seen):
         bad = next(t for t, c in enumerate(seen) if c != 1)
         raise BundleError(f"stages do not cover timesteps 0..{T - 1} exactly once (timestep {bad})")
-    if sorted(s["id"] for s in m["stages"]) != list(range(len(m["stages"]))):
+    if sorted(s.id for s in m.stages) != list(range(len(m.stages))):
         raise BundleError("stage ids must be 0..n-1")
+    return m
 
 
-def _validate_model(model: dict) -> None:
+def _validate_model(model: Model) -> None:
     """Class ids the runtime will feed the graph: 0..num_classes-1 and the null class."""
-    n = model["num_classes"]
-    if model["config"]["num_classes"] != n:
-        raise BundleError(f"model num_classes {n} disagrees with its config ({model['config']['num_classes']})")
-    if not 0 <= model["null_class"] <= n:
-        raise BundleError(f"null class {model['null_class']} is outside 0..{n} (the model has {n} classes)")
-    if model["null_class"] != n:
-        raise BundleError(f"null class {model['null_class']} is one of the real classes 0..{n - 1}: the unconditional "
+    n = model.num_classes
+    if model.config.num_classes != n:
+        raise BundleError(f"model num_classes {n} disagrees with its config ({model.config.num_classes})")
+    if not 0 <= model.null_class <= n:
+        raise BundleError(f"null class {model.null_class} is outside 0..{n} (the model has {n} classes)")
+    if model.null_class != n:
+        raise BundleError(f"null class {model.null_class} is one of the real classes 0..{n - 1}: the unconditional "
                           f"half of guidance would use that class (the null class is {n})")
-    names = model["class_names"]
+    names = model.class_names
     if names is not None and len(names) != n:
         raise BundleError(f"the manifest lists {len(names)} class names for {n} classes")
 
 
-def _validate_diffusion(d: dict) -> None:
+def _validate_diffusion(d: Diffusion) -> None:
     """The linear schedule must give finite sampler tables: every beta (scaled by 1000 / T) in
     [MIN_BETA, 1), and alphas_cumprod at the last timestep at least MIN_ALPHAS_CUMPROD."""
-    T = d["num_timesteps"]
-    b0, b1 = (d[k] * 1000 / T for k in ("beta_start", "beta_end"))
-    for name, b in (("beta_start", b0), ("beta_end", b1)):
+    T = d.num_timesteps
+    for name, given in (("beta_start", d.beta_start), ("beta_end", d.beta_end)):
+        b = given * 1000 / T
         if not MIN_BETA <= b < 1:
-            raise BundleError(f"diffusion {name} {d[name]} gives the beta {b:g} at T = {T} (betas are scaled by "
+            raise BundleError(f"diffusion {name} {given} gives the beta {b:g} at T = {T} (betas are scaled by "
                               f"1000 / T); the linear schedule's betas must lie in [{MIN_BETA:g}, 1)")
+    b0, b1 = d.beta_start * 1000 / T, d.beta_end * 1000 / T
     step = (b1 - b0) / (T - 1)
     log_ac = math.fsum(math.log1p(-(b0 + i * step)) for i in range(T))
     if log_ac < math.log(MIN_ALPHAS_CUMPROD):
         raise BundleError(f"diffusion betas {b0:g}..{b1:g} over {T} timesteps leave alphas_cumprod "
                           f"10^{log_ac / math.log(10):.1f} at the last timestep, below {MIN_ALPHAS_CUMPROD:g}: the "
                           "sampler's coefficients would overflow float32")
-    steps = d.get("defaults", {}).get("steps")
+    steps = d.defaults.steps if d.defaults else None
     if steps is not None and steps > T:
         raise BundleError(f"diffusion defaults.steps {steps} is more than num_timesteps {T}")
 
 
-def _validate_output(out: dict) -> None:
+def _validate_output(out: Output) -> None:
     """value_range maps the result to pixels 0..255: lo < hi, and not so close that it overflows."""
-    lo, hi = out["value_range"]
+    lo, hi = out.value_range
     if not hi - lo >= MIN_VALUE_SPAN:
         raise BundleError(f"output value_range [{lo}, {hi}] must have lo < hi, hi - lo at least {MIN_VALUE_SPAN:g}")
 
 
-def _validate_stage_io(st: dict, cfg: dict) -> None:
+def _validate_stage_io(st: Stage, cfg: ModelConfig) -> None:
     """A stage graph takes (latent x, timestep t, class label y) and returns the model output,
     all with the stage's static batch as the leading dimension; the runtime pads every call to
     that batch, so it must be the graph's (a wrong batch would size its buffers)."""
-    where = f"stage {st['id']}"
-    ins, outs = st["inputs"], st["outputs"]
+    where = f"stage {st.id}"
+    ins, outs = st.inputs, st.outputs
     if len(ins) != 3 or len(outs) < 1:
         raise BundleError(f"{where} must declare 3 inputs (latent, timestep, class label) and an output, "
                           f"not {len(ins)} and {len(outs)}")
-    names = [e["name"] for e in ins + outs]
+    names = [e.name for e in ins + outs]
     if len(set(names)) != len(names):
         raise BundleError(f"{where} declares a tensor name twice: {names}")
-    B, C, H = st["batch"], cfg["in_channels"], cfg["input_size"]
-    cout = 2 * C if cfg["learn_sigma"] else C
-    expect = [(ins[0], [B, C, H, H]), (ins[1], [B]), (ins[2], [B]), (outs[0], [B, cout, H, H])]
+    B, C, H = st.batch, cfg.in_channels, cfg.input_size
+    expect = [(ins[0], [B, C, H, H]), (ins[1], [B]), (ins[2], [B]), (outs[0], [B, cfg.out_channels, H, H])]
     for e, shape in expect:
-        if list(e["shape"]) != shape:
-            raise BundleError(f"{where} declares {e['name']!r} with shape {e['shape']}, but batch {B} and the model "
+        if list(e.shape) != shape:
+            raise BundleError(f"{where} declares {e.name!r} with shape {list(e.shape)}, but batch {B} and the model "
                               f"config make it {shape}")
 
 
-def _validate_weights(m: dict) -> None:
+def _validate_weights(m: Manifest) -> None:
     """Shared weight files: unique ids, tensors inside their file with the bytes their dtype and
     shape need, and every artifact binding pointing at a tensor that exists."""
     files = {}
-    for w in m.get("weights") or []:
-        if m["format"]["version"] < 2:
+    for w in m.weights or ():
+        if m.format.version < 2:
             raise BundleError("a format v1 manifest cannot have shared weight files")
-        if w["id"] in files:
-            raise BundleError(f"weight file id {w['id']!r} appears twice")
-        files[w["id"]] = w
-        align = w.get("alignment", 1)
-        for i, t in enumerate(w["tensors"]):
-            n = DTYPE_BYTES[t["dtype"]]
-            for d in t["shape"]:
+        if w.id in files:
+            raise BundleError(f"weight file id {w.id!r} appears twice")
+        files[w.id] = w
+        align = w.alignment or 1
+        for i, t in enumerate(w.tensors):
+            n = DTYPE_BYTES[t.dtype]
+            for d in t.shape:
                 n *= d
-            if n != t["bytes"] or t["offset"] + t["bytes"] > w["bytes"] or t["offset"] % align:
-                raise BundleError(f"weight file {w['path']}: tensor {i} ({t['dtype']} {t['shape']} at {t['offset']}, "
-                                  f"{t['bytes']} bytes) does not fit the file; re-run flexdit-export convert")
-    for entry in m["stages"] + ([m["decoder"]] if m.get("decoder") else []):
-        for a in entry["artifacts"]:
-            ref = a.get("weights")
+            if n != t.bytes or t.offset + t.bytes > w.bytes or t.offset % align:
+                raise BundleError(f"weight file {w.path}: tensor {i} ({t.dtype} {list(t.shape)} at {t.offset}, "
+                                  f"{t.bytes} bytes) does not fit the file; re-run flexdit-export convert")
+    for entry in m.graph_entries:
+        for a in entry.artifacts:
+            ref = a.weights
             if ref is None:
                 continue
-            w = files.get(ref["file"])
+            w = files.get(ref.file)
             if w is None:
-                raise BundleError(f"{a['path']} uses weight file {ref['file']!r}, which the manifest does not list")
-            bad = [k for k, i in ref["bindings"].items() if i >= len(w["tensors"])]
+                raise BundleError(f"{a.path} uses weight file {ref.file!r}, which the manifest does not list")
+            bad = [k for k, i in ref.bindings.items() if i >= len(w.tensors)]
             if bad:
-                raise BundleError(f"{a['path']} binds {bad[0]!r} to a tensor that {w['path']} does not have")
+                raise BundleError(f"{a.path} binds {bad[0]!r} to a tensor that {w.path} does not have")
     _validate_shared_graphs(m, files)
 
 
-def _validate_shared_graphs(m: dict, files: dict) -> None:
+def _validate_shared_graphs(m: Manifest, files: dict) -> None:
     """Shared graphs: unique ids, their weight file listed, every binding and stage constant a
     tensor of it, and each names exactly the stages whose artifacts point at it."""
     graphs = {}
-    for g in m.get("shared_graphs") or []:
-        if m["format"]["version"] < 2:
+    for g in m.shared_graphs or ():
+        if m.format.version < 2:
             raise BundleError("a format v1 manifest cannot have shared graphs")
-        if g["id"] in graphs:
-            raise BundleError(f"shared graph id {g['id']!r} appears twice")
-        graphs[g["id"]] = g
-        w = files.get(g["weights"]["file"])
+        if g.id in graphs:
+            raise BundleError(f"shared graph id {g.id!r} appears twice")
+        graphs[g.id] = g
+        w = files.get(g.weights.file)
         if w is None:
-            raise BundleError(f"{g['path']} uses weight file {g['weights']['file']!r}, which the manifest does not list")
-        if any(i >= len(w["tensors"]) for i in g["weights"]["bindings"].values()):
-            raise BundleError(f"{g['path']} binds an initializer to a tensor that {w['path']} does not have")
+            raise BundleError(f"{g.path} uses weight file {g.weights.file!r}, which the manifest does not list")
+        if any(i >= len(w.tensors) for i in g.weights.bindings.values()):
+            raise BundleError(f"{g.path} binds an initializer to a tensor that {w.path} does not have")
     users = {gid: [] for gid in graphs}
-    for st in m["stages"]:
-        for a in st["artifacts"]:
-            ref = a.get("shared_graph")
+    for st in m.stages:
+        for a in st.artifacts:
+            ref = a.shared_graph
             if ref is None:
                 continue
-            g = graphs.get(ref["id"])
-            if g is None or a["backend"] != "onnx" or a["precision"] != g["precision"]:
-                raise BundleError(f"{a['path']} names shared graph {ref['id']!r}, which the manifest does not list "
+            g = graphs.get(ref.id)
+            if g is None or a.backend != "onnx" or a.precision != g.precision:
+                raise BundleError(f"{a.path} names shared graph {ref.id!r}, which the manifest does not list "
                                   "for its backend and precision")
-            tensors = files[g["weights"]["file"]]["tensors"]
-            if sorted(ref["inputs"]) != sorted(g["stage_inputs"]) or any(i >= len(tensors) for i in ref["inputs"].values()):
-                raise BundleError(f"{a['path']}: its shared-graph inputs do not match {g['path']}'s stage inputs")
-            users[ref["id"]].append(st["id"])
+            tensors = files[g.weights.file].tensors
+            if sorted(ref.inputs) != sorted(g.stage_inputs) or any(i >= len(tensors) for i in ref.inputs.values()):
+                raise BundleError(f"{a.path}: its shared-graph inputs do not match {g.path}'s stage inputs")
+            users[ref.id].append(st.id)
     for gid, stages in users.items():
-        if sorted(stages) != sorted(graphs[gid]["stages"]):
-            raise BundleError(f"shared graph {gid!r} lists stages {graphs[gid]['stages']}, but stages {stages} use it")
+        if sorted(stages) != sorted(graphs[gid].stages):
+            raise BundleError(f"shared graph {gid!r} lists stages {list(graphs[gid].stages)}, but stages {stages} use it")
 
 
 def stage_for(stages, t: int):
@@ -349,8 +351,7 @@ def load_bundle(path, verify_checksums: bool = True, defer_weights: bool = False
         raise BundleError(f"cannot read {mf}: {e}") from None
     if not isinstance(m, dict) or m.get("format", {}).get("name") != FORMAT_NAME:
         raise BundleError(f"{mf} is not a {FORMAT_NAME} manifest")
-    validate_manifest(m)
-    bundle = Bundle(root, Manifest.from_json(m))
+    bundle = Bundle(root, validate_manifest(m))
     if verify_checksums:
         deferred = {id(w) for w in bundle.manifest.weights or ()} if defer_weights else set()
         for a in bundle.all_files():

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from flexdit_bundle.spec import Manifest
 from flexdit_export.errors import UserError
 
 from .datasets import FASHION_CLASSES, load_model_split, to_model
@@ -226,7 +227,7 @@ def sample_bundle(bundle_path, labels, *, steps=None, sampler=None, cfg_scale=No
     check_seed(seed)
     pipe = pipeline or Pipeline.from_bundle(bundle_path, providers=["cpu"], threads=threads)
     cfg = pipe.cfg
-    shape = (cfg["in_channels"], cfg["input_size"], cfg["input_size"])
+    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     n = len(labels)
     # every value checked (steps in 1..T, a finite guidance scale) before the first step is logged
     params = pipe.model.params(steps=steps, sampler=sampler, cfg_scale=cfg_scale)
@@ -238,14 +239,14 @@ def sample_bundle(bundle_path, labels, *, steps=None, sampler=None, cfg_scale=No
     return res, settings, pipe
 
 
-def reference_model(ckpt, bundle_manifest: dict) -> nn.Module:
+def reference_model(ckpt, bundle_manifest: Manifest | dict) -> nn.Module:
     """The checkpoint as a PyTorch model; refused (UserError) when missing, unreadable or not the
     model of the bundle. Cheap next to sampling: callers load it before they sample."""
     from flexdit_export.checkpoints import load_checkpoint
 
-    mcfg = bundle_manifest["model"]["config"]
-    ck = load_checkpoint(ckpt, mcfg["num_heads"], mcfg.get("semantic_size"))
-    if ck.config.to_dict() != mcfg:
+    mcfg = Manifest.from_json(bundle_manifest).model.config
+    ck = load_checkpoint(ckpt, mcfg.num_heads, mcfg.extra.get("semantic_size"))
+    if ck.config.to_dict() != mcfg.to_json():
         raise UserError(f"reference checkpoint {ckpt} is {ck.config.name}, not the model of the bundle")
     return ck.build()
 
@@ -257,24 +258,25 @@ def check_seed(seed) -> int:
     return int(seed)
 
 
-def sample_reference(ckpt, bundle_manifest: dict, labels, stages, *, steps, sampler, cfg_scale, seed=0):
+def sample_reference(ckpt, bundle_manifest: Manifest | dict, labels, stages, *, steps, sampler, cfg_scale, seed=0):
     """The same model in PyTorch (reference_sample) from the same noise; -> (uint8 images, samples, seconds).
     ``ckpt``: a checkpoint path or the model ``reference_model`` loaded from it."""
     from flexdit_runtime.images import to_uint8
 
     from flexdit_export.reference_sampler import reference_sample
 
-    model = ckpt if isinstance(ckpt, nn.Module) else reference_model(ckpt, bundle_manifest)
-    mcfg = bundle_manifest["model"]["config"]
-    shape = (mcfg["in_channels"], mcfg["input_size"], mcfg["input_size"])
+    m = Manifest.from_json(bundle_manifest)
+    model = ckpt if isinstance(ckpt, nn.Module) else reference_model(ckpt, m)
+    mcfg = m.model.config
+    shape = (mcfg.in_channels, mcfg.input_size, mcfg.input_size)
     n = len(labels)
-    d = bundle_manifest["diffusion"]
+    d = m.diffusion
     start = time.perf_counter()
     samples = reference_sample(model, stages, _initial_noise(seed, n, shape), np.asarray(labels, np.int64),
-                               steps=steps, sampler=sampler, cfg_scale=cfg_scale, cfg_channels=d["cfg_channels"],
-                               num_timesteps=d["num_timesteps"], noise_fn=_noise_source(seed, n, shape))
+                               steps=steps, sampler=sampler, cfg_scale=cfg_scale, cfg_channels=d.cfg_channels,
+                               num_timesteps=d.num_timesteps, noise_fn=_noise_source(seed, n, shape))
     seconds = time.perf_counter() - start
-    return to_uint8(samples, bundle_manifest["output"]["value_range"]), samples, seconds
+    return to_uint8(samples, m.output.value_range), samples, seconds
 
 
 def _score(images, labels, test_feats, classifier) -> dict:
@@ -311,17 +313,17 @@ def evaluate_bundle(bundle_path, per_class: int = 50, steps=None, sampler=None, 
     run_settings = RuntimeSettings(providers=["cpu"], threads=threads)  # refuses --threads < 1
     bundle = load_bundle(bundle_path, defer_weights=True)
     m = bundle.manifest
-    if m["model"]["num_classes"] != len(FASHION_CLASSES):
-        raise UserError(f"bundle has {m['model']['num_classes']} classes, not the 10 Fashion-MNIST classes")
-    resolve_params(bundle.sampling_defaults, bundle.diffusion["num_timesteps"], steps=steps, sampler=sampler,
+    if m.model.num_classes != len(FASHION_CLASSES):
+        raise UserError(f"bundle has {m.model.num_classes} classes, not the 10 Fashion-MNIST classes")
+    resolve_params(bundle.sampling_defaults, bundle.diffusion.num_timesteps, steps=steps, sampler=sampler,
                    cfg_scale=cfg_scale)
     ref_model = reference_model(reference_ckpt, m) if reference_ckpt is not None else None
     stages = None
     if ref_model is not None and schedule_override:
-        cfg = m["model"]["config"]
-        parsed = parse_schedule(schedule_override, T=m["diffusion"]["num_timesteps"],
-                                grid=cfg["input_size"] // cfg["patch_size"], family=cfg["family"],
-                                semantic_size=cfg.get("semantic_size", 8))
+        cfg = m.model.config
+        parsed = parse_schedule(schedule_override, T=m.diffusion.num_timesteps,
+                                grid=cfg.input_size // cfg.patch_size, family=cfg.extra["family"],
+                                semantic_size=cfg.extra.get("semantic_size", 8))
         stages = [(s.t_min, s.t_max, s.sparse_grid) for s in parsed]
     classifier, meta = load_classifier(classifier_dir)
     test_feats, test_acc = _test_reference(str(classifier_dir) if classifier_dir else None, data_dir)
@@ -329,7 +331,7 @@ def evaluate_bundle(bundle_path, per_class: int = 50, steps=None, sampler=None, 
     say = log or (lambda msg: print(msg, file=sys.stderr))
     res, settings, pipe = sample_bundle(bundle_path, labels, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
                                         seed=seed, pipeline=Pipeline(bundle, settings=run_settings), log=say)
-    bundle_stages = [(s["t_min"], s["t_max"], s["sparse_grid"]) for s in m["stages"]]
+    bundle_stages = [(s.t_min, s.t_max, s.sparse_grid) for s in m.stages]
     report = {"bundle": str(bundle_path), "n_images": int(len(labels)), "per_class": per_class, "seed": seed,
               **settings, "schedule": _schedule_text(bundle_stages), "fd_note": FD_NOTE,
               "classifier_test_accuracy": test_acc}
@@ -406,7 +408,7 @@ def compare_latency(bundle_a, bundle_b, *, n_images: int = 8, steps: int = 20, c
         for i, path in enumerate((bundle_a, bundle_b)):
             times[i].append(_time_in_runtime_process(path, labels, steps, cfg_scale, threads, seed) / n_images)
     med = [float(np.median(t)) for t in times]
-    macs = [sum(s["macs"] for s in b.manifest["stages"]) / len(b.manifest["stages"]) for b in bundles]
+    macs = [sum(s.macs for s in b.stages) / len(b.stages) for b in bundles]
     return {"a": str(bundle_a), "b": str(bundle_b), "n_images": n_images, "steps": steps, "repeats": repeats,
             "threads": threads, "seconds_per_image": med, "ratio_b_over_a": med[1] / med[0],
             "mean_stage_macs": macs, "macs_ratio_b_over_a": macs[1] / macs[0] if macs[0] else None}

@@ -72,8 +72,7 @@ def check_gate_model(num_classes: int, in_channels: int, input_size: int) -> Non
 
 def _check_model(bundle) -> None:
     m = bundle.manifest
-    cfg = m["model"]["config"]
-    check_gate_model(m["model"]["num_classes"], cfg["in_channels"], cfg["input_size"])
+    check_gate_model(m.model.num_classes, m.model.config.in_channels, m.model.config.input_size)
 
 
 def check_policy(bundle, spec) -> None:
@@ -90,7 +89,7 @@ def check_policy(bundle, spec) -> None:
     artifact_backend, engine_cls = engine_kind(backend)
     pick = getattr(engine_cls, "choose_artifact", None)
     for st in bundle.stages:
-        want = wants.get(st["id"], wants.get("*"))
+        want = wants.get(st.id, wants.get("*"))
         pick(bundle, st, want) if pick else choose_artifact(bundle, st, artifact_backend, want)
 
 
@@ -112,7 +111,7 @@ def compare_policies(bundle, policies: dict, per_class: int, seed: int = 0, step
         raise UserError(f"the end-to-end gate needs at least 1 image per class, got {per_class}")
     check_seed(seed)
     RuntimeSettings(providers=["cpu"], threads=threads)  # refuses --threads < 1
-    resolve_params(bundle.sampling_defaults, bundle.diffusion["num_timesteps"], steps=steps, sampler=sampler)
+    resolve_params(bundle.sampling_defaults, bundle.diffusion.num_timesteps, steps=steps, sampler=sampler)
     for spec in policies.values():
         check_policy(bundle, spec)
     classifier, _ = load_classifier(classifier_dir)
@@ -147,7 +146,7 @@ def end_to_end(bundle, per_class: int, seed: int = 0, steps=None, threads=None, 
     from flexdit_bundle.precision import describe
 
     _check_model(bundle)
-    policy = {st["id"]: st.get("default_precision", "fp32") for st in bundle.stages}
+    policy = {st.id: st.default_precision or "fp32" for st in bundle.stages}
     if bar_for(policy.values()) is None:
         return {"passed": True, "verdict": "skipped: the policy is fp32 everywhere", "policy": "fp32"}
     r = compare_policies(bundle, {"policy": None}, per_class, seed, steps, threads, log)

@@ -23,7 +23,7 @@ class Decoder:
         providers = resolve_providers(settings.providers)
         # the stage engines' provider options (device, precision flags), without a CUDA graph: the
         # decoder runs once per request through plain run(), not through fixed bound buffers
-        options = provider_options(providers, dataclasses.replace(settings, cuda_graph=False), art["precision"])
+        options = provider_options(providers, dataclasses.replace(settings, cuda_graph=False), art.precision)
         self.session = make_session(bundle.path(art), providers, settings.threads, weights, art,
                                     shared_pool=settings.apply(), prepack_weights=settings.prepack_weights,
                                     provider_options=options)
@@ -31,11 +31,11 @@ class Decoder:
         # (the stage engines' verify() ran before this file was read)
         if weights is not None:
             weights.verify()
-        self.batch = d["inputs"][0]["shape"][0]
-        self.in_name, self.out_name = d["inputs"][0]["name"], d["outputs"][0]["name"]
+        self.batch = d.inputs[0].shape[0]
+        self.in_name, self.out_name = d.inputs[0].name, d.outputs[0].name
         inputs, outputs = session_io(self.session)
         if set(inputs) != {self.in_name} or self.out_name not in outputs:
-            raise BundleError(f"{art['path']}: the manifest names the decoder's input {self.in_name!r} and output "
+            raise BundleError(f"{art.path}: the manifest names the decoder's input {self.in_name!r} and output "
                               f"{self.out_name!r} but the graph has {sorted(inputs)} -> {sorted(outputs)}; "
                               "re-run flexdit-export convert")
 

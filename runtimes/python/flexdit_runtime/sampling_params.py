@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from flexdit_bundle.manifest import BundleError
+from flexdit_bundle.spec import SamplingDefaults
 
 from .prompts import shown
 from .samplers import SAMPLERS, SOLVERS
@@ -79,11 +80,13 @@ def max_steps(sampler: str, spacing: str, num_timesteps: int) -> int:
     return num_timesteps - 1 if spacing == "linspace" and sampler != "euler" else num_timesteps
 
 
-def resolve_params(defaults: dict, num_timesteps: int, *, steps=None, sampler=None, cfg_scale=None, eta=None,
-                   spacing=None, clip_denoised=None) -> SamplingParams:
+def resolve_params(defaults: SamplingDefaults | dict, num_timesteps: int, *, steps=None, sampler=None, cfg_scale=None,
+                   eta=None, spacing=None, clip_denoised=None) -> SamplingParams:
     """Fill what the caller left None from the bundle's ``defaults`` and check every value
-    (``spacing`` None: the sampler's own default)."""
-    sampler = defaults["sampler"] if sampler is None else sampler
+    (``spacing`` None: the sampler's own default). ``defaults`` holds every value (a bundle's
+    ``sampling_defaults``, or ``SAMPLING_DEFAULTS`` as a dict)."""
+    defaults = SamplingDefaults.from_json(defaults)
+    sampler = defaults.sampler if sampler is None else sampler
     if not isinstance(sampler, str) or sampler not in SAMPLERS:
         raise BundleError(f"unknown sampler {shown(sampler)} (choose from {', '.join(SAMPLERS)})")
     spacing = spacing_for(sampler, spacing)
@@ -91,10 +94,10 @@ def resolve_params(defaults: dict, num_timesteps: int, *, steps=None, sampler=No
         if eta is not None:
             raise BundleError(f"--eta is for ddim; {sampler} takes none")
         eta = 0.0
-    clip = defaults["clip_denoised"] if clip_denoised is None else clip_denoised
+    clip = defaults.clip_denoised if clip_denoised is None else clip_denoised
     if not isinstance(clip, (bool, np.bool_)):
         raise BundleError(f"clip_denoised must be True or False, got {shown(clip)}")
-    steps = _integer("steps", defaults["steps"] if steps is None else steps, 1, num_timesteps)
+    steps = _integer("steps", defaults.steps if steps is None else steps, 1, num_timesteps)
     most = max_steps(sampler, spacing, num_timesteps)
     if steps > most:
         raise BundleError(f"--steps must be in 1..{most} for {sampler} with {spacing} spacing (more would repeat "
@@ -102,9 +105,9 @@ def resolve_params(defaults: dict, num_timesteps: int, *, steps=None, sampler=No
     return SamplingParams(
         steps=steps,
         sampler=sampler,
-        cfg_scale=_real("cfg-scale", defaults["cfg_scale"] if cfg_scale is None else cfg_scale, 0.0),
+        cfg_scale=_real("cfg-scale", defaults.cfg_scale if cfg_scale is None else cfg_scale, 0.0),
         # eta > 1 asks for more noise than the step removes: sqrt of a negative number, NaN images
-        eta=_real("eta", defaults["eta"] if eta is None else eta, 0.0, 1.0),
+        eta=_real("eta", defaults.eta if eta is None else eta, 0.0, 1.0),
         spacing=spacing, clip_denoised=bool(clip))
 
 

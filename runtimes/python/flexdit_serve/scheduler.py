@@ -328,10 +328,10 @@ class Scheduler:
         out = []
         for st, b in zip(self.model.bundle.stages, runner.batches):
             x = np.zeros((b, *shape), np.float32)
-            t, y = np.full(b, st["t_min"], np.float32), np.zeros(b, np.int64)
-            runner.run_rows(st["id"], x, t, y)
+            t, y = np.full(b, st.t_min, np.float32), np.zeros(b, np.int64)
+            runner.run_rows(st.id, x, t, y)
             start = time.perf_counter()
-            runner.run_rows(st["id"], x, t, y)
+            runner.run_rows(st.id, x, t, y)
             out.append(time.perf_counter() - start)
         return out
 
