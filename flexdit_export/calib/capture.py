@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flexdit_bundle.manifest import stage_for
+from flexdit_bundle.errors import BundleError
 from flexdit_runtime.diffusion import space_timesteps
 
 from .store import CalibError, CalibSet, write_set
@@ -126,7 +126,7 @@ class _Recorder:
             self._report()
         ts = {float(v) for v in t}
         assert len(ts) == 1, "a sampler call has one timestep"
-        sid = stage_for(self.stages, ts.pop())["id"]
+        sid = _stage_id(self.stages, ts.pop())
         n, lo = x.shape[0], self.seen[sid]
         k = self.keep[sid]
         sel = k[(k >= lo) & (k < lo + n)] - lo
@@ -135,6 +135,15 @@ class _Recorder:
             self.rows[sid].append((x[idx].numpy().copy(), t[idx].numpy().copy(), y[idx].numpy().copy()))
         self.seen[sid] = lo + n
         return self.model(x, t, y, sparse_grid)
+
+
+def _stage_id(stages, t) -> int:
+    """The id of the schedule stage whose [t_min, t_max] holds ``t``. Read from the plan's stage
+    dicts (id and timestep range only), which are no manifest entries yet."""
+    for st in stages:
+        if st["t_min"] <= t <= st["t_max"]:
+            return st["id"]
+    raise BundleError(f"no stage serves timestep {t}")
 
 
 def _calls_per_stage(stages, num_timesteps, s: CaptureSettings) -> dict:

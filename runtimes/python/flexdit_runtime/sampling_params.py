@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from flexdit_bundle.errors import ArgumentError
 from flexdit_bundle.manifest import BundleError
 from flexdit_bundle.spec import SamplingDefaults
 
@@ -39,11 +40,11 @@ class SamplingParams:
 
 def _integer(name: str, value, lo: int, hi: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise BundleError(f"--{name} must be an integer, got {shown(value)}")
+        raise ArgumentError(name.replace("-", "_"), f"must be an integer, got {shown(value)}")
     value = int(value)
     if value < lo or (hi is not None and value > hi):
         bound = f"in {lo}..{hi}" if hi is not None else f"at least {lo}"
-        raise BundleError(f"--{name} must be {bound}, got {value}")
+        raise ArgumentError(name.replace("-", "_"), f"must be {bound}, got {value}")
     return value
 
 
@@ -51,12 +52,12 @@ def _real(name: str, value, lo: float, hi: float | None = None) -> float:
     try:
         f = float(value)
     except (TypeError, ValueError):
-        raise BundleError(f"--{name} must be a number, got {shown(value)}") from None
+        raise ArgumentError(name.replace("-", "_"), f"must be a number, got {shown(value)}") from None
     if isinstance(value, (bool, complex, str)) or not math.isfinite(f):
-        raise BundleError(f"--{name} must be a finite number, got {shown(value)}")
+        raise ArgumentError(name.replace("-", "_"), f"must be a finite number, got {shown(value)}")
     if f < lo or (hi is not None and f > hi):
         bound = f"in [{lo:g}, {hi:g}]" if hi is not None else f"at least {lo:g}"
-        raise BundleError(f"--{name} must be {bound}, got {f:g}")
+        raise ArgumentError(name.replace("-", "_"), f"must be {bound}, got {f:g}")
     return f
 
 
