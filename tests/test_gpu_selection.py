@@ -386,3 +386,91 @@ def test_trt_cache_dirs_that_cannot_be_made_turn_the_caches_off(tmp_path):
     assert oe.make_dirs(None) == (None, None)
     # and no cache options are given then
     assert "trt_engine_cache_path" not in oe.provider_options([TRT, CUDA, CPU], RuntimeSettings(), "fp32", got)[0]
+
+
+# ---------------------------------------------------------------- the engine registry
+
+def test_a_new_engine_kind_is_one_registration_line(monkeypatch, tmp_path):
+    """A kind registered with one line (ONNX Runtime under another name, declaring itself the
+    first choice on CUDA, a candidate of --backend auto and a keeper of trajectories on its
+    device) is what --device picks, what --backend auto measures, what the server's pre-check
+    asks, and whose sampler Model.run hands whole trajectories to."""
+    import dataclasses
+    from pathlib import Path
+
+    import flexdit_bundle
+    from flexdit_bundle.manifest import load_bundle
+    from flexdit_runtime import stage_engine
+    from flexdit_runtime.engine_select import candidates
+    from flexdit_runtime.engines import StageRunner
+    from flexdit_runtime.model import Model
+    from flexdit_runtime.ort_engine import OrtStageEngine
+    from flexdit_serve.cli import check_engines
+    from flexdit_serve.config import ServeConfig
+
+    calls = []
+
+    class FakeEngine(OrtStageEngine):
+        kind = "fake"
+        devices = ("cpu", "cuda")
+        default_on = {"cuda": -1}
+        auto = True
+        keeps_trajectory_on_device = True
+        refusal = None
+
+        @classmethod
+        def preflight(cls, bundle, stage, artifact, settings):
+            calls.append("preflight")
+            if cls.refusal:
+                raise BundleError(cls.refusal)
+
+        @classmethod
+        def on_device(cls, bundle, device, settings, probes, explicit):
+            return dataclasses.replace(settings, providers=("cpu",))  # its "device" is the CPU here
+
+        @classmethod
+        def run_trajectory(cls, model, request, progress):
+            calls.append("trajectory")
+            while not request.done:
+                model.step([request])
+
+    monkeypatch.setitem(stage_engine.ENGINE_KINDS, "fake", ("onnx", FakeEngine))  # the one line
+    monkeypatch.setenv("FLEXDIT_AUTO_PROFILE", "off")
+    monkeypatch.setenv("FLEXDIT_OPENVINO_CACHE", str(tmp_path / "ov"))
+    tiny = Path(flexdit_bundle.__file__).resolve().parent / "conformance" / "tiny-bundle"
+    b = load_bundle(tiny, defer_weights=True)
+
+    assert "fake" in stage_engine.backend_choices()
+    # --device: the default walk tries it first on CUDA; named, it runs where it says
+    assert resolve(b, "cuda", None, RuntimeSettings(), {})[0] == "fake"
+    assert resolve(b, "cpu", None, RuntimeSettings(), {})[0] == "onnx"
+    assert resolve(b, "cpu", "fake", RuntimeSettings(), {})[0] == "fake"
+
+    # the sampler: every stage on the fake kind -> its trajectory sampler, same image as ONNX Runtime
+    fake, ref = Model(b, RuntimeSettings(threads=1), backend="fake"), Model(b, RuntimeSettings(threads=1))
+    assert {e.kind for e in fake.runner.engines} == {"fake"}
+    outs = []
+    for m in (fake, ref):
+        req = m.start([1, 2], m.params(steps=4), seed=5)
+        m.run(req)
+        outs.append(req.x)
+    assert calls.count("trajectory") == 1
+    np.testing.assert_array_equal(*outs)
+
+    # --backend auto: a candidate of every stage, measured with the others
+    assert all("fake" in {k for k, _ in candidates(b, st, None)} for st in b.stages)
+    auto = StageRunner(b, RuntimeSettings(threads=1), backend="auto")
+    assert all("fake/fp32" in sel["ms"] for sel in auto.selection)
+    assert calls.count("trajectory") > 1  # timed inside the sampler its trajectories go through
+
+    # the server's pre-Ray check: the kind's preflight, here only
+    calls.clear()
+    check_engines(b, ServeConfig(bundle=str(tiny), backend="fake"), local=True)
+    assert calls == ["preflight"] * len(b.stages)
+    FakeEngine.refusal = "fake: no fake device on this machine"
+    with pytest.raises(BundleError, match="no fake device"):
+        check_engines(b, ServeConfig(bundle=str(tiny), backend="fake"), local=True)
+    check_engines(b, ServeConfig(bundle=str(tiny), backend="fake"), local=False)  # a cluster's nodes judge it
+    check_engines(b, ServeConfig(bundle=str(tiny), device="cuda"), local=False)  # --device cuda picks it
+    with pytest.raises(BundleError, match="no fake device"):
+        check_engines(b, ServeConfig(bundle=str(tiny), device="cuda", gpus=1), local=True)

@@ -125,9 +125,14 @@ def test_stages_of_one_structure_share_one_compiled_model(ov_bundle, monkeypatch
     d = [e.describe() for e in run.engines]
     assert d[0]["shared_with_stages"] == d[1]["shared_with_stages"] == [0, 1] and d[0]["stage_inputs"] > 0
     assert run.engines[0].compiled is run.engines[1].compiled and "shared_with_stages" not in d[2]
+    # sharing is the setting every engine kind reads; the environment variable sets its default
+    unshared = StageRunner(b, RuntimeSettings(threads=1, shared_graphs=False), {"*": "fp32"}, "openvino")
+    assert len({id(e.compiled) for e in unshared.engines}) == 3
     monkeypatch.setenv(openvino_engine.ENV_SHARE, "0")
     alone = StageRunner(b, RuntimeSettings(threads=1), {"*": "fp32"}, "openvino")
     assert len({id(e.compiled) for e in alone.engines}) == 3
+    forced = StageRunner(b, RuntimeSettings(threads=1, shared_graphs=True), {"*": "fp32"}, "openvino")
+    assert forced.engines[0].compiled is forced.engines[1].compiled
     for st, e_shared, e_alone in zip(b.stages, run.engines, alone.engines):
         assert "shared_with_stages" not in e_alone.describe()
         assert np.abs(e_shared.run(*feeds(st)) - e_alone.run(*feeds(st))).max() <= 1e-5

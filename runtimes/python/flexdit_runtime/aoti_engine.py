@@ -35,7 +35,7 @@ import numpy as np
 from flexdit_bundle.manifest import Bundle, BundleError
 
 from .settings import RuntimeSettings
-from .stage_engine import StageEngine
+from .stage_engine import NotChosen, StageEngine
 from .weights import read_weight_file as weight_bytes
 
 INSTALL_HINT = "the aoti backend needs PyTorch (pip install torch); the onnx backend does not"
@@ -84,6 +84,29 @@ def rebuild_command(bundle: Bundle, artifact: dict) -> str:
     info = artifact.get("aoti") or {}
     return (f"flexdit-export convert {src} -o {bundle.root} --force --backend aoti "
             f"--device {info.get('device', 'cuda')} --precision {artifact['precision']}")
+
+
+def torch_cuda() -> str | None:
+    """None when torch can run CUDA packages here, else why not (without importing torch's CUDA
+    state when torch is absent)."""
+    try:
+        import torch
+    except ImportError:
+        return "PyTorch is not installed"
+    if not torch.cuda.is_available():
+        return f"torch {torch.__version__} sees no CUDA GPU"
+    return None
+
+
+def aoti_devices(bundle: Bundle) -> set:
+    """The devices the bundle's AOTI packages were compiled for (empty: it has none)."""
+    return {(a.get("aoti") or {}).get("device", "cuda") for st in bundle.stages for a in st["artifacts"]
+            if a["backend"] == "aoti"}
+
+
+def _rebuild(bundle: Bundle, device: str) -> str:
+    src = (bundle.model.get("source") or {}).get("file", "CHECKPOINT")
+    return f"flexdit-export convert {src} -o {bundle.root} --force --backend aoti --device {device}"
 
 
 def check_compatible(bundle: Bundle, stage: dict, artifact: dict) -> dict:
@@ -180,7 +203,60 @@ class AotiStageEngine(StageEngine):
     """A stage's AOTInductor package on the CPU or one CUDA device (the package decides)."""
 
     kind = "aoti"
-    runs_on_device = True  # Model.run takes the whole trajectory on the device (torch_sampler)
+    devices = ("cpu", "cuda")  # the one each package was compiled for
+    default_on = {"cuda": 0}  # --device cuda prefers packages built for the GPU; the CPU default stays torch-free
+    keeps_trajectory_on_device = True
+
+    @classmethod
+    def library(cls) -> str | None:
+        try:
+            torch_module()
+        except BundleError as e:
+            return str(e)
+        return None
+
+    @classmethod
+    def preflight(cls, bundle: Bundle, stage: dict, artifact: dict, settings: RuntimeSettings) -> None:
+        check_compatible(bundle, stage, artifact)
+
+    @classmethod
+    def on_device(cls, bundle: Bundle, device: str, settings: RuntimeSettings, probes: dict,
+                  explicit: bool) -> RuntimeSettings:
+        """Runs where the bundle's packages were compiled for: that device must be ``device``
+        (and, for CUDA, torch must see a GPU)."""
+        built = aoti_devices(bundle)
+        if device == "cpu":
+            if not built:
+                raise BundleError(f"--device cpu --backend aoti: the bundle has no AOTI packages; run its ONNX graphs "
+                                  f"(--backend onnx) or build them with: {_rebuild(bundle, 'cpu')}")
+            if "cpu" not in built:
+                raise BundleError(f"--device cpu: the bundle's AOTI packages were compiled for "
+                                  f"{', '.join(sorted(built))}; run its ONNX graphs (--backend onnx) or rebuild "
+                                  f"with: {_rebuild(bundle, 'cpu')}")
+            return settings
+        if device != "cuda":
+            return super().on_device(bundle, device, settings, probes, explicit)
+        if "cuda" in built:
+            why = probes.get("torch_cuda", torch_cuda)()
+            if why is None:
+                return settings
+            why = f"the bundle's AOTI packages need CUDA, but {why}"
+            if explicit:
+                raise BundleError(f"--device cuda: {why}")
+            raise NotChosen(why)
+        if explicit:
+            state = f"were compiled for {', '.join(sorted(built))}" if built else "do not exist"
+            raise BundleError(f"--device cuda: the bundle's AOTI packages {state}; "
+                              f"rebuild with: {_rebuild(bundle, 'cuda')}")
+        raise NotChosen("the bundle's AOTI packages were compiled for the CPU" if built
+                        else "the bundle has no AOTI packages")
+
+    @classmethod
+    def run_trajectory(cls, model, request, progress) -> None:
+        """The sampler state stays a torch tensor on the device for the whole trajectory."""
+        from .torch_sampler import run_on_device
+
+        run_on_device(model, request, progress)
 
     def __init__(self, stage: dict, artifact: dict, runner, device: str, constants: dict, env: dict):
         super().__init__(stage, artifact)

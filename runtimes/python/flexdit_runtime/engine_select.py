@@ -1,5 +1,5 @@
-"""``--backend auto``: per stage, the fastest installed CPU engine and precision the bundle's
-policy allows, by measurement.
+"""``--backend auto``: per stage, the fastest installed engine (the kinds that declare
+``StageEngine.auto``: CPU engines) and precision the bundle's policy allows, by measurement.
 
 Why measure: the best engine depends on the machine (the same graphs rank differently on
 different CPUs; OpenVINO bf16 needs bf16 hardware). Allowed precisions: with no
@@ -30,21 +30,10 @@ from flexdit_bundle.manifest import Bundle, BundleError
 from flexdit_bundle.precision import PrecisionError, allowed_by, canonical
 
 from .settings import RuntimeSettings
-from .stage_engine import StageEngine, engine_kind
+from .stage_engine import StageEngine, auto_kinds, engine_kind, installed_kinds
 
-CPU_KINDS = ("onnx", "openvino")  # TensorRT needs its own engines and a GPU: name it explicitly
 ENV_PROFILE = "FLEXDIT_AUTO_PROFILE"  # "off": always measure, never read or write a profile
 CALLS_PER_STEP = 4  # engine calls per denoising step while timing: a batch of prompts, as flexdit-run is used
-
-
-def installed_kinds() -> list[str]:
-    kinds = ["onnx"]
-    try:
-        import openvino  # noqa: F401
-        kinds.append("openvino")
-    except ImportError:
-        pass
-    return kinds
 
 
 def allowed(stage: dict, want: str | None) -> tuple:
@@ -59,21 +48,23 @@ def allowed(stage: dict, want: str | None) -> tuple:
     return ("int8-dynamic", "int8-static") if want == "int8" else (want,)
 
 
-def candidates(bundle: Bundle, stage: dict, want: str | None, kinds=None) -> list[tuple[str, dict]]:
-    """(kind, artifact) of every installed engine and allowed precision the bundle has."""
+def candidates(bundle: Bundle, stage: dict, want: str | None, kinds=None, settings: RuntimeSettings | None = None,
+               machine: bool = True) -> list[tuple[str, dict]]:
+    """(kind, artifact) of every engine kind ``auto`` measures and allowed precision the bundle
+    has. ``kinds``: those kinds (default: the installed ones, or all with ``machine`` False).
+    ``machine``: keep only what this machine can run (``StageEngine.preflight``: e.g. bf16 on a
+    CPU without it); False judges the bundle's artifacts alone (for replicas on other machines)."""
+    settings = settings or RuntimeSettings()
     out = []
-    for kind in kinds or installed_kinds():
-        artifact_backend, cls = engine_kind(kind)
-        pick = getattr(cls, "choose_artifact", None)
+    for kind in kinds or (installed_kinds() if machine else auto_kinds()):
+        cls = engine_kind(kind)[1]
         for prec in allowed(stage, want):
             try:
-                if kind == "openvino":
-                    from .openvino_engine import PRECISIONS, has_bf16
-                    if prec not in PRECISIONS or (prec == "bf16" and not has_bf16()):
-                        continue
-                art = pick(bundle, stage, prec) if pick else bundle.artifact(stage, artifact_backend, prec)
+                art = cls.choose_artifact(bundle, stage, prec)
+                if machine:
+                    cls.preflight(bundle, stage, art, settings)
             except BundleError:
-                continue  # not in the bundle, or not run by this engine
+                continue  # not in the bundle, not run by this engine, or not on this machine
             out.append((kind, art))
     if not out:
         raise BundleError(f"--backend auto: no installed engine runs stage {stage['id']} in "
@@ -171,7 +162,7 @@ def select_engines(bundle: Bundle, settings: RuntimeSettings, wants: list, weigh
                    rounds: int = 5) -> tuple[tuple[StageEngine, ...], list[dict]]:
     """-> (one engine per stage, per stage {"chosen": label, "ms": {label: median}, "from": how})."""
     kinds = installed_kinds()
-    per_stage = [candidates(bundle, st, w, kinds) for st, w in zip(bundle.stages, wants)]
+    per_stage = [candidates(bundle, st, w, kinds, settings) for st, w in zip(bundle.stages, wants)]
     path = profile_path(bundle, settings, wants, kinds)
     profile = _read_profile(path)
     if profile and len(profile) == len(per_stage) and all(

@@ -13,33 +13,21 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from flexdit_bundle.manifest import Bundle, BundleError
-from flexdit_bundle.precision import PrecisionError, canonical, parse_policy
+from flexdit_bundle.precision import PrecisionError, parse_policy
 
 from .ort_engine import make_session, resolve_providers  # noqa: F401  (public: used by benchmarks)
 from .settings import RuntimeSettings, share_thread_pool  # noqa: F401  (public: used by scripts)
-from .stage_engine import AUTO, ENGINE_KINDS, StageEngine, engine_kind
+from .stage_engine import AUTO, DEFAULT_KIND, ENGINE_KINDS, StageEngine, default_artifact, engine_kind
 from .static_batch import in_static_batches
 from .weights import SharedWeights
 
 BACKENDS = tuple(ENGINE_KINDS)
 
 
-def choose_artifact(bundle: Bundle, st: dict, backend: str = "onnx", want: str | None = None) -> dict:
-    """The artifact a stage runs: ``want`` (a precision or the alias ``int8``), else the stage's
-    ``default_precision`` (the conversion's policy), else the first one listed for the backend."""
-    if want is not None:
-        try:
-            want = canonical(want, backend)
-        except PrecisionError as e:
-            raise BundleError(str(e)) from None
-        return bundle.artifact(st, backend, want)
-    default = st.get("default_precision")
-    if default and any(a["backend"] == backend and a["precision"] == default for a in st["artifacts"]):
-        return bundle.artifact(st, backend, default)
-    return bundle.artifact(st, backend)
+choose_artifact = default_artifact  # the name scripts import; engine kinds use StageEngine.choose_artifact
 
 
-def precision_overrides(bundle: Bundle, spec: str | None, backend: str = "onnx") -> dict:
+def precision_overrides(bundle: Bundle, spec: str | None, backend: str = DEFAULT_KIND) -> dict:
     """A ``--precision`` spec -> {stage id: precision} for the stages it names (the others keep
     their default)."""
     if spec is None:
@@ -53,11 +41,8 @@ def precision_overrides(bundle: Bundle, spec: str | None, backend: str = "onnx")
 def stage_artifacts(bundle: Bundle, backend: str, wants: list) -> tuple[type, list[dict]]:
     """-> (the engine class of ``backend``, the artifact each stage runs for its wanted precision
     (None: its default)); refuses in one line what the bundle lacks, without opening anything."""
-    artifact_backend, engine_cls = engine_kind(backend)
-    # An engine kind may resolve its own artifacts (openvino: bf16 runs the fp32 graph).
-    pick = getattr(engine_cls, "choose_artifact", None)
-    return engine_cls, [pick(bundle, st, want) if pick else choose_artifact(bundle, st, artifact_backend, want)
-                        for st, want in zip(bundle.stages, wants)]
+    engine_cls = engine_kind(backend)[1]
+    return engine_cls, [engine_cls.choose_artifact(bundle, st, want) for st, want in zip(bundle.stages, wants)]
 
 
 class StageRunner:
@@ -66,7 +51,7 @@ class StageRunner:
     buffers the sessions were bound to and lives as long as the runner."""
 
     def __init__(self, bundle: Bundle, settings: RuntimeSettings | None = None, precision: dict | None = None,
-                 backend: str = "onnx"):
+                 backend: str = DEFAULT_KIND):
         settings = settings or RuntimeSettings()
         self.bundle, self.backend = bundle, backend
         self.weights = SharedWeights(bundle)

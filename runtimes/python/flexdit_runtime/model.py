@@ -34,11 +34,12 @@ from .request import Request, Result
 from .samplers import SOLVERS, guide, needs_noise, step
 from .sampling_params import SamplingParams, check_init_noise, check_seed, resolve_params
 from .settings import RuntimeSettings
+from .stage_engine import DEFAULT_KIND
 
 
 class Model:
-    def __init__(self, bundle: Bundle, settings: RuntimeSettings | None = None, precision=None, backend: str = "onnx",
-                 *, runner: StageRunner | None = None, decoder: bool = True):
+    def __init__(self, bundle: Bundle, settings: RuntimeSettings | None = None, precision=None,
+                 backend: str = DEFAULT_KIND, *, runner: StageRunner | None = None, decoder: bool = True):
         """``precision``: None (each stage's default from the bundle's policy), a spec string
         ("fp32", "int8:stages=0-2,fp16:stages=3"), or {stage id or "*": precision}.
         ``backend``: an engine kind of ``stage_engine.ENGINE_KINDS``, or "auto" (per stage the
@@ -59,8 +60,8 @@ class Model:
         self.latent_shape = (self.cfg["in_channels"], self.cfg["input_size"], self.cfg["input_size"])
 
     @classmethod
-    def from_bundle(cls, path, settings: RuntimeSettings | None = None, precision=None, backend: str = "onnx",
-                    verify_checksums: bool = True) -> "Model":
+    def from_bundle(cls, path, settings: RuntimeSettings | None = None, precision=None,
+                    backend: str = DEFAULT_KIND, verify_checksums: bool = True) -> "Model":
         return cls(load_bundle(path, verify_checksums, defer_weights=True), settings, precision, backend)
 
     def engines(self) -> list[dict]:
@@ -192,13 +193,15 @@ class Model:
         r.k = -1
 
     def run(self, request: Request, progress: Callable | None = None) -> Request:
-        """Take all remaining steps of one request (``progress(1)`` after each). Engines that
-        run on a device (AOTI) keep the sampler state there for the whole trajectory."""
-        if not request.done and all(getattr(e, "runs_on_device", False) for e in self.runner.engines):
-            from .torch_sampler import run_on_device
-
-            run_on_device(self, request, progress)
-            return request
+        """Take all remaining steps of one request (``progress(1)`` after each). When every stage
+        runs on one engine kind that keeps the trajectory on its device
+        (``StageEngine.keeps_trajectory_on_device``), that kind's sampler takes it there."""
+        kinds = {type(e) for e in self.runner.engines}
+        if not request.done and len(kinds) == 1:
+            (kind,) = kinds
+            if kind.keeps_trajectory_on_device:
+                kind.run_trajectory(self, request, progress)
+                return request
         while not request.done:
             self.step([request])
             if progress:

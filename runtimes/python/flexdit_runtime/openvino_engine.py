@@ -22,8 +22,9 @@ inputs (dimensions that differ become dynamic), and each stage engine feeds its 
 weights are repacked once and every stage costs what one dense model costs. Which constants are
 identical is known without reading the weights: two initializers bound by the manifest to the
 same tensor of the same weight file are the same bytes (v2); everything else is compared by
-value. ``$FLEXDIT_OPENVINO_SHARE_STAGES=0`` compiles one static model per stage instead (no
-dynamic shapes: a little faster per call on small graphs, one weight copy per stage). int8-dynamic
+value. ``RuntimeSettings(shared_graphs=False)``, or ``$FLEXDIT_OPENVINO_SHARE_STAGES=0`` where
+the setting is left at None, compiles one static model per stage instead (no dynamic shapes: a
+little faster per call on small graphs, one weight copy per stage). int8-dynamic
 is derived from that shared model, so its int8 weights exist once too. NNCF int8 models are
 calibrated per stage (different quantiser ranges, SmoothQuant-scaled weights), so they stay one
 static model each.
@@ -36,6 +37,7 @@ cache dir), so a second start imports them instead of compiling again.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import weakref
@@ -110,7 +112,7 @@ def artifact_for(bundle: Bundle, stage: dict, precision: str) -> dict:
         raise BundleError(f"the openvino backend runs {', '.join(PRECISIONS)} (int8 = int8-static), not {precision}")
     if precision == "int8-static":
         return bundle.artifact(stage, "openvino", "int8-static")
-    return {**bundle.artifact(stage, "onnx", "fp32"), "precision": precision}
+    return dataclasses.replace(bundle.artifact(stage, "onnx", "fp32"), precision=precision)
 
 
 _VERIFIED: set = set()
@@ -170,6 +172,28 @@ class OpenVINOStageEngine(StageEngine):
     """A stage graph compiled by OpenVINO for the CPU, at an explicit inference precision."""
 
     kind = "openvino"
+    devices = ("cpu",)
+    auto = True
+
+    @classmethod
+    def library(cls) -> str | None:
+        try:
+            openvino()
+        except BundleError as e:
+            return str(e)
+        return None
+
+    @classmethod
+    def preflight(cls, bundle: Bundle, stage: dict, artifact: dict, settings: RuntimeSettings) -> None:
+        super().preflight(bundle, stage, artifact, settings)
+        if artifact["precision"] == "bf16" and not has_bf16():
+            raise BundleError("bf16 needs a CPU with bf16 instructions (AVX512-BF16 or AMX), which this one lacks; "
+                              "use fp32 or int8 on the openvino backend")
+
+    @classmethod
+    def shares_stages(cls, settings: RuntimeSettings) -> bool:
+        """The setting, else ``$FLEXDIT_OPENVINO_SHARE_STAGES`` (default on)."""
+        return settings.shared_graphs if settings.shared_graphs is not None else share_stages()
 
     def __init__(self, stage: dict, artifact: dict, compiled, cache: str | None, shared=None):
         super().__init__(stage, artifact)
@@ -200,13 +224,11 @@ class OpenVINOStageEngine(StageEngine):
     def open(cls, bundle: Bundle, stage: dict, artifact: dict, settings: RuntimeSettings,
              weights) -> "OpenVINOStageEngine":
         precision = artifact["precision"]
-        if precision == "bf16" and not has_bf16():
-            raise BundleError("bf16 needs a CPU with bf16 instructions (AVX512-BF16 or AMX), which this one lacks; "
-                              "use fp32 or int8 on the openvino backend")
+        cls.preflight(bundle, stage, artifact, settings)
         verify_weight_file(bundle, artifact)
         cache = cache_dir(getattr(settings, "openvino_cache", None))
         config = compile_config(precision, settings.threads, cache)
-        if precision in FROM_FP32 and share_stages():
+        if precision in FROM_FP32 and cls.shares_stages(settings):
             shared = shared_model(bundle, stage, precision, config)
             if shared is not None:
                 return cls(stage, artifact, shared.compiled, cache, shared)

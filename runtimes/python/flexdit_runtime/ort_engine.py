@@ -15,6 +15,7 @@ precision, cache keys, the IO-binding mechanics on CPU buffers) is tested.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import os
@@ -29,7 +30,7 @@ from flexdit_bundle.manifest import Bundle, BundleError
 from flexdit_bundle.precision import cpu_optimization_level
 
 from .settings import RuntimeSettings, process_shares_pool, use_env_arena
-from .stage_engine import NUMPY_DTYPES, StageEngine
+from .stage_engine import NUMPY_DTYPES, NotChosen, StageEngine, has_backend
 
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                     "tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider"}
@@ -85,6 +86,23 @@ def resolve_providers(names, available=None, gpu_present=None) -> list[str]:
 
 def _gpu_present() -> bool:
     return os.path.exists("/dev/nvidia0") or os.path.exists("/dev/dxg")
+
+
+def ort_cuda() -> str | None:
+    """None when ONNX Runtime's CUDA provider can run here, else why not."""
+    import onnxruntime as ort
+
+    if CUDA not in ort.get_available_providers():
+        return f"this onnxruntime ({_ort_version()}) has no CUDA provider (install onnxruntime-gpu: README, GPU)"
+    if not _gpu_present():
+        return "no NVIDIA GPU is visible to this process (no /dev/nvidia0)"
+    return None
+
+
+def names_gpu_provider(providers) -> bool:
+    """Whether ``--providers`` names a GPU provider (by alias or ONNX Runtime name)."""
+    gpu = {n.lower() for n in GPU_PROVIDERS}
+    return any(PROVIDER_ALIASES.get(p.lower(), p).lower() in gpu for p in providers or ())
 
 
 # ---------------------------------------------------------------- GPU provider options
@@ -284,7 +302,8 @@ def shared_graph(bundle: Bundle, artifact: dict, settings: RuntimeSettings, prov
     compiler checked it bit-identical to the stage graph: the CPU provider alone, host feeds, the
     recorded optimisation level; else None (the stage gets its own session)."""
     ref = artifact.get("shared_graph")
-    if not ref or not settings.shared_graphs or list(providers) != [CPU] or uses_io_binding(providers, settings):
+    if (not ref or not OrtStageEngine.shares_stages(settings) or list(providers) != [CPU]
+            or uses_io_binding(providers, settings)):
         return None
     graph = bundle.shared_graphs.get(ref["id"])
     if graph is None or graph.get("verified", {}).get("graph_optimization") != level:
@@ -342,6 +361,44 @@ class OrtStageEngine(StageEngine):
     without the graph and says why in ``describe()``."""
 
     kind = "onnx"
+    devices = ("cpu", "cuda")
+    default_on = {"cpu": 0, "cuda": 1}  # on CUDA, after packages compiled for the GPU
+    auto = True
+
+    @classmethod
+    def library(cls) -> str | None:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return "ONNX Runtime is not installed: pip install onnxruntime"
+        return None
+
+    @classmethod
+    def preflight(cls, bundle: Bundle, stage: dict, artifact: dict, settings: RuntimeSettings) -> None:
+        super().preflight(bundle, stage, artifact, settings)
+        resolve_providers(settings.providers)
+
+    @classmethod
+    def on_device(cls, bundle: Bundle, device: str, settings: RuntimeSettings, probes: dict,
+                  explicit: bool) -> RuntimeSettings:
+        """CPU: the CPU provider alone. CUDA: the bundle's ONNX graphs on the CUDA provider
+        (GPU providers named in ``settings.providers`` are kept as given)."""
+        if device == "cpu":
+            return dataclasses.replace(settings, providers=("cpu",))
+        super().on_device(bundle, device, settings, probes, explicit)
+        whose = "the bundle's" if explicit else "its"
+        if not has_backend(bundle, "onnx"):
+            why = "the bundle has no ONNX graphs" if explicit else "it has no ONNX graphs"
+        else:
+            why = probes.get("ort_cuda", ort_cuda)()
+            why = why and f"for {whose} ONNX graphs {why}"
+        if why:
+            if explicit:
+                raise BundleError(f"--device {device}: {why}")
+            raise NotChosen(why)
+        if names_gpu_provider(settings.providers):
+            return settings
+        return dataclasses.replace(settings, providers=("cuda",))
 
     def __init__(self, stage: dict, artifact: dict, session, bound: BoundIO | None = None,
                  constants: dict | None = None, shared_graph: dict | None = None):

@@ -40,7 +40,11 @@ class RuntimeSettings:
     only in a few constants) and it was checked bit-identical at the level a session would run,
     open that one session for all those stages instead of one per stage (the same results, a
     quarter of the session build time and memory plans for a 4-stage bundle); False: always one
-    session per stage.
+    session per stage. The setting is every engine kind's (``StageEngine.shares_stages``):
+    OpenVINO compiles the stages of one graph structure as one model; AOTI and TensorRT have no
+    shared stage graphs (AOTI packages share one copy of the weights anyway). None: each kind's
+    default, which is to share (for OpenVINO, ``$FLEXDIT_OPENVINO_SHARE_STAGES=0`` makes the
+    default one static model per stage: scripts set that variable).
 
     GPU execution providers (ONNX Runtime's CUDA and TensorRT providers; ``ort_engine.provider_options``
     turns these into the providers' options; unverified: no GPU was available to this work):
@@ -64,7 +68,7 @@ class RuntimeSettings:
     load_threads: int | None = None
     prepack_weights: bool = False
     graph_optimization: str = "auto"
-    shared_graphs: bool = True
+    shared_graphs: bool | None = None
     device_id: int = 0
     io_binding: bool | None = None
     cuda_graph: bool | None = None

@@ -129,6 +129,23 @@ class TensorRTStageEngine(StageEngine):
     and one set of device buffers per engine, so calls are serialised."""
 
     kind = "tensorrt"
+    devices = ("cuda",)
+
+    @classmethod
+    def library(cls) -> str | None:
+        return None if tensorrt_version() else NOT_INSTALLED.format(what="run")
+
+    @classmethod
+    def preflight(cls, bundle: Bundle, stage: dict, artifact: dict, settings: RuntimeSettings) -> None:
+        """The engine's header against this machine's TensorRT and GPU (the library included)."""
+        check_engine(read_header(bundle.path(artifact))[0], environment(), artifact["path"], bundle.root)
+
+    @classmethod
+    def on_device(cls, bundle: Bundle, device: str, settings: RuntimeSettings, probes: dict,
+                  explicit: bool) -> RuntimeSettings:
+        if device == "cpu":
+            raise BundleError("--device cpu: TensorRT engines run on a GPU only (use --backend onnx)")
+        return super().on_device(bundle, device, settings, probes, explicit)
 
     def __init__(self, stage: dict, artifact: dict, session: TensorRTSession):
         super().__init__(stage, artifact)

@@ -93,49 +93,31 @@ def check_engines(bundle, cfg: ServeConfig, local: bool) -> None:
     What is checked where: the bundle is the same file set wherever the replicas run, so an
     unknown backend or precision, a precision spec naming stages the bundle lacks, a device the
     engine kind cannot run on, and a precision/engine kind the bundle has no artifact for are
-    always errors. What depends on the machine (TensorRT or OpenVINO installed, a CUDA GPU for
-    ONNX Runtime or PyTorch, the TensorRT/AOTI build matching it, the CPU engines and bf16 that
-    ``--backend auto`` may choose from) is checked only when the replicas run here (no
-    --address): a cluster's nodes may have hardware and engines this driver lacks, so there
-    ``device.resolve`` assumes the CUDA probes succeed and the replicas check the rest."""
-    from flexdit_runtime.device import resolve
+    always errors. What depends on the machine (the engine kind's ``preflight``: its library
+    installed, a CUDA GPU for ONNX Runtime or PyTorch, the TensorRT/AOTI build matching it; the
+    engines and bf16 that ``--backend auto`` may choose from) is checked only when the replicas
+    run here (no --address): a cluster's nodes may have hardware and engines this driver lacks,
+    so there ``device.resolve`` assumes the availability probes succeed and the replicas check
+    the rest."""
+    from flexdit_runtime.device import ASSUME_AVAILABLE, resolve
     from flexdit_runtime.engines import precision_overrides, stage_artifacts
     from flexdit_runtime.settings import RuntimeSettings
     from flexdit_runtime.stage_engine import AUTO
 
-    probes = None if local else {"torch_cuda": lambda: None, "ort_cuda": lambda: None}
-    kind, _ = resolve(bundle, cfg.device, cfg.backend, RuntimeSettings(threads=cfg.threads), probes)
+    probes = None if local else ASSUME_AVAILABLE
+    kind, settings = resolve(bundle, cfg.device, cfg.backend, RuntimeSettings(threads=cfg.threads), probes)
     policy = precision_overrides(bundle, cfg.precision, kind)  # unknown precisions, stage ids out of range
     wants = [policy.get(st["id"], policy.get("*")) for st in bundle.stages]
-    if kind == AUTO:
-        from flexdit_runtime.engine_select import CPU_KINDS, allowed, candidates
+    if kind == AUTO:  # here: the engines installed and this CPU's bf16; else the bundle's artifacts alone
+        from flexdit_runtime.engine_select import candidates
 
         for st, want in zip(bundle.stages, wants):
-            if local:  # the engines installed here, and this CPU's bf16
-                candidates(bundle, st, want)
-            elif "bf16" not in allowed(st, want):  # every CPU engine, by the bundle's artifacts alone
-                candidates(bundle, st, want, CPU_KINDS)  # (bf16 depends on the cluster's CPUs: not judged here)
+            candidates(bundle, st, want, settings=settings, machine=local)
         return
-    _, arts = stage_artifacts(bundle, kind, wants)  # the artifact each stage runs, as StageRunner picks it
-    if not local:
-        return
-    # this machine runs them: the refusals the engine's open() makes before it loads anything
-    if kind == "openvino":
-        from flexdit_runtime.openvino_engine import openvino
-
-        openvino()
-    elif kind == "tensorrt":
-        from flexdit_bundle.engine_header import check_engine, read_header
-        from flexdit_runtime.tensorrt_engine import environment
-
-        env = environment()
-        for art in arts:
-            check_engine(read_header(bundle.path(art))[0], env, art["path"], bundle.root)
-    elif kind == "aoti":
-        from flexdit_runtime.aoti_engine import check_compatible
-
+    engine_cls, arts = stage_artifacts(bundle, kind, wants)  # the artifact each stage runs, as StageRunner picks it
+    if local:  # this machine runs them: the refusals the engine's open() makes before it loads anything
         for st, art in zip(bundle.stages, arts):
-            check_compatible(bundle, st, art)
+            engine_cls.preflight(bundle, st, art, settings)
 
 
 def serve_app(cfg: ServeConfig, host: str, port: int, address: str | None, detach: bool) -> None:
