@@ -13,6 +13,7 @@ from pathlib import Path
 
 from flexdit_bundle.files import StagingDirectory, make_temp_dir, remove_stale, sha256_file, target_problem
 from flexdit_bundle.manifest import MANIFEST, Bundle
+from flexdit_bundle.spec import Manifest
 
 from .errors import UserError
 
@@ -83,17 +84,18 @@ class BundleWriter:
                                   "bytes": d.stat().st_size}
         return a
 
-    def preview(self, manifest: dict) -> Bundle:
-        """The bundle as it will be published (``manifest`` finalized), readable by the runtime
-        before the rename (for checks that run the runtime on it)."""
+    def preview(self, manifest: Manifest) -> Bundle:
+        """The bundle as it will be published (``manifest`` from ``finalize``), readable by the
+        runtime before the rename (for checks that run the runtime on it)."""
         return Bundle(self.tmp, manifest)
 
-    def commit(self, manifest: dict) -> Path:
-        """Write the finalized ``manifest`` into the staging directory and publish it."""
-        if "format" not in manifest:  # finalize() adds it with the passes every bundle needs
+    def commit(self, manifest: Manifest) -> Path:
+        """Write ``manifest`` (from ``finalize``, which every bundle needs) into the staging
+        directory and publish it."""
+        if not isinstance(manifest, Manifest):
             raise UserError("internal error: the manifest being written was not finalized")
         try:
-            text = json.dumps(manifest, indent=2, allow_nan=False)  # NaN/Infinity are not JSON
+            text = json.dumps(manifest.to_json(), indent=2, allow_nan=False)  # NaN/Infinity are not JSON
         except ValueError as e:
             raise UserError(f"internal error: the manifest being written holds a non-finite number ({e})") from None
         (self.tmp / MANIFEST).write_text(text + "\n")

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from flexdit_bundle.precision import describe as describe_policy
+from flexdit_bundle.spec import Manifest
 
 from .bundle import BundleWriter
 from .builders import BuildContext, Component, builder_for
@@ -83,7 +84,7 @@ def _log_plan(plan: ConvertPlan, log) -> None:
     log(f"schedule: {describe(list(plan.stages), cfg.grid)}")
 
 
-def _run_gates(plan: ConvertPlan, w: BundleWriter, manifest: dict, log) -> dict:
+def _run_gates(plan: ConvertPlan, w: BundleWriter, manifest: Manifest, log) -> Manifest:
     """-> the finalized ``manifest`` with the gates' record (as it is without gates)."""
     if not plan.gates:
         return manifest

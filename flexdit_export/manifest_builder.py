@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 
 import torch
+
+from flexdit_bundle.spec import Manifest
 
 from . import __version__
 
@@ -48,9 +51,10 @@ def calibration_record(calib, stage_entries: list, method: str) -> dict:
             "stages": stages}
 
 
-def with_quality(manifest: dict, reports: dict) -> dict:
+def with_quality(manifest: Manifest, reports: dict) -> Manifest:
     """The finalized manifest with the gates' record: one gate's report as it is, several as
-    {gate name: report}; placed before ``shared_graphs``, where manifests have always had it."""
-    shared = {k: v for k, v in manifest.items() if k == "shared_graphs"}
-    rest = {k: v for k, v in manifest.items() if k != "shared_graphs"}
-    return {**rest, "quality": next(iter(reports.values())) if len(reports) == 1 else reports, **shared}
+    {gate name: report}; written before ``shared_graphs``, where manifests have always had it."""
+    order = [k for k in manifest.to_json() if k != "quality"]
+    order.insert(order.index("shared_graphs") if "shared_graphs" in order else len(order), "quality")
+    record = next(iter(reports.values())) if len(reports) == 1 else reports
+    return dataclasses.replace(manifest, quality=record, key_order=tuple(order))

@@ -31,6 +31,7 @@ import numpy as np
 
 from flexdit_bundle.files import sha256_file
 from flexdit_bundle.precision import cpu_optimization_level
+from flexdit_bundle.spec import Artifact, Manifest, Stage, WeightTensor
 
 from .share_weights import ALIGNMENT, _dtypes
 
@@ -104,7 +105,7 @@ def add_shared_graphs(root, manifest: dict, log=None) -> dict:
         path = root / rel
         onnx.save(model, str(path))
         digest = sha256_file(path)
-        diff = _verify(root, path, [(st, a) for st, a, _ in members], values)
+        diff = _verify(root, path, [(Stage.from_json(st), Artifact.from_json(a)) for st, a, _ in members], values)
         if diff is not None:
             path.unlink()
             if log:
@@ -219,33 +220,33 @@ def _ort_version() -> str:
     return ort.__version__
 
 
-def check_published(root, manifest: dict) -> list[dict]:
+def check_published(root, manifest: Manifest) -> list[dict]:
     """``flexdit-export verify``: run every published shared graph against the stage graphs it
     stands for again (the constants read back from the weight file) -> [{id, stages, ok, why}]."""
     root = Path(root)
-    files = {w["id"]: w for w in manifest.get("weights") or []}
+    files = {w.id: w for w in manifest.weights or ()}
     out = []
-    for g in manifest.get("shared_graphs") or []:
-        w = files[g["weights"]["file"]]
+    for g in manifest.shared_graphs or ():
+        w = files[g.weights.file]
         members, values = [], []
-        for st in manifest["stages"]:
-            for a in st["artifacts"]:
-                if (a.get("shared_graph") or {}).get("id") == g["id"]:
+        for st in manifest.stages:
+            for a in st.artifacts:
+                if a.shared_graph is not None and a.shared_graph.id == g.id:
                     members.append((st, a))
-                    values.append({n: _read_tensor(root / w["path"], w["tensors"][i]) for n, i in a["shared_graph"]["inputs"].items()})
-        why = _verify(root, root / g["path"], members, values)
-        out.append({"id": g["id"], "path": g["path"], "stages": [st["id"] for st, _ in members], "ok": why is None,
-                    "why": why})
+                    values.append({n: _read_tensor(root / w.path, w.tensors[i])
+                                   for n, i in a.shared_graph.inputs.items()})
+        why = _verify(root, root / g.path, members, values)
+        out.append({"id": g.id, "path": g.path, "stages": [st.id for st, _ in members], "ok": why is None, "why": why})
     return out
 
 
-def _read_tensor(path: Path, t: dict) -> np.ndarray:
+def _read_tensor(path: Path, t: WeightTensor) -> np.ndarray:
     with open(path, "rb") as f:
-        f.seek(t["offset"])
-        return np.frombuffer(f.read(t["bytes"]), dtype=t["dtype"]).reshape(t["shape"]).copy()
+        f.seek(t.offset)
+        return np.frombuffer(f.read(t.bytes), dtype=t.dtype).reshape(t.shape).copy()
 
 
-def _verify(root: Path, shared: Path, members, values) -> str | None:
+def _verify(root: Path, shared: Path, members: list[tuple[Stage, Artifact]], values) -> str | None:
     """None when the shared graph gives every member's ((stage, artifact)) outputs bit for bit
     (``values``: each member's stage constants); else why not."""
     import onnxruntime as ort
@@ -254,17 +255,17 @@ def _verify(root: Path, shared: Path, members, values) -> str | None:
     feeds = []
     for st, _ in members:
         f = {}
-        for e in st["inputs"]:
-            shape = e["shape"]
-            if e["dtype"].startswith("int"):
-                f[e["name"]] = rng.integers(0, 2, shape).astype(e["dtype"])
-            elif e["name"] == "t":
-                f[e["name"]] = rng.uniform(st["t_min"], st["t_max"], shape).astype(e["dtype"])
+        for e in st.inputs:
+            shape = list(e.shape)
+            if e.dtype.startswith("int"):
+                f[e.name] = rng.integers(0, 2, shape).astype(e.dtype)
+            elif e.name == "t":
+                f[e.name] = rng.uniform(st.t_min, st.t_max, shape).astype(e.dtype)
             else:
-                f[e["name"]] = rng.standard_normal(shape).astype(e["dtype"])
+                f[e.name] = rng.standard_normal(shape).astype(e.dtype)
         feeds.append(f)
     level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[
-        cpu_optimization_level(members[0][1]["precision"])]
+        cpu_optimization_level(members[0][1].precision)]
     for threads in VERIFY_THREADS:
         so = ort.SessionOptions()
         so.graph_optimization_level = level
@@ -272,13 +273,13 @@ def _verify(root: Path, shared: Path, members, values) -> str | None:
         try:
             one = ort.InferenceSession(str(shared), so, providers=["CPUExecutionProvider"])
             for (st, a), f, vals in zip(members, feeds, values):
-                own = ort.InferenceSession(str(root / a["path"]), so, providers=["CPUExecutionProvider"])
+                own = ort.InferenceSession(str(root / a.path), so, providers=["CPUExecutionProvider"])
                 want = own.run(None, f)
                 got = one.run(None, {**f, **vals})
                 for x, y in zip(want, got):
                     if x.shape != y.shape or not np.array_equal(x, y, equal_nan=True):
                         err = float(np.max(np.abs(x.astype(np.float64) - y))) if x.shape == y.shape else float("nan")
-                        return f"stage {st['id']} differs from its own graph by {err:.1e} at {threads} thread(s)"
+                        return f"stage {st.id} differs from its own graph by {err:.1e} at {threads} thread(s)"
         except Exception as e:  # onnxruntime raises its own types; the stage graphs stay usable
             return f"ONNX Runtime cannot run it ({str(e).splitlines()[0][:200]})"
     return None
