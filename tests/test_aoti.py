@@ -123,15 +123,19 @@ def test_cuda_graph_output_is_the_callers_own():
     as a CUDA graph replay does."""
     import threading
 
+    from flexdit_bundle.spec import Stage
     from flexdit_runtime.aoti_engine import AotiStageEngine
 
     B = 2
-    stage = {"id": 0, "batch": B, "inputs": [{"name": "x", "dtype": "float32", "shape": [B, 1, 4, 4]},
-                                              {"name": "t", "dtype": "float32", "shape": [B]},
-                                              {"name": "y", "dtype": "int64", "shape": [B]}],
-             "outputs": [{"name": "out", "dtype": "float32", "shape": [B, 1, 4, 4]}]}
+    art = {"backend": "aoti", "precision": "fp32", "path": "stub.pt2", "sha256": "0" * 64}
+    stage = Stage.from_json({"id": 0, "t_min": 0, "t_max": 999, "sparse_grid": None, "tokens": 16, "batch": B,
+                             "inputs": [{"name": "x", "dtype": "float32", "shape": [B, 1, 4, 4]},
+                                        {"name": "t", "dtype": "float32", "shape": [B]},
+                                        {"name": "y", "dtype": "int64", "shape": [B]}],
+                             "outputs": [{"name": "out", "dtype": "float32", "shape": [B, 1, 4, 4]}],
+                             "artifacts": [art]})
     e = AotiStageEngine.__new__(AotiStageEngine)
-    super(AotiStageEngine, e).__init__(stage, {"precision": "fp32", "path": "stub.pt2"})
+    super(AotiStageEngine, e).__init__(stage, stage.artifacts[0])
     e.torch, e.device, e._lock = torch, "cpu", threading.Lock()
     e.static_in = (torch.zeros(B, 1, 4, 4), torch.zeros(B), torch.zeros(B, dtype=torch.int64))
     e.static_out = torch.zeros(B, 1, 4, 4)

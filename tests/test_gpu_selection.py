@@ -17,6 +17,7 @@ import pytest
 from conftest import run_cli
 
 from flexdit_bundle.manifest import BundleError
+from flexdit_bundle.spec import Artifact
 from flexdit_runtime import ort_engine as oe
 from flexdit_runtime.device import resolve
 from flexdit_runtime.settings import RuntimeSettings
@@ -155,13 +156,17 @@ def test_trt_cache_key_is_stable_and_a_plain_directory_name():
     assert oe.trt_cache_key({**ENV, "gpu": "a/b"}) != oe.trt_cache_key({**ENV, "gpu": "a b"})
 
 
+def _artifact(sha256, precision):
+    return Artifact.from_json({"backend": "onnx", "precision": precision, "path": "stages/s.onnx", "sha256": sha256})
+
+
 def test_trt_cache_dirs(tmp_path, monkeypatch):
-    art = {"sha256": "ab" * 32, "precision": "fp16"}
+    art = _artifact("ab" * 32, "fp16")
     d = oe.trt_cache_dirs(str(tmp_path), ENV, art)
     key = oe.trt_cache_key(ENV)
     assert d["engines"] == str(tmp_path / key / "engines" / ("ab" * 8 + "-fp16"))
     assert d["timing"] == str(tmp_path / key / "timing")
-    other = oe.trt_cache_dirs(str(tmp_path), ENV, {"sha256": "cd" * 32, "precision": "fp16"})
+    other = oe.trt_cache_dirs(str(tmp_path), ENV, _artifact("cd" * 32, "fp16"))
     assert other["engines"] != d["engines"] and other["timing"] == d["timing"]  # engines per graph, timing shared
     assert oe.trt_cache_dirs(str(tmp_path), {**ENV, "tensorrt": "10.8.0"}, art)["timing"] != d["timing"]
     assert oe.trt_cache_dirs(None, ENV, art) is None
@@ -225,10 +230,10 @@ def test_io_binding_gives_the_same_rows_at_fixed_addresses(flex_bundle):
 # ---------------------------------------------------------------- --device
 
 def _fake_bundle(aoti_device=None, onnx=True):
-    arts = ([{"backend": "onnx", "precision": "fp32"}] if onnx else []) + \
-           ([{"backend": "aoti", "precision": "fp32", "aoti": {"device": aoti_device}}] if aoti_device else [])
-    return types.SimpleNamespace(stages=[{"id": 0, "artifacts": arts}, {"id": 1, "artifacts": arts}],
-                                 model={"source": {"file": "ck.pt"}}, root="b")
+    ns = types.SimpleNamespace
+    arts = ([ns(backend="onnx", precision="fp32", aoti=None)] if onnx else []) + \
+           ([ns(backend="aoti", precision="fp32", aoti=ns(device=aoti_device))] if aoti_device else [])
+    return ns(stages=[ns(id=0, artifacts=arts), ns(id=1, artifacts=arts)], model=ns(source={"file": "ck.pt"}), root="b")
 
 
 OK = lambda: None  # noqa: E731  (a probe that finds what it needs)
@@ -377,10 +382,10 @@ def test_cuda_graph_failure_reopens_the_stage_without_it(flex_bundle, monkeypatc
 
 
 def test_trt_cache_dirs_that_cannot_be_made_turn_the_caches_off(tmp_path):
-    dirs = oe.trt_cache_dirs(str(tmp_path / "c"), ENV, {"sha256": "ab" * 32, "precision": "fp32"})
+    dirs = oe.trt_cache_dirs(str(tmp_path / "c"), ENV, _artifact("ab" * 32, "fp32"))
     assert oe.make_dirs(dirs) == (dirs, None) and all(os.path.isdir(d) for d in dirs.values())
     (tmp_path / "file").write_text("x")  # a file where the cache directory should be
-    blocked = oe.trt_cache_dirs(str(tmp_path / "file"), ENV, {"sha256": "ab" * 32, "precision": "fp32"})
+    blocked = oe.trt_cache_dirs(str(tmp_path / "file"), ENV, _artifact("ab" * 32, "fp32"))
     got, why = oe.make_dirs(blocked)
     assert got is None and why.startswith("TensorRT caches off: cannot create ") and "\n" not in why
     assert oe.make_dirs(None) == (None, None)

@@ -33,6 +33,7 @@ import weakref
 import numpy as np
 
 from flexdit_bundle.manifest import Bundle, BundleError
+from flexdit_bundle.spec import Artifact, Stage
 
 from .settings import RuntimeSettings
 from .stage_engine import NotChosen, StageEngine
@@ -79,11 +80,11 @@ def environment(device: str) -> dict:
     return env
 
 
-def rebuild_command(bundle: Bundle, artifact: dict) -> str:
-    src = (bundle.model.get("source") or {}).get("file", "CHECKPOINT")
-    info = artifact.get("aoti") or {}
+def rebuild_command(bundle: Bundle, artifact: Artifact) -> str:
+    src = (bundle.model.source or {}).get("file", "CHECKPOINT")
+    device = artifact.aoti.device if artifact.aoti else "cuda"
     return (f"flexdit-export convert {src} -o {bundle.root} --force --backend aoti "
-            f"--device {info.get('device', 'cuda')} --precision {artifact['precision']}")
+            f"--device {device} --precision {artifact.precision}")
 
 
 def torch_cuda() -> str | None:
@@ -100,25 +101,25 @@ def torch_cuda() -> str | None:
 
 def aoti_devices(bundle: Bundle) -> set:
     """The devices the bundle's AOTI packages were compiled for (empty: it has none)."""
-    return {(a.get("aoti") or {}).get("device", "cuda") for st in bundle.stages for a in st["artifacts"]
-            if a["backend"] == "aoti"}
+    return {a.aoti.device if a.aoti else "cuda" for st in bundle.stages for a in st.artifacts
+            if a.backend == "aoti"}
 
 
 def _rebuild(bundle: Bundle, device: str) -> str:
-    src = (bundle.model.get("source") or {}).get("file", "CHECKPOINT")
+    src = (bundle.model.source or {}).get("file", "CHECKPOINT")
     return f"flexdit-export convert {src} -o {bundle.root} --force --backend aoti --device {device}"
 
 
-def check_compatible(bundle: Bundle, stage: dict, artifact: dict) -> dict:
+def check_compatible(bundle: Bundle, stage: Stage, artifact: Artifact) -> dict:
     """-> this process's key; a package built for another one is refused with one line."""
-    info = artifact.get("aoti")
-    if not info or "compat" not in info:
-        raise BundleError(f"{artifact['path']}: the manifest records no AOTI compatibility key; "
+    info = artifact.aoti
+    if info is None or info.compat is None:
+        raise BundleError(f"{artifact.path}: the manifest records no AOTI compatibility key; "
                           f"rebuild with: {rebuild_command(bundle, artifact)}")
-    here = environment(info["device"])
-    built = info["compat"].get("key")
+    here = environment(info.device)
+    built = info.compat.key
     if built != here["key"]:
-        raise BundleError(f"stage {stage['id']}: {artifact['path']} was compiled for {built}, this process is "
+        raise BundleError(f"stage {stage.id}: {artifact.path} was compiled for {built}, this process is "
                           f"{here['key']}; rebuild with: {rebuild_command(bundle, artifact)}")
     return here
 
@@ -138,9 +139,9 @@ def read_weight_file(bundle: Bundle, file_id: str, device: str) -> list:
         raise BundleError(f"the manifest lists no weight file {file_id!r}; re-run flexdit-export convert")
     raw = torch.from_numpy(weight_bytes(bundle, entry))
     out = []
-    for t in entry["tensors"]:
-        dtype = getattr(torch, t["dtype"] if t["dtype"] != "bool" else "bool")
-        v = raw[t["offset"]:t["offset"] + t["bytes"]].view(dtype).reshape(t["shape"])
+    for t in entry.tensors:
+        dtype = getattr(torch, t.dtype if t.dtype != "bool" else "bool")
+        v = raw[t.offset:t.offset + t.bytes].view(dtype).reshape(t.shape)
         out.append(v if device == "cpu" else v.to(device))
     return out
 
@@ -187,11 +188,11 @@ def bind_constants(runner, constants: dict) -> None:
         runner.loader.load_constants(constants, False, True, True)
 
 
-def constants_for(artifact: dict, tensors: list, runner, path: str) -> dict:
-    ref = artifact.get("weights")
+def constants_for(artifact: Artifact, tensors: list, runner, path: str) -> dict:
+    ref = artifact.weights
     if not ref:
         raise BundleError(f"{path}: the manifest binds no weights to this AOTI package; re-run flexdit-export convert")
-    constants = {name: tensors[i] for name, i in ref["bindings"].items()}
+    constants = {name: tensors[i] for name, i in ref.bindings.items()}
     missing = [n for n in runner.get_constant_fqns() if n not in constants]
     if missing:
         raise BundleError(f"{path}: the package needs constant {missing[0]!r}, which the manifest does not bind; "
@@ -216,7 +217,7 @@ class AotiStageEngine(StageEngine):
         return None
 
     @classmethod
-    def preflight(cls, bundle: Bundle, stage: dict, artifact: dict, settings: RuntimeSettings) -> None:
+    def preflight(cls, bundle: Bundle, stage: Stage, artifact: Artifact, settings: RuntimeSettings) -> None:
         check_compatible(bundle, stage, artifact)
 
     @classmethod
@@ -258,7 +259,7 @@ class AotiStageEngine(StageEngine):
 
         run_on_device(model, request, progress)
 
-    def __init__(self, stage: dict, artifact: dict, runner, device: str, constants: dict, env: dict):
+    def __init__(self, stage: Stage, artifact: Artifact, runner, device: str, constants: dict, env: dict):
         super().__init__(stage, artifact)
         torch = torch_module()
         self.torch, self.runner, self.device, self.env = torch, runner, device, env
@@ -266,26 +267,26 @@ class AotiStageEngine(StageEngine):
         self._lock = threading.Lock()
         self.graph = None
         self.graph_error = None
-        shapes = [e["shape"] for e in stage["inputs"]]
+        shapes = [e.shape for e in stage.inputs]
         self.static_in = (torch.zeros(shapes[0], dtype=torch.float32, device=device),
                           torch.zeros(shapes[1], dtype=torch.float32, device=device),
                           torch.zeros(shapes[2], dtype=torch.int64, device=device))
         with torch.inference_mode():
             out = runner(*self.static_in)  # one dry run: the package's output must be the manifest's
-        want = list(stage["outputs"][0]["shape"])
+        want = list(stage.outputs[0].shape)
         if list(out.shape) != want or out.dtype != torch.float32:
-            raise BundleError(f"{artifact['path']} (stage {stage['id']}): the package returns {out.dtype} "
+            raise BundleError(f"{artifact.path} (stage {stage.id}): the package returns {out.dtype} "
                               f"{list(out.shape)}, the manifest declares float32 {want}; re-run flexdit-export convert")
         self.static_out = out
 
     @classmethod
-    def open(cls, bundle: Bundle, stage: dict, artifact: dict, settings: RuntimeSettings, weights) -> "AotiStageEngine":
+    def open(cls, bundle: Bundle, stage: Stage, artifact: Artifact, settings: RuntimeSettings, weights) -> "AotiStageEngine":
         env = check_compatible(bundle, stage, artifact)
         device = env["device"]
         path = bundle.path(artifact)
         runner = load_package(path, device)
-        tensors = shared_tensors(weights, bundle, artifact["weights"]["file"], device)
-        constants = constants_for(artifact, tensors, runner, artifact["path"])
+        tensors = shared_tensors(weights, bundle, artifact.weights.file, device)
+        constants = constants_for(artifact, tensors, runner, artifact.path)
         bind_constants(runner, constants)
         engine = cls(stage, artifact, runner, device, constants, env)
         if device == "cuda":
@@ -339,4 +340,4 @@ class AotiStageEngine(StageEngine):
         return {**super().describe(), "device": self.device, "compat": self.env["key"],
                 "cuda_graph": self.graph is not None if self.device == "cuda" else None,
                 **({"cuda_graph_error": self.graph_error} if self.graph_error else {}),
-                "recipe": (self.artifact.get("aoti") or {}).get("recipe")}
+                "recipe": self.artifact.aoti.recipe if self.artifact.aoti else None}

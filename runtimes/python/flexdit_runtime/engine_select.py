@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from flexdit_bundle.manifest import Bundle, BundleError
+from flexdit_bundle.spec import Artifact, Stage
 from flexdit_bundle.precision import PrecisionError, allowed_by, canonical
 
 from .settings import RuntimeSettings
@@ -36,11 +37,11 @@ ENV_PROFILE = "FLEXDIT_AUTO_PROFILE"  # "off": always measure, never read or wri
 CALLS_PER_STEP = 4  # engine calls per denoising step while timing: a batch of prompts, as flexdit-run is used
 
 
-def allowed(stage: dict, want: str | None) -> tuple:
+def allowed(stage: Stage, want: str | None) -> tuple:
     """Precisions stage ``stage`` may run: ``want`` (a precision, or int8 = any int8 form), else
     its policy's tier."""
     if want is None:
-        return allowed_by(stage.get("default_precision") or "fp32")
+        return allowed_by(stage.default_precision or "fp32")
     try:
         want = canonical(want, "auto")
     except PrecisionError as e:
@@ -48,8 +49,8 @@ def allowed(stage: dict, want: str | None) -> tuple:
     return ("int8-dynamic", "int8-static") if want == "int8" else (want,)
 
 
-def candidates(bundle: Bundle, stage: dict, want: str | None, kinds=None, settings: RuntimeSettings | None = None,
-               machine: bool = True) -> list[tuple[str, dict]]:
+def candidates(bundle: Bundle, stage: Stage, want: str | None, kinds=None, settings: RuntimeSettings | None = None,
+               machine: bool = True) -> list[tuple[str, Artifact]]:
     """(kind, artifact) of every engine kind ``auto`` measures and allowed precision the bundle
     has. ``kinds``: those kinds (default: the installed ones, or all with ``machine`` False).
     ``machine``: keep only what this machine can run (``StageEngine.preflight``: e.g. bf16 on a
@@ -67,17 +68,17 @@ def candidates(bundle: Bundle, stage: dict, want: str | None, kinds=None, settin
                 continue  # not in the bundle, not run by this engine, or not on this machine
             out.append((kind, art))
     if not out:
-        raise BundleError(f"--backend auto: no installed engine runs stage {stage['id']} in "
+        raise BundleError(f"--backend auto: no installed engine runs stage {stage.id} in "
                           f"{' or '.join(allowed(stage, want))} with this bundle's artifacts")
     return out
 
 
-def sample_inputs(stage: dict, seed: int = 0) -> tuple:
+def sample_inputs(stage: Stage, seed: int = 0) -> tuple:
     """Inputs of the stage's real shapes: noise, timesteps inside its range, labels."""
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal(stage["inputs"][0]["shape"], dtype=np.float32)
-    b = stage["batch"]
-    t = rng.integers(stage["t_min"], stage["t_max"] + 1, b).astype(np.float32)
+    x = rng.standard_normal(stage.inputs[0].shape, dtype=np.float32)
+    b = stage.batch
+    t = rng.integers(stage.t_min, stage.t_max + 1, b).astype(np.float32)
     return x, t, np.zeros(b, np.int64)
 
 
@@ -85,10 +86,10 @@ def covering_steps(bundle: Bundle, visits: int = 2) -> int:
     """The fewest respaced steps ("sections" spacing) that visit every stage ``visits`` times."""
     from .diffusion import space_timesteps
 
-    T = bundle.diffusion["num_timesteps"]
+    T = bundle.diffusion.num_timesteps
     for n in range(visits * len(bundle.stages), T + 1):
-        seen = [bundle.stage_for(t)["id"] for t in space_timesteps(T, str(n))]
-        if all(seen.count(st["id"]) >= visits for st in bundle.stages):
+        seen = [bundle.stage_for(t).id for t in space_timesteps(T, str(n))]
+        if all(seen.count(st.id) >= visits for st in bundle.stages):
             return n
     return T
 
@@ -118,7 +119,7 @@ def time_in_sampler(bundle: Bundle, settings: RuntimeSettings, weights, named: l
     n_images = CALLS_PER_STEP * any_model.capacity(params.cfg_scale)
     visits = defaultdict(int)  # engine calls per stage in one trajectory (one per step)
     for t in any_model.diffusion(steps).timestep_map:
-        visits[bundle.stage_for(int(t))["id"]] += 1
+        visits[bundle.stage_for(int(t)).id] += 1
     times = [{n: [] for n in per} for per in named]
     for r in range(warmup + rounds):
         for n, model in models.items():
@@ -133,8 +134,8 @@ def time_in_sampler(bundle: Bundle, settings: RuntimeSettings, weights, named: l
     return [{n: statistics.median(v) * 1e3 for n, v in per.items()} for per in times]
 
 
-def label(kind: str, artifact: dict) -> str:
-    return f"{kind}/{artifact['precision']}"
+def label(kind: str, artifact: Artifact) -> str:
+    return f"{kind}/{artifact.precision}"
 
 
 def profile_path(bundle: Bundle, settings: RuntimeSettings, wants, kinds) -> Path | None:

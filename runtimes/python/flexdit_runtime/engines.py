@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from flexdit_bundle.manifest import Bundle, BundleError
+from flexdit_bundle.spec import Artifact, Stage
 from flexdit_bundle.precision import PrecisionError, parse_policy
 
 from .ort_engine import make_session, resolve_providers  # noqa: F401  (public: used by benchmarks)
@@ -38,7 +39,7 @@ def precision_overrides(bundle: Bundle, spec: str | None, backend: str = DEFAULT
         raise BundleError(str(e)) from None
 
 
-def stage_artifacts(bundle: Bundle, backend: str, wants: list) -> tuple[type, list[dict]]:
+def stage_artifacts(bundle: Bundle, backend: str, wants: list) -> tuple[type, list[Artifact]]:
     """-> (the engine class of ``backend``, the artifact each stage runs for its wanted precision
     (None: its default)); refuses in one line what the bundle lacks, without opening anything."""
     engine_cls = engine_kind(backend)[1]
@@ -56,7 +57,7 @@ class StageRunner:
         self.bundle, self.backend = bundle, backend
         self.weights = SharedWeights(bundle)
         precision = precision or {}
-        wants = [precision.get(st["id"], precision.get("*")) for st in bundle.stages]
+        wants = [precision.get(st.id, precision.get("*")) for st in bundle.stages]
         self.selection = None  # backend "auto": engine_select's timings and choices
         if backend == AUTO:
             from .engine_select import select_engines
@@ -94,7 +95,7 @@ class StageRunner:
         return [e.precision for e in self.engines]
 
     def stage_for(self, t: int) -> int:
-        return self.bundle.stage_for(int(t))["id"]
+        return self.bundle.stage_for(int(t)).id
 
     def run_rows(self, stage_id: int, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Stage ``stage_id``'s output for any number of rows (per-row timesteps ``t``)."""

@@ -50,14 +50,14 @@ class Model:
         self.settings = settings = settings or RuntimeSettings()
         settings.apply()
         m = bundle.manifest
-        self.cfg = m["model"]["config"]
-        self.classes = ClassIndex(m["model"]["class_names"], m["model"]["num_classes"])
+        self.cfg = m.model.config
+        self.classes = ClassIndex(m.model.class_names, m.model.num_classes)
         if isinstance(precision, str):
             precision = precision_overrides(bundle, precision, backend)
         self.runner = runner if runner is not None else StageRunner(bundle, settings, precision, backend)
         self.decoder = Decoder(bundle, settings, self.runner.weights) if bundle.decoder and decoder else None
         self.defaults = bundle.sampling_defaults
-        self.latent_shape = (self.cfg["in_channels"], self.cfg["input_size"], self.cfg["input_size"])
+        self.latent_shape = (self.cfg.in_channels, self.cfg.input_size, self.cfg.input_size)
 
     @classmethod
     def from_bundle(cls, path, settings: RuntimeSettings | None = None, precision=None,
@@ -74,22 +74,22 @@ class Model:
     def params(self, *, steps=None, sampler=None, cfg_scale=None, eta=None, spacing=None,
                clip_denoised=None) -> SamplingParams:
         """Sampling parameters with the bundle's defaults filled in, every value checked."""
-        return resolve_params(self.defaults, self.bundle.diffusion["num_timesteps"], steps=steps, sampler=sampler,
+        return resolve_params(self.defaults, self.bundle.diffusion.num_timesteps, steps=steps, sampler=sampler,
                               cfg_scale=cfg_scale, eta=eta, spacing=spacing, clip_denoised=clip_denoised)
 
     def diffusion(self, steps: int, spacing: str = "sections", sampler: str = "ddpm") -> Diffusion | SolverSchedule:
         """The tables a run of ``sampler`` walks: a respaced ``Diffusion`` (ddpm, ddim) or the
         ``SolverSchedule`` of a solver."""
         d = self.bundle.diffusion
-        T = d["num_timesteps"]
-        betas = linear_betas(T, d["beta_start"], d["beta_end"])
+        T = d.num_timesteps
+        betas = linear_betas(T, d.beta_start, d.beta_end)
         try:
             if sampler in SOLVERS:
                 return SolverSchedule(betas, solver_timesteps(sampler, T, steps, spacing))
             keep = space_timesteps(T, f"ddim{steps}" if spacing == "ddim" else str(steps))
         except ValueError as e:
             raise BundleError(str(e)) from None
-        return Diffusion(betas, keep, d["variance_type"])
+        return Diffusion(betas, keep, d.variance_type)
 
     def class_ids(self, prompts: Iterable) -> list[int]:
         """Class names or ids -> ids, each checked against the model's classes."""
@@ -140,7 +140,7 @@ class Model:
         for r in requests:
             if not r.done:
                 by_stage[self.runner.stage_for(r.timestep)].append(r)
-        null = self.bundle.model["null_class"]
+        null = self.bundle.model.null_class
         for sid, group in by_stage.items():
             xs, ts, ys = [], [], []
             for r in group:
@@ -163,12 +163,12 @@ class Model:
 
     def _advance(self, r: Request, out: np.ndarray, sid: int | None = None) -> None:
         p, k = r.params, r.k
-        cin = self.cfg["in_channels"]
+        cin = self.cfg.in_channels
         if not np.isfinite(out).all():
             return self._fail(r, out, sid, "the stage graph returned NaN or infinite values")
         if p.guided:
             with np.errstate(over="ignore", invalid="ignore"):
-                out = guide(out, r.n, p.cfg_scale, self.bundle.diffusion["cfg_channels"], cin)
+                out = guide(out, r.n, p.cfg_scale, self.bundle.diffusion.cfg_channels, cin)
             if not np.isfinite(out).all():
                 return self._fail(r, out, sid, f"guidance with cfg-scale {p.cfg_scale:g} overflowed float32")
         noise = r.noise(k) if needs_noise(p.sampler, k, p.eta) else None
@@ -225,7 +225,7 @@ class Model:
             dec_s = time.perf_counter() - dec_t
             if not np.isfinite(decoded).all():
                 raise BundleError("the decoder returned NaN or infinite values for finite samples")
-        images = to_uint8(decoded, self.bundle.manifest["output"]["value_range"])
+        images = to_uint8(decoded, self.bundle.manifest.output.value_range)
         stage_seconds = defaultdict(float)
         for r in requests:
             for sid, s in r.stage_seconds.items():

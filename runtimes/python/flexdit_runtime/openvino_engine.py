@@ -47,6 +47,7 @@ import numpy as np
 
 from flexdit_bundle.files import sha256_file
 from flexdit_bundle.manifest import Bundle, BundleError
+from flexdit_bundle.spec import Artifact, Stage
 from flexdit_bundle.precision import PrecisionError, canonical
 
 from .openvino_int8_weights import GROUP_SIZE, compress_weights
@@ -105,7 +106,7 @@ def cache_dir(explicit=None) -> str | None:
     return os.path.join(base, "flexdit", "openvino")
 
 
-def artifact_for(bundle: Bundle, stage: dict, precision: str) -> dict:
+def artifact_for(bundle: Bundle, stage: Stage, precision: str) -> Artifact:
     """The manifest artifact a precision runs from; bf16 and int8-dynamic run the fp32 graph, so
     they get a copy of that artifact whose precision says so."""
     if precision not in PRECISIONS:
@@ -119,22 +120,22 @@ _VERIFIED: set = set()
 _VERIFY_LOCK = threading.Lock()
 
 
-def verify_weight_file(bundle: Bundle, artifact: dict) -> None:
+def verify_weight_file(bundle: Bundle, artifact: Artifact) -> None:
     """The shared weight file OpenVINO will map must be the one the manifest hashed. Streamed
     (no copy kept); once per file and process."""
-    ref = artifact.get("weights")
+    ref = artifact.weights
     if not ref:
         return
-    entry = bundle.weight_files[ref["file"]]
+    entry = bundle.weight_files[ref.file]
     path = bundle.path(entry)
-    key = (str(path), entry["sha256"])
+    key = (str(path), entry.sha256)
     with _VERIFY_LOCK:
         if key in _VERIFIED:
             return
         try:
-            ok = path.stat().st_size == entry["bytes"] and sha256_file(path) == entry["sha256"]
+            ok = path.stat().st_size == entry.bytes and sha256_file(path) == entry.sha256
         except OSError as e:
-            raise BundleError(f"cannot read weight file {entry['path']}: {e}") from None
+            raise BundleError(f"cannot read weight file {entry.path}: {e}") from None
         if not ok:
             raise checksum_mismatch(entry)
         _VERIFIED.add(key)
@@ -184,9 +185,9 @@ class OpenVINOStageEngine(StageEngine):
         return None
 
     @classmethod
-    def preflight(cls, bundle: Bundle, stage: dict, artifact: dict, settings: RuntimeSettings) -> None:
+    def preflight(cls, bundle: Bundle, stage: Stage, artifact: Artifact, settings: RuntimeSettings) -> None:
         super().preflight(bundle, stage, artifact, settings)
-        if artifact["precision"] == "bf16" and not has_bf16():
+        if artifact.precision == "bf16" and not has_bf16():
             raise BundleError("bf16 needs a CPU with bf16 instructions (AVX512-BF16 or AMX), which this one lacks; "
                               "use fp32 or int8 on the openvino backend")
 
@@ -195,11 +196,11 @@ class OpenVINOStageEngine(StageEngine):
         """The setting, else ``$FLEXDIT_OPENVINO_SHARE_STAGES`` (default on)."""
         return settings.shared_graphs if settings.shared_graphs is not None else share_stages()
 
-    def __init__(self, stage: dict, artifact: dict, compiled, cache: str | None, shared=None):
+    def __init__(self, stage: Stage, artifact: Artifact, compiled, cache: str | None, shared=None):
         super().__init__(stage, artifact)
         self.compiled, self.cache = compiled, cache
         self.shared = shared  # the SharedStageModel this stage runs on, or None (a static model of its own)
-        self._stage_feeds = shared.feeds[stage["id"]] if shared else {}
+        self._stage_feeds = shared.feeds[stage.id] if shared else {}
         # one infer request per calling thread (run() is thread-safe); the stages of a shared
         # model share it, since one thread runs one stage at a time
         self._local = shared.local if shared else threading.local()
@@ -207,11 +208,11 @@ class OpenVINOStageEngine(StageEngine):
         self.check_graph_io({k: v for k, v in inputs.items() if not k.startswith(STAGE_INPUT)}, outputs)
 
     @classmethod
-    def choose_artifact(cls, bundle: Bundle, stage: dict, want: str | None) -> dict:
+    def choose_artifact(cls, bundle: Bundle, stage: Stage, want: str | None) -> Artifact:
         """The artifact for precision ``want`` (None: the stage's default precision if this
         engine runs it, else fp32)."""
         if want is None:
-            want = stage.get("default_precision") or "fp32"
+            want = stage.default_precision or "fp32"
             if want not in PRECISIONS:
                 want = "fp32"
         try:
@@ -221,9 +222,9 @@ class OpenVINOStageEngine(StageEngine):
         return artifact_for(bundle, stage, want)
 
     @classmethod
-    def open(cls, bundle: Bundle, stage: dict, artifact: dict, settings: RuntimeSettings,
+    def open(cls, bundle: Bundle, stage: Stage, artifact: Artifact, settings: RuntimeSettings,
              weights) -> "OpenVINOStageEngine":
-        precision = artifact["precision"]
+        precision = artifact.precision
         cls.preflight(bundle, stage, artifact, settings)
         verify_weight_file(bundle, artifact)
         cache = cache_dir(getattr(settings, "openvino_cache", None))
@@ -241,7 +242,7 @@ class OpenVINOStageEngine(StageEngine):
             else:  # compiling from the path lets a cache hit skip reading the graph altogether
                 compiled = core().compile_model(str(path), "CPU", config)
         except RuntimeError as e:
-            raise BundleError(f"cannot load graph {artifact['path']} in OpenVINO: {ov_error(e)}") from None
+            raise BundleError(f"cannot load graph {artifact.path} in OpenVINO: {ov_error(e)}") from None
         return cls(stage, artifact, compiled, cache)
 
     def _request(self):
@@ -256,7 +257,7 @@ class OpenVINOStageEngine(StageEngine):
             req.infer({**feeds, **self._stage_feeds} if self._stage_feeds else feeds)
             return req.get_tensor(self.output_name).data.copy()
         except RuntimeError as e:
-            raise BundleError(f"stage {self.stage['id']} ({self.artifact['path']}) failed in OpenVINO: "
+            raise BundleError(f"stage {self.stage.id} ({self.artifact.path}) failed in OpenVINO: "
                               f"{ov_error(e)}") from None
 
     def describe(self) -> dict:
@@ -292,39 +293,39 @@ def _structure(model) -> tuple:
     return tuple((op.get_type_name(), op.get_input_size(), op.get_output_size()) for op in model.get_ordered_ops())
 
 
-def _bound(artifact: dict) -> dict:
+def _bound(artifact: Artifact) -> dict:
     """{initializer name: (weight file, tensor index)} of a v2 artifact (empty for v1)."""
-    ref = artifact.get("weights") or {}
-    return {n: (ref.get("file"), i) for n, i in (ref.get("bindings") or {}).items()}
+    ref = artifact.weights
+    return {n: (ref.file, i) for n, i in ref.bindings.items()} if ref else {}
 
 
-def shared_model(bundle: Bundle, stage: dict, precision: str, config: dict) -> SharedStageModel | None:
+def shared_model(bundle: Bundle, stage: Stage, precision: str, config: dict) -> SharedStageModel | None:
     """The compiled model ``stage`` shares with every other stage of the same graph structure, or
     None when it has no such stage (or the shared model cannot be built: then each stage compiles
     its own static model, as before)."""
     arts = {}
     for st in bundle.stages:
         try:
-            arts[st["id"]] = artifact_for(bundle, st, precision)
+            arts[st.id] = artifact_for(bundle, st, precision)
         except BundleError:
             continue
-    if len(arts) < 2 or stage["id"] not in arts:
+    if len(arts) < 2 or stage.id not in arts:
         return None
-    key = (str(Path(bundle.root).resolve()), tuple(a["sha256"] for a in arts.values()), precision,
+    key = (str(Path(bundle.root).resolve()), tuple(a.sha256 for a in arts.values()), precision,
            tuple(sorted((k, str(v)) for k, v in config.items())))
     with _SHARED_LOCK:
         key_lock = _KEY_LOCKS.setdefault(key, threading.Lock())
     with key_lock:  # the stages open in parallel: the first of a group builds, the others wait for it
         with _SHARED_LOCK:  # other keys' builders insert concurrently (--backend auto opens in parallel)
-            if (key, stage["id"]) in _ALONE:
+            if (key, stage.id) in _ALONE:
                 return None
             for (k, ids), model in list(_SHARED.items()):
-                if k == key and stage["id"] in ids:
+                if k == key and stage.id in ids:
                     return model
-        found = _build_shared(bundle, arts, stage["id"], config, precision)
+        found = _build_shared(bundle, arts, stage.id, config, precision)
         with _SHARED_LOCK:
             if found is None:
-                _ALONE.add((key, stage["id"]))
+                _ALONE.add((key, stage.id))
             else:
                 _SHARED[(key, found.stage_ids)] = found
         return found

@@ -27,6 +27,7 @@ import threading
 import numpy as np
 
 from flexdit_bundle.manifest import Bundle, BundleError
+from flexdit_bundle.spec import Artifact, SharedGraph, Stage
 from flexdit_bundle.precision import cpu_optimization_level
 
 from .settings import RuntimeSettings, process_shares_pool, use_env_arena
@@ -225,13 +226,13 @@ def trt_cache_root(explicit: str | None = None) -> str | None:
     return os.path.join(base, "flexdit", "ort-tensorrt")
 
 
-def trt_cache_dirs(root: str | None, env: dict, artifact: dict) -> dict | None:
+def trt_cache_dirs(root: str | None, env: dict, artifact) -> dict | None:
     """{"engines": ..., "timing": ...} for one artifact: engines per graph content (its sha256)
     and precision under the environment's key; one timing cache per key, shared by all graphs."""
     if not root:
         return None
     base = os.path.join(root, trt_cache_key(env))
-    tag = f"{(artifact.get('sha256') or 'nohash')[:16]}-{artifact.get('precision', 'fp32')}"
+    tag = f"{artifact.sha256[:16]}-{artifact.precision}"
     return {"engines": os.path.join(base, "engines", tag), "timing": os.path.join(base, "timing")}
 
 
@@ -252,7 +253,7 @@ def optimization_level(setting: str, precision: str, providers) -> str:
     return cpu_optimization_level(precision) if cpu_only else "all"
 
 
-def make_session(path, providers, threads: int | None = None, weights=None, artifact: dict | None = None, *,
+def make_session(path, providers, threads: int | None = None, weights=None, artifact: Artifact | None = None, *,
                  shared_pool: bool | None = None, prepack_weights: bool = False, optimization: str = "all",
                  provider_options: list | None = None):
     """An ONNX Runtime session for one graph. ``weights`` (a ``SharedWeights``) binds the
@@ -297,16 +298,16 @@ def make_session(path, providers, threads: int | None = None, weights=None, arti
     return session
 
 
-def shared_graph(bundle: Bundle, artifact: dict, settings: RuntimeSettings, providers, level: str) -> dict | None:
+def shared_graph(bundle: Bundle, artifact: Artifact, settings: RuntimeSettings, providers, level: str) -> SharedGraph | None:
     """The manifest's shared graph for this stage artifact, if the session would run where the
     compiler checked it bit-identical to the stage graph: the CPU provider alone, host feeds, the
     recorded optimisation level; else None (the stage gets its own session)."""
-    ref = artifact.get("shared_graph")
+    ref = artifact.shared_graph
     if (not ref or not OrtStageEngine.shares_stages(settings) or list(providers) != [CPU]
             or uses_io_binding(providers, settings)):
         return None
-    graph = bundle.shared_graphs.get(ref["id"])
-    if graph is None or graph.get("verified", {}).get("graph_optimization") != level:
+    graph = bundle.shared_graphs.get(ref.id)
+    if graph is None or graph.verified.graph_optimization != level:
         return None
     return graph
 
@@ -326,19 +327,19 @@ class BoundIO:
     (``update_inplace``), runs, and copies the output to the host. Fixed addresses are what a
     captured CUDA graph replays on. Not thread-safe: the engine serialises calls."""
 
-    def __init__(self, session, stage: dict, input_names, output_name: str, device_type: str, device_id: int = 0):
+    def __init__(self, session, stage: Stage, input_names, output_name: str, device_type: str, device_id: int = 0):
         import onnxruntime as ort
 
         self.device_type = device_type
         self.binding = session.io_binding()
         self.inputs = []
-        for e, name in zip(stage["inputs"], input_names):
-            v = ort.OrtValue.ortvalue_from_shape_and_type(list(e["shape"]), NUMPY_DTYPES[e["dtype"]], device_type,
+        for e, name in zip(stage.inputs, input_names):
+            v = ort.OrtValue.ortvalue_from_shape_and_type(list(e.shape), NUMPY_DTYPES[e.dtype], device_type,
                                                           device_id)
             self.binding.bind_ortvalue_input(name, v)
             self.inputs.append(v)
-        out = stage["outputs"][0]
-        self.output = ort.OrtValue.ortvalue_from_shape_and_type(list(out["shape"]), NUMPY_DTYPES[out["dtype"]],
+        out = stage.outputs[0]
+        self.output = ort.OrtValue.ortvalue_from_shape_and_type(list(out.shape), NUMPY_DTYPES[out.dtype],
                                                                 device_type, device_id)
         self.binding.bind_ortvalue_output(output_name, self.output)
         self.addresses = self._addresses()
@@ -374,7 +375,7 @@ class OrtStageEngine(StageEngine):
         return None
 
     @classmethod
-    def preflight(cls, bundle: Bundle, stage: dict, artifact: dict, settings: RuntimeSettings) -> None:
+    def preflight(cls, bundle: Bundle, stage: Stage, artifact: Artifact, settings: RuntimeSettings) -> None:
         super().preflight(bundle, stage, artifact, settings)
         resolve_providers(settings.providers)
 
@@ -400,8 +401,8 @@ class OrtStageEngine(StageEngine):
             return settings
         return dataclasses.replace(settings, providers=("cuda",))
 
-    def __init__(self, stage: dict, artifact: dict, session, bound: BoundIO | None = None,
-                 constants: dict | None = None, shared_graph: dict | None = None):
+    def __init__(self, stage: Stage, artifact: Artifact, session, bound: BoundIO | None = None,
+                 constants: dict | None = None, shared_graph: SharedGraph | None = None):
         super().__init__(stage, artifact)
         self.session = session
         self.constants = constants or {}  # extra inputs of a shared graph: this stage's constants
@@ -410,7 +411,7 @@ class OrtStageEngine(StageEngine):
         for name, value in self.constants.items():
             dtype, shape = inputs.pop(name, (None, None))
             if dtype != str(value.dtype) or len(shape) != value.ndim:
-                raise BundleError(f"{shared_graph['path']}: stage {stage['id']} feeds {name!r} as {value.dtype} "
+                raise BundleError(f"{shared_graph.path}: stage {stage.id} feeds {name!r} as {value.dtype} "
                                   f"{list(value.shape)}, which the graph does not take; re-run flexdit-export convert")
         self.check_graph_io(inputs, outputs)
         self.bound = bound
@@ -422,14 +423,14 @@ class OrtStageEngine(StageEngine):
         self.optimization = None
 
     @classmethod
-    def open(cls, bundle: Bundle, stage: dict, artifact: dict, settings: RuntimeSettings, weights) -> "OrtStageEngine":
+    def open(cls, bundle: Bundle, stage: Stage, artifact: Artifact, settings: RuntimeSettings, weights) -> "OrtStageEngine":
         providers = resolve_providers(settings.providers)
-        level = optimization_level(settings.graph_optimization, artifact["precision"], providers)
+        level = optimization_level(settings.graph_optimization, artifact.precision, providers)
         trt_dirs, cache_note = None, None
         if TRT in providers:
             trt_dirs, cache_note = make_dirs(trt_cache_dirs(trt_cache_root(settings.trt_cache_dir),
                                                             gpu_environment(settings.device_id), artifact))
-        options = provider_options(providers, settings, artifact["precision"], trt_dirs)
+        options = provider_options(providers, settings, artifact.precision, trt_dirs)
 
         shared = shared_graph(bundle, artifact, settings, providers, level)
 
@@ -439,9 +440,9 @@ class OrtStageEngine(StageEngine):
                                 optimization=level, provider_options=opts)
 
         if shared is not None:  # one session for every stage of the group, made by the first to ask
-            session = weights.once(("onnx", shared["id"], level), lambda: session_with(options, shared))
-            constants = {n: weights.array(shared["weights"]["file"], i)
-                         for n, i in artifact["shared_graph"]["inputs"].items()}
+            session = weights.once(("onnx", shared.id, level), lambda: session_with(options, shared))
+            constants = {n: weights.array(shared.weights.file, i)
+                         for n, i in artifact.shared_graph.inputs.items()}
             engine = cls(stage, artifact, session, constants=constants, shared_graph=shared)
             engine.options, engine.optimization = options, level
             return engine
@@ -455,7 +456,7 @@ class OrtStageEngine(StageEngine):
                     engine.bound = BoundIO(session, stage, engine.input_names, engine.output_name, device,
                                            settings.device_id)
                 except Exception as e:  # onnxruntime raises its own exception types
-                    raise BundleError(f"stage {stage['id']}: cannot bind its inputs and output to {device} "
+                    raise BundleError(f"stage {stage.id}: cannot bind its inputs and output to {device} "
                                       f"memory: {ort_error(e)}") from None
             engine.options, engine.optimization = opts, level
             return engine
@@ -476,7 +477,7 @@ class OrtStageEngine(StageEngine):
 
     def warm_up(self, calls: int = 2) -> None:
         """Run the stage on zeros (ONNX Runtime captures a CUDA graph on its first runs)."""
-        zeros = [np.zeros(e["shape"], NUMPY_DTYPES[e["dtype"]]) for e in self.stage["inputs"]]
+        zeros = [np.zeros(e.shape, NUMPY_DTYPES[e.dtype]) for e in self.stage.inputs]
         for _ in range(calls):
             self._run(dict(zip(self.input_names, zeros)))
 
@@ -487,7 +488,7 @@ class OrtStageEngine(StageEngine):
                     return self.bound.run(self.session, [feeds[n] for n in self.input_names])
             return self.session.run([self.output_name], {**feeds, **self.constants} if self.constants else feeds)[0]
         except Exception as e:  # onnxruntime raises its own exception types
-            raise BundleError(f"stage {self.stage['id']} ({self.artifact['path']}) failed in ONNX Runtime: "
+            raise BundleError(f"stage {self.stage.id} ({self.artifact.path}) failed in ONNX Runtime: "
                               f"{ort_error(e)}") from None
 
     def describe(self) -> dict:
@@ -500,7 +501,7 @@ class OrtStageEngine(StageEngine):
         if self.trt_cache_note:
             d["trt_cache"] = self.trt_cache_note
         if self.shared_graph is not None:
-            d["shared_graph"] = self.shared_graph["path"]
+            d["shared_graph"] = self.shared_graph.path
         if any(self.options):
             d["provider_options"] = self.options
         return d

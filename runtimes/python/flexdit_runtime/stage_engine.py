@@ -27,6 +27,7 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from flexdit_bundle.manifest import Bundle, BundleError
+from flexdit_bundle.spec import Artifact, Stage
 from flexdit_bundle.precision import PrecisionError, canonical
 
 from .settings import RuntimeSettings
@@ -80,10 +81,10 @@ def artifact_backend(cls: type) -> str:
 
 def has_backend(bundle: Bundle, backend: str) -> bool:
     """Whether every stage has an artifact of ``backend``."""
-    return all(any(a["backend"] == backend for a in st["artifacts"]) for st in bundle.stages)
+    return all(any(a.backend == backend for a in st.artifacts) for st in bundle.stages)
 
 
-def default_artifact(bundle: Bundle, st: dict, backend: str = "onnx", want: str | None = None) -> dict:
+def default_artifact(bundle: Bundle, st: Stage, backend: str = "onnx", want: str | None = None) -> Artifact:
     """The ``backend`` artifact a stage runs: ``want`` (a precision or the alias ``int8``), else
     the stage's ``default_precision`` (the conversion's policy), else the first one listed."""
     if want is not None:
@@ -92,8 +93,8 @@ def default_artifact(bundle: Bundle, st: dict, backend: str = "onnx", want: str 
         except PrecisionError as e:
             raise BundleError(str(e)) from None
         return bundle.artifact(st, backend, want)
-    default = st.get("default_precision")
-    if default and any(a["backend"] == backend and a["precision"] == default for a in st["artifacts"]):
+    default = st.default_precision
+    if default and any(a.backend == backend and a.precision == default for a in st.artifacts):
         return bundle.artifact(st, backend, default)
     return bundle.artifact(st, backend)
 
@@ -116,7 +117,7 @@ class StageEngine(ABC):
     # ---- what the kind supports (class-level: asked before anything loads) -----------------
 
     @classmethod
-    def choose_artifact(cls, bundle: Bundle, stage: dict, want: str | None) -> dict:
+    def choose_artifact(cls, bundle: Bundle, stage: Stage, want: str | None) -> Artifact:
         """The artifact this kind runs for ``stage`` at precision ``want`` (None: the stage's
         default); BundleError when the bundle has none."""
         return default_artifact(bundle, stage, artifact_backend(cls), want)
@@ -127,7 +128,7 @@ class StageEngine(ABC):
         return None
 
     @classmethod
-    def preflight(cls, bundle: Bundle, stage: dict, artifact: dict, settings: RuntimeSettings) -> None:
+    def preflight(cls, bundle: Bundle, stage: Stage, artifact: Artifact, settings: RuntimeSettings) -> None:
         """Refuse in one line, without loading anything, what ``open`` would refuse on this
         machine: the library missing, hardware or a build the artifact needs and this process
         lacks."""
@@ -162,18 +163,18 @@ class StageEngine(ABC):
 
     # ---- one loaded stage ------------------------------------------------------------------
 
-    def __init__(self, stage: dict, artifact: dict):
+    def __init__(self, stage: Stage, artifact: Artifact):
         self.stage = stage
         self.artifact = artifact
-        self.batch: int = stage["batch"]
-        self.precision: str = artifact["precision"]
-        self.input_names = tuple(e["name"] for e in stage["inputs"])  # (latent, timestep, class label)
-        self.output_name: str = stage["outputs"][0]["name"]
-        self._dtypes = tuple(NUMPY_DTYPES[e["dtype"]] for e in stage["inputs"])
+        self.batch: int = stage.batch
+        self.precision: str = artifact.precision
+        self.input_names = tuple(e.name for e in stage.inputs)  # (latent, timestep, class label)
+        self.output_name: str = stage.outputs[0].name
+        self._dtypes = tuple(NUMPY_DTYPES[e.dtype] for e in stage.inputs)
 
     @classmethod
     @abstractmethod
-    def open(cls, bundle: Bundle, stage: dict, artifact: dict, settings: RuntimeSettings, weights) -> "StageEngine":
+    def open(cls, bundle: Bundle, stage: Stage, artifact: Artifact, settings: RuntimeSettings, weights) -> "StageEngine":
         """Load ``artifact`` of ``stage``; ``weights`` is the bundle's ``SharedWeights``."""
 
     @abstractmethod
@@ -184,15 +185,15 @@ class StageEngine(ABC):
         """The model output for exactly ``batch`` rows: latent x, original timesteps t, labels y."""
         arrays = (x, t, y)
         if any(a.shape[0] != self.batch for a in arrays):
-            raise ValueError(f"stage {self.stage['id']} runs exactly {self.batch} rows per call")
+            raise ValueError(f"stage {self.stage.id} runs exactly {self.batch} rows per call")
         feeds = {n: np.ascontiguousarray(a, dtype=d) for n, a, d in zip(self.input_names, arrays, self._dtypes)}
         return self._run(feeds)
 
     def check_graph_io(self, inputs: dict, outputs: dict) -> None:
         """``inputs``/``outputs``: what the loaded graph declares, {name: (dtype, shape)} with
         None for a dimension the graph leaves free. Refuses any disagreement with the manifest."""
-        where = f"{self.artifact['path']} (stage {self.stage['id']})"
-        declared = {e["name"]: (e["dtype"], list(e["shape"])) for e in self.stage["inputs"]}
+        where = f"{self.artifact.path} (stage {self.stage.id})"
+        declared = {e.name: (e.dtype, list(e.shape)) for e in self.stage.inputs}
         if set(declared) != set(inputs):
             raise BundleError(f"{where}: the manifest names the inputs {sorted(declared)} but the graph has "
                               f"{sorted(inputs)}; re-run flexdit-export convert")
@@ -200,7 +201,7 @@ class StageEngine(ABC):
             raise BundleError(f"{where}: the manifest names the output {self.output_name!r} but the graph has "
                               f"{sorted(outputs)}; re-run flexdit-export convert")
         wanted = dict(declared)
-        wanted[self.output_name] = (self.stage["outputs"][0]["dtype"], list(self.stage["outputs"][0]["shape"]))
+        wanted[self.output_name] = (self.stage.outputs[0].dtype, list(self.stage.outputs[0].shape))
         for name, (dtype, shape) in wanted.items():
             g_dtype, g_shape = inputs[name] if name in inputs else outputs[name]
             same_shape = len(g_shape) == len(shape) and all(g is None or g == d for g, d in zip(g_shape, shape))
@@ -210,8 +211,8 @@ class StageEngine(ABC):
                                   f"{g_dtype} {shown}; re-run flexdit-export convert")
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "stage": self.stage["id"], "precision": self.precision, "batch": self.batch,
-                "path": self.artifact["path"], "inputs": list(self.input_names), "output": self.output_name}
+        return {"kind": self.kind, "stage": self.stage.id, "precision": self.precision, "batch": self.batch,
+                "path": self.artifact.path, "inputs": list(self.input_names), "output": self.output_name}
 
 
 def or_list(kinds: list[str]) -> str:

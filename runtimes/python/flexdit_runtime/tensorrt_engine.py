@@ -18,6 +18,7 @@ import numpy as np
 
 from flexdit_bundle.engine_header import NOT_INSTALLED, check_engine, read_header
 from flexdit_bundle.manifest import Bundle, BundleError
+from flexdit_bundle.spec import Artifact, Stage
 
 from .settings import RuntimeSettings
 from .stage_engine import StageEngine
@@ -136,9 +137,9 @@ class TensorRTStageEngine(StageEngine):
         return None if tensorrt_version() else NOT_INSTALLED.format(what="run")
 
     @classmethod
-    def preflight(cls, bundle: Bundle, stage: dict, artifact: dict, settings: RuntimeSettings) -> None:
+    def preflight(cls, bundle: Bundle, stage: Stage, artifact: Artifact, settings: RuntimeSettings) -> None:
         """The engine's header against this machine's TensorRT and GPU (the library included)."""
-        check_engine(read_header(bundle.path(artifact))[0], environment(), artifact["path"], bundle.root)
+        check_engine(read_header(bundle.path(artifact))[0], environment(), artifact.path, bundle.root)
 
     @classmethod
     def on_device(cls, bundle: Bundle, device: str, settings: RuntimeSettings, probes: dict,
@@ -147,15 +148,15 @@ class TensorRTStageEngine(StageEngine):
             raise BundleError("--device cpu: TensorRT engines run on a GPU only (use --backend onnx)")
         return super().on_device(bundle, device, settings, probes, explicit)
 
-    def __init__(self, stage: dict, artifact: dict, session: TensorRTSession):
+    def __init__(self, stage: Stage, artifact: Artifact, session: TensorRTSession):
         super().__init__(stage, artifact)
         self.session = session
         self._lock = threading.Lock()
         self.check_graph_io(*session.io)
 
     @classmethod
-    def open(cls, bundle: Bundle, stage: dict, artifact: dict, settings: RuntimeSettings, weights) -> "TensorRTStageEngine":
-        return cls(stage, artifact, open_engine(bundle.path(artifact), artifact["path"], bundle.root))
+    def open(cls, bundle: Bundle, stage: Stage, artifact: Artifact, settings: RuntimeSettings, weights) -> "TensorRTStageEngine":
+        return cls(stage, artifact, open_engine(bundle.path(artifact), artifact.path, bundle.root))
 
     def _run(self, feeds: dict) -> np.ndarray:
         with self._lock:

@@ -107,7 +107,7 @@ def check_engines(bundle, cfg: ServeConfig, local: bool) -> None:
     probes = None if local else ASSUME_AVAILABLE
     kind, settings = resolve(bundle, cfg.device, cfg.backend, RuntimeSettings(threads=cfg.threads), probes)
     policy = precision_overrides(bundle, cfg.precision, kind)  # unknown precisions, stage ids out of range
-    wants = [policy.get(st["id"], policy.get("*")) for st in bundle.stages]
+    wants = [policy.get(st.id, policy.get("*")) for st in bundle.stages]
     if kind == AUTO:  # here: the engines installed and this CPU's bf16; else the bundle's artifacts alone
         from flexdit_runtime.engine_select import candidates
 
