@@ -107,9 +107,9 @@ def run_on_device(model, request, progress=None) -> None:
     engines = model.runner.engines
     device = engines[0].device
     p, d = request.params, request.diffusion
-    cin = model.cfg["in_channels"]
-    policy = model.bundle.diffusion["cfg_channels"]
-    null = model.bundle.model["null_class"]
+    cin = model.cfg.in_channels
+    policy = model.bundle.diffusion.cfg_channels
+    null = model.bundle.model.null_class
     ks = list(range(request.k, -1, -1))
     # Fresh noise in the order the host sampler draws it (same generators, same numbers).
     noise_np = {k: request.noise(k) for k in ks if needs_noise(p.sampler, k, p.eta)}
