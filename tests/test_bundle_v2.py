@@ -70,7 +70,7 @@ def test_runtime_reads_each_weight_file_once(fashion_bundle):
     b = load_bundle(fashion_bundle, defer_weights=True)
     sw = SharedWeights(b)
     pipe = Pipeline(b, providers=["cpu"])
-    assert pipe.runner.weights.resident_bytes == b.manifest["weights"][0]["bytes"]
+    assert pipe.runner.weights.resident_bytes == b.manifest.weights[0].bytes
     res = pipe([3, 7], steps=8, sampler="ddim", cfg_scale=4.0, seed=0)
     assert sorted(res.stage_seconds) == [0, 1, 2, 3] and np.isfinite(res.samples).all()
     assert sw.resident_bytes == 0  # nothing read until a graph asks

@@ -116,22 +116,22 @@ def test_runtime_reproduces_sampler_step(case):
 
 def test_tiny_bundle_verifies_and_stays_small(tmp_path):
     b = load_bundle(TINY)  # schema, coverage, sha256 of every file
-    assert b.manifest["format"]["version"] == FORMAT_VERSION
-    assert len(b.stages) == 3 and [st["sparse_grid"] for st in b.stages].count(None) == 1
-    assert {st["batch"] for st in b.stages} == {2}
-    assert [w["id"] for w in b.manifest["weights"]] == ["fp32"]
-    assert all(a["weights"]["file"] == "fp32" for st in b.stages for a in st["artifacts"])
+    assert b.manifest.format.version == FORMAT_VERSION
+    assert len(b.stages) == 3 and [st.sparse_grid for st in b.stages].count(None) == 1
+    assert {st.batch for st in b.stages} == {2}
+    assert [w.id for w in b.manifest.weights] == ["fp32"]
+    assert all(a.weights.file == "fp32" for st in b.stages for a in st.artifacts)
     # the two sparse stages also run through one shared graph (docs/bundle-format.md 4.5): the
     # recorded trajectories below are reproduced through it
-    (g,) = b.manifest["shared_graphs"]
-    assert g["stages"] == [0, 1] and [bool(st["artifacts"][0].get("shared_graph")) for st in b.stages] == [1, 1, 0]
+    (g,) = b.manifest.shared_graphs
+    assert g.stages == (0, 1) and [bool(st.artifacts[0].shared_graph) for st in b.stages] == [1, 1, 0]
     size = sum(f.stat().st_size for f in TINY.rglob("*") if f.is_file())
     assert size < 350_000, f"tiny bundle grew to {size} bytes"
     assert sum(f.stat().st_size for f in ROOT.rglob("*") if f.is_file()) < 950_000
     # the checksums are real: one flipped byte of the shared weights is refused
     bad = tmp_path / "tampered"
     shutil.copytree(TINY, bad)
-    w = bad / b.manifest["weights"][0]["path"]
+    w = bad / b.manifest.weights[0].path
     data = bytearray(w.read_bytes())
     data[100] ^= 1
     w.write_bytes(bytes(data))
@@ -146,7 +146,7 @@ def test_trajectory_cases_cover_the_contract():
     b = load_bundle(TINY)
     for c in TRAJ["trajectories"]:
         # stage selection by original timestep; every trajectory passes through every stage
-        assert c["stage_per_step"] == [stage_for(b.stages, t)["id"] for t in reversed(c["timesteps"])]
+        assert c["stage_per_step"] == [stage_for(b.stages, t).id for t in reversed(c["timesteps"])]
         assert set(c["stage_per_step"]) == {0, 1, 2}
         assert c["pytorch_reference_max_rel"] <= TRAJ["tolerance"]["max_abs_over_max_ref"]
 
@@ -240,7 +240,7 @@ def test_solver_trajectory_cases_cover_the_contract():
     b = load_bundle(TINY)
     for c in STRAJ["trajectories"]:
         # fractional (euler) timesteps pick the stage whose range holds floor(t)
-        assert c["stage_per_step"] == [stage_for(b.stages, int(t))["id"] for t in c["timesteps"]]
+        assert c["stage_per_step"] == [stage_for(b.stages, int(t)).id for t in c["timesteps"]]
         assert set(c["stage_per_step"]) == {0, 1, 2}
         assert c["diffusers_max_rel"] <= STRAJ["tolerance"]["max_abs_over_max_ref"]
 

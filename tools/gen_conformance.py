@@ -272,8 +272,8 @@ def write_trajectories(out: Path, model) -> None:
     bundle_dir = out / "tiny-bundle"
     pipe = Pipeline.from_bundle(bundle_dir, threads=1)
     b = load_bundle(bundle_dir)
-    cfg = b.model["config"]
-    shape = (cfg["in_channels"], cfg["input_size"], cfg["input_size"])
+    cfg = b.model.config
+    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     n = len(CLASS_IDS)
     d = out / "vectors" / "trajectories"
     cases = []
@@ -290,9 +290,9 @@ def write_trajectories(out: Path, model) -> None:
                       spacing=tr["spacing"], seed=tr["seed"]).samples
         if not np.array_equal(seeded, final):
             raise SystemExit(f"{tr['name']}: the seeded run differs from the run with the recorded noise")
-        stages = [(st["t_min"], st["t_max"], st["sparse_grid"]) for st in b.stages]
+        stages = [(st.t_min, st.t_max, st.sparse_grid) for st in b.stages]
         ref = reference_sample(model, stages, init, np.array(CLASS_IDS), steps=tr["steps"], sampler=tr["sampler"],
-                               eta=tr["eta"], cfg_scale=tr["cfg_scale"], cfg_channels=b.diffusion["cfg_channels"],
+                               eta=tr["eta"], cfg_scale=tr["cfg_scale"], cfg_channels=b.diffusion.cfg_channels,
                                spacing=tr["spacing"], num_timesteps=T,
                                noise_fn=(lambda k, step=step: step[k]) if uses else None)
         ref_rel = float(np.abs(final - ref).max() / np.abs(ref).max())
@@ -305,10 +305,10 @@ def write_trajectories(out: Path, model) -> None:
         _save(final, d / f"{name}.final.npy")
         timesteps = [int(t) for t in diff.timestep_map]
         cases.append({**tr, "class_ids": CLASS_IDS, "timesteps": timesteps,
-                      "stage_per_step": [b.stage_for(t)["id"] for t in reversed(timesteps)],
+                      "stage_per_step": [b.stage_for(t).id for t in reversed(timesteps)],
                       "init_noise": f"{name}.init_noise.npy", "step_noise": f"{name}.step_noise.npy" if uses else None,
                       "final": f"{name}.final.npy", "pytorch_reference_max_rel": float(f"{ref_rel:.3g}")})
-    _dump({"bundle": "../../tiny-bundle", "null_class": b.model["null_class"], "cfg_channels": b.diffusion["cfg_channels"],
+    _dump({"bundle": "../../tiny-bundle", "null_class": b.model.null_class, "cfg_channels": b.diffusion.cfg_channels,
            "clip_denoised": False, "trajectories": cases, "tolerance": {"max_abs_over_max_ref": TRAJECTORY_TOL}},
           d / "trajectories.json")
 
@@ -381,8 +381,8 @@ def write_solver_trajectories(out: Path) -> None:
     bundle_dir = out / "tiny-bundle"
     pipe = Pipeline.from_bundle(bundle_dir, threads=1)
     b = load_bundle(bundle_dir)
-    cfg = b.model["config"]
-    shape = (cfg["in_channels"], cfg["input_size"], cfg["input_size"])
+    cfg = b.model.config
+    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     d = out / "vectors" / "solver_trajectories"
     y = np.array(CLASS_IDS)
     cases = []
@@ -397,14 +397,14 @@ def write_solver_trajectories(out: Path) -> None:
         stage_ids = []
 
         def network(x, t, i, w=tr["cfg_scale"]):
-            sid = next(st["id"] for st in b.stages if st["t_min"] <= math.floor(t) <= st["t_max"])
+            sid = next(st.id for st in b.stages if st.serves(math.floor(t)))
             stage_ids.append(sid)
             n = x.shape[0]
             if w <= 1:
                 return pipe.runner.run_rows(sid, x, np.full(n, t, np.float32), y)[:, :shape[0]]
             out_ = pipe.runner.run_rows(sid, np.concatenate([x, x]), np.full(2 * n, t, np.float32),
-                                        np.concatenate([y, np.full(n, b.model["null_class"])]))
-            return guide(out_, n, w, b.diffusion["cfg_channels"], shape[0])[:, :shape[0]]
+                                        np.concatenate([y, np.full(n, b.model.null_class)]))
+            return guide(out_, n, w, b.diffusion.cfg_channels, shape[0])[:, :shape[0]]
         ref = diffusers_run(tr["sampler"], tr["steps"], tr["spacing"], init, network)[-1]
         rel = float(np.abs(final - ref).max() / np.abs(ref).max())
         if rel > TRAJECTORY_TOL:
@@ -417,7 +417,7 @@ def write_solver_trajectories(out: Path) -> None:
                       "timesteps": [t if tr["sampler"] == "euler" else int(t) for t in ts],
                       "stage_per_step": stage_ids, "init_noise": f"{name}.init_noise.npy",
                       "final": f"{name}.final.npy", "diffusers_max_rel": float(f"{rel:.3g}")})
-    _dump({"bundle": "../../tiny-bundle", "null_class": b.model["null_class"], "cfg_channels": b.diffusion["cfg_channels"],
+    _dump({"bundle": "../../tiny-bundle", "null_class": b.model.null_class, "cfg_channels": b.diffusion.cfg_channels,
            "clip_denoised": False, "trajectories": cases, "tolerance": {"max_abs_over_max_ref": TRAJECTORY_TOL}},
           d / "solver_trajectories.json")
 
