@@ -31,6 +31,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "runtimes" / "python"), str(ROOT / "benchmarks")]
@@ -167,18 +168,24 @@ def matmul_peak(device) -> float:
 def aoti_engine(path, model_consts: dict, batch: int, cfg, device: str, sid: int):
     """The runtime's AotiStageEngine on a package compiled here, bound to the shared tensors of
     one in-process model (every stage package uses the same device tensors)."""
+    from flexdit_bundle.spec import Stage
     from flexdit_runtime.aoti_engine import AotiStageEngine, bind_constants, environment, load_package
 
     runner = load_package(path, device)
     bind_constants(runner, model_consts)
     H = cfg.input_size
-    stage = {"id": sid, "batch": batch, "t_min": 0, "t_max": 999,
-             "inputs": [{"name": "x", "dtype": "float32", "shape": [batch, cfg.in_channels, H, H]},
-                        {"name": "t", "dtype": "float32", "shape": [batch]},
-                        {"name": "y", "dtype": "int64", "shape": [batch]}],
-             "outputs": [{"name": "out", "dtype": "float32", "shape": [batch, cfg.out_channels, H, H]}]}
-    eng = AotiStageEngine(stage, {"path": str(path), "precision": "bf16", "aoti": {"recipe": "autocast-bf16"}},
-                          runner, device, model_consts, environment(device))
+    env = environment(device)
+    art = {"backend": "aoti", "precision": "bf16", "path": str(path), "sha256": "0" * 64,  # not a bundle: no hash
+           "aoti": {"device": device, "recipe": "autocast-bf16",
+                    "compat": {k: env[k] for k in ("key", "torch", "cuda", "compute_capability", "cpu_isa") if k in env}}}
+    stage = Stage.from_json({"id": sid, "t_min": 0, "t_max": 999, "sparse_grid": None,
+                             "tokens": (H // cfg.patch_size) ** 2, "batch": batch,
+                             "inputs": [{"name": "x", "dtype": "float32", "shape": [batch, cfg.in_channels, H, H]},
+                                        {"name": "t", "dtype": "float32", "shape": [batch]},
+                                        {"name": "y", "dtype": "int64", "shape": [batch]}],
+                             "outputs": [{"name": "out", "dtype": "float32", "shape": [batch, cfg.out_channels, H, H]}],
+                             "artifacts": [art]})
+    eng = AotiStageEngine(stage, stage.artifacts[0], runner, device, model_consts, env)
     if device == "cuda":
         eng.capture()
     return eng
@@ -209,19 +216,17 @@ def trajectory(engines_by_s: dict, paper4_stages: list, cfg, batch: int, device:
     from flexdit_runtime.sampling_params import SamplingParams
     from flexdit_runtime import torch_sampler
 
-    stages = [{"id": i, "t_min": lo, "t_max": hi} for i, (lo, hi, s) in enumerate(paper4_stages)]
-
     class Runner:
         engines = [engines_by_s[s] for _, _, s in paper4_stages]
 
         @staticmethod
         def stage_for(t):
-            return next(st["id"] for st in stages if st["t_min"] <= t <= st["t_max"])
+            return next(i for i, (lo, hi, _) in enumerate(paper4_stages) if lo <= t <= hi)
 
-    class M:
+    class M:  # what run_on_device reads of a Model (the manifest parts as the typed bundle's attributes)
         runner = Runner
-        cfg = {"in_channels": 4}
-        bundle = type("B", (), {"diffusion": {"cfg_channels": "first3"}, "model": {"null_class": 1000}})
+        cfg = SimpleNamespace(in_channels=4)
+        bundle = SimpleNamespace(diffusion=SimpleNamespace(cfg_channels="first3"), model=SimpleNamespace(null_class=1000))
 
     params = SamplingParams(steps=STEPS, sampler="ddim", cfg_scale=CFG_SCALE, eta=0.0, spacing="ddim",
                             clip_denoised=False)

@@ -22,6 +22,7 @@ itself is unverified; the keys, caches, headers, bundle entries and refusals aro
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -31,6 +32,7 @@ from pathlib import Path
 
 from flexdit_bundle.manifest import BundleError, load_bundle
 from flexdit_bundle.precision import PrecisionError, parse_policy
+from flexdit_bundle.spec import Artifact, Stage
 from flexdit_bundle.engine_header import NOT_INSTALLED, read_header, write_engine
 from flexdit_runtime.tensorrt_engine import environment
 
@@ -119,48 +121,54 @@ def engine_for(onnx_path, graph_sha256: str, precision: str, env: dict, cache_di
     return path
 
 
-def _engine_precision(st: dict, want: str) -> str:
-    have = {a["precision"] for a in st["artifacts"] if a["backend"] == "onnx"}
+def _engine_precision(st: Stage, want: str) -> str:
+    have = {a.precision for a in st.artifacts if a.backend == "onnx"}
     if want == "int8-dynamic":
         if "int8-static" not in have:
-            raise UserError(f"stage {st['id']}: its int8-dynamic graph uses ONNX Runtime-only operators; TensorRT needs "
+            raise UserError(f"stage {st.id}: its int8-dynamic graph uses ONNX Runtime-only operators; TensorRT needs "
                             "an int8-static (QDQ) graph: convert with --extra-precisions int8-static")
         want = "int8-static"
     if want not in have:
-        raise UserError(f"stage {st['id']} has no onnx/{want} graph to build a TensorRT engine from "
+        raise UserError(f"stage {st.id} has no onnx/{want} graph to build a TensorRT engine from "
                         f"(it has: {', '.join(sorted(have))})")
     return want
 
 
-def copy_engine(w, what: str, src: dict, precision: str, env: dict, cache_dir=None, timing_cache=None, log=print,
-                build=build_plan) -> Path:
+def copy_engine(w, what: str, src: Artifact | dict, precision: str, env: dict, cache_dir=None, timing_cache=None,
+                log=print, build=build_plan) -> Path:
     """The engine of the bundle graph ``src`` (an onnx artifact of the bundle being written by
-    ``w``), built or taken from the cache, copied next to it; -> its path in the bundle."""
-    if "external_data" in src:
+    ``w``; typed, or as a builder assembled it), built or taken from the cache, copied next to
+    it; -> its path in the bundle."""
+    src = Artifact.from_json(src)
+    if src.external_data is not None:
         raise UserError(f"{what}: building engines from graphs with external weights is not supported")
-    cached = engine_for(w.tmp / src["path"], src["sha256"], precision, env, cache_dir, timing_cache, log, build)
-    dst = w.path(f"{Path(src['path']).parent.as_posix()}/{Path(src['path']).name.split('.')[0]}.{precision}.engine")
+    cached = engine_for(w.tmp / src.path, src.sha256, precision, env, cache_dir, timing_cache, log, build)
+    dst = w.path(f"{Path(src.path).parent.as_posix()}/{Path(src.path).name.split('.')[0]}.{precision}.engine")
     shutil.copyfile(cached, dst)
     return dst
 
 
-def engine_artifact(w, engine: Path, precision: str, src: dict) -> dict:
+def engine_artifact(w, engine: Path, precision: str, src: Artifact | dict) -> dict:
+    """The manifest entry (JSON, as builders give theirs) of an engine built from ``src``."""
     header, _ = read_header(engine)
-    return w.artifact([engine], "tensorrt", precision, source_sha256=src["sha256"],
+    return w.artifact([engine], "tensorrt", precision, source_sha256=Artifact.from_json(src).sha256,
                       tensorrt={k: header[k] for k in ("tensorrt_version", "compute_capability", "cache_key",
                                                        "strongly_typed")})
 
 
-def add_engines(w, manifest: dict, policy: dict, env: dict, cache_dir=None, timing_cache=None, log=print,
-                build=build_plan) -> None:
-    """Build (or take from the cache) one engine per stage at its policy precision and add it to
-    the bundle being written by ``w`` (a ``BundleWriter``)."""
-    for st in manifest["stages"]:
-        prec = _engine_precision(st, policy[st["id"]])
-        src = next(a for a in st["artifacts"] if a["backend"] == "onnx" and a["precision"] == prec)
-        dst = copy_engine(w, f"stage {st['id']}", src, prec, env, cache_dir, timing_cache, log, build)
-        st["artifacts"] = [a for a in st["artifacts"] if not (a["backend"] == "tensorrt" and a["precision"] == prec)]
-        st["artifacts"].append(engine_artifact(w, dst, prec, src))
+def add_engines(w, stages, policy: dict, env: dict, cache_dir=None, timing_cache=None, log=print,
+                build=build_plan) -> tuple[Stage, ...]:
+    """Build (or take from the cache) one engine per stage at its policy precision in the bundle
+    being written by ``w`` (a ``BundleWriter``); -> the stages with it in place of any engine of
+    that precision."""
+    out = []
+    for st in stages:
+        prec = _engine_precision(st, policy[st.id])
+        src = next(a for a in st.artifacts if a.backend == "onnx" and a.precision == prec)
+        dst = copy_engine(w, f"stage {st.id}", src, prec, env, cache_dir, timing_cache, log, build)
+        kept = tuple(a for a in st.artifacts if not (a.backend == "tensorrt" and a.precision == prec))
+        out.append(dataclasses.replace(st, artifacts=kept + (Artifact.from_json(engine_artifact(w, dst, prec, src)),)))
+    return tuple(out)
 
 
 def engines_command(bundle_path, precision_spec=None, cache_dir=None, timing_cache=None, force=False, log=print,
@@ -172,22 +180,22 @@ def engines_command(bundle_path, precision_spec=None, cache_dir=None, timing_cac
     env = require_tensorrt(env)
     bundle = load_bundle(bundle_path)
     stages = bundle.stages
-    if any(a["backend"] == "tensorrt" for st in stages for a in st["artifacts"]) and not force:
+    if any(a.backend == "tensorrt" for st in stages for a in st.artifacts) and not force:
         raise UserError(f"{bundle_path} already has TensorRT engines (use --force to rebuild them for this machine)")
     try:
         policy = parse_policy(precision_spec, len(stages), "tensorrt", default=None) if precision_spec else {}
     except PrecisionError as e:
         raise UserError(str(e)) from None
-    policy = {st["id"]: policy.get(st["id"], st.get("default_precision", "fp32")) for st in stages}
-    manifest = bundle.manifest.to_json()
-    for st in manifest["stages"]:
-        st["artifacts"] = [a for a in st["artifacts"] if a["backend"] != "tensorrt"]
+    policy = {st.id: policy.get(st.id, st.default_precision or "fp32") for st in stages}
+    stages = tuple(dataclasses.replace(st, artifacts=tuple(a for a in st.artifacts if a.backend != "tensorrt"))
+                   for st in stages)
     with BundleWriter.updating(bundle_path) as w:
-        add_engines(w, manifest, policy, env, cache_dir, timing_cache, log, build)
-        listed = {a["path"] for st in manifest["stages"] for a in st["artifacts"]}
+        stages = add_engines(w, stages, policy, env, cache_dir, timing_cache, log, build)
+        listed = {a.path for st in stages for a in st.artifacts}
         for f in (w.tmp / "stages").glob("*.engine"):  # engines of a previous build the manifest no longer lists
             if f.relative_to(w.tmp).as_posix() not in listed:
                 f.unlink()
+        manifest = dataclasses.replace(bundle.manifest, stages=stages).to_json()
         manifest.pop("format", None)
         from .finalize import finalize
 

@@ -102,10 +102,10 @@ def test_a_changed_stage_declaration_shows_in_export_manifest_and_verify(ref_ckp
     out = convert(ref_ckpt, tmp_path / "b", ConvertOptions(schedule="0:2", num_heads=4), log=lambda m: None)
     b = load_bundle(out)
     st = b.stages[0]
-    declared = component_io.stage_io(ModelConfig(**b.manifest["model"]["config"]), SimpleNamespace(t_min=0, t_max=999),
-                                     st["batch"]).manifest_entries()
+    declared = component_io.stage_io(ModelConfig(**b.manifest.model.config.to_json()), SimpleNamespace(t_min=0, t_max=999),
+                                     st.batch).manifest_entries()
     assert [e["name"] for e in declared["inputs"]] == ["x", "t", "label"] and declared["outputs"][0]["name"] == "eps"
-    assert {k: [_json(e) for e in st[k]] for k in ("inputs", "outputs")} == declared
+    assert {k: [_json(e) for e in getattr(st, k)] for k in ("inputs", "outputs")} == declared
     assert _graph_io(b.path(b.artifact(st, "onnx", "fp32"))) == declared
     r = verify(out, ref_ckpt, steps=2, num_images=2, log=lambda m: None)
     assert r["ok"] and r["stages"][0]["ok"] and r["stages"][0]["max_rel"] < 1e-4

@@ -107,15 +107,15 @@ def pipe():
 def _runner_network(pipe, y, cfg_scale):
     """The bundle's own stage graphs as diffusers' network: stage picked here by floor(t)."""
     b = pipe.bundle
-    stages = [(st["t_min"], st["t_max"], st["id"]) for st in b.stages]
-    null = b.model["null_class"]
+    stages = [(st.t_min, st.t_max, st.id) for st in b.stages]
+    null = b.model.null_class
 
     def net(x, t):
         sid = _stage(stages, t)
         n = x.shape[0]
         xx, yy = np.concatenate([x, x]), np.concatenate([y, np.full(n, null)])
         out = pipe.runner.run_rows(sid, xx, np.full(2 * n, t, np.float32), yy)
-        return guide(out, n, cfg_scale, b.diffusion["cfg_channels"], 4)
+        return guide(out, n, cfg_scale, b.diffusion.cfg_channels, 4)
     return net
 
 

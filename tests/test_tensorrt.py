@@ -91,9 +91,9 @@ def test_engines_from_the_cache_into_a_bundle_and_the_runtime_check(quant_bundle
         eng = bundle.artifact(st, "tensorrt", prec)
         src = bundle.artifact(st, "onnx", prec)
         header, off = read_header(bundle.path(eng))
-        assert header["source_sha256"] == src["sha256"] == eng["source_sha256"]
-        assert eng["tensorrt"] == {"tensorrt_version": "10.3.0", "compute_capability": "8.9",
-                                   "cache_key": cache_key(src["sha256"], prec, ENV), "strongly_typed": True}
+        assert header["source_sha256"] == src.sha256 == eng.source_sha256
+        assert eng.tensorrt.to_json() == {"tensorrt_version": "10.3.0", "compute_capability": "8.9",
+                                          "cache_key": cache_key(src.sha256, prec, ENV), "strongly_typed": True}
         assert bundle.path(eng).read_bytes()[off:] == b"PLAN:" + bundle.path(src).name.encode()
     with pytest.raises(UserError, match="already has TensorRT engines"):
         engines_command(b, "fp8:stages=0", cache, env=ENV, build=fake_build)
@@ -107,9 +107,9 @@ def test_engines_from_the_cache_into_a_bundle_and_the_runtime_check(quant_bundle
     with pytest.raises(BundleError, match="TensorRT is not installed"):
         Pipeline.from_bundle(b, backend="tensorrt")
     st = load_bundle(b).stages[1]
-    eng = next(a for a in st["artifacts"] if a["backend"] == "tensorrt")
+    eng = next(a for a in st.artifacts if a.backend == "tensorrt")
     with pytest.raises(BundleError, match="rebuild them here with `flexdit-export engines"):
-        open_engine(b / eng["path"], eng["path"], b, env={"tensorrt_version": "10.3.0", "compute_capability": "8.6"})
+        open_engine(b / eng.path, eng.path, b, env={"tensorrt_version": "10.3.0", "compute_capability": "8.6"})
     prompts = tmp_path / "p.txt"
     prompts.write_text("1\n")
     p = run_cli("flexdit-run", prompts, "--bundle", b, "--backend", "tensorrt", "-o", tmp_path / "o", check=False)

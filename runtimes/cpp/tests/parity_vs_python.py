@@ -43,9 +43,9 @@ TOL = 0.0  # bit-identical (was 1e-5 while the runtimes ran fp32 graphs at diffe
 failures, rows = 0, []
 for bundle in bundles:
     b = load_bundle(bundle)
-    cfg = b.model["config"]
-    shape = (cfg["in_channels"], cfg["input_size"], cfg["input_size"])
-    T = b.diffusion["num_timesteps"]
+    cfg = b.model.config
+    shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    T = b.diffusion.num_timesteps
     pipe = Pipeline.from_bundle(bundle, threads=1)
     for case in CASES:
         solver = case["eta"] is None
@@ -53,7 +53,7 @@ for bundle in bundles:
             ts = solver_timesteps(case["sampler"], T, case["steps"], case["spacing"] or "linspace")
         else:
             ts = space_timesteps(T, f"ddim{case['steps']}" if case["spacing"] == "ddim" else str(case["steps"]))
-        stages = {stage_for(b.stages, int(t))["id"] for t in ts}
+        stages = {stage_for(b.stages, int(t)).id for t in ts}
         assert case["steps"] < 4 or stages == set(range(len(b.stages))), f"{case['name']} does not cross every stage: {stages}"
         rng = np.random.default_rng(abs(hash(case["name"])) % 2**32)
         init = rng.standard_normal((len(IDS),) + shape, dtype=np.float32)

@@ -43,7 +43,7 @@ class Decoder:
         try:
             return self.session.run([self.out_name], {self.in_name: np.ascontiguousarray(z, np.float32)})[0]
         except Exception as e:  # onnxruntime raises its own exception types
-            raise BundleError(f"the decoder ({self.artifact['path']}) failed in ONNX Runtime: {ort_error(e)}") from None
+            raise BundleError(f"the decoder ({self.artifact.path}) failed in ONNX Runtime: {ort_error(e)}") from None
 
     def __call__(self, z: np.ndarray) -> np.ndarray:
         return in_static_batches(self._run, self.batch, z)

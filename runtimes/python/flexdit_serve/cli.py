@@ -20,6 +20,7 @@ import warnings
 
 import click
 
+from flexdit_bundle.errors import FlexditError
 from flexdit_bundle.manifest import BundleError, load_bundle
 from flexdit_bundle.cli_support import FLOAT, INT, Choice, run
 from flexdit_runtime.stage_engine import backend_choices
@@ -30,8 +31,9 @@ PROG = "flexdit-serve"
 APP_NAME = "flexdit"
 
 
-class UserError(Exception):
-    pass
+class UserError(FlexditError):
+    """A failure the user can fix, said in one line with exit status 2: the server's own, under
+    the contract's hierarchy like the compiler's and the runtime's errors."""
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
