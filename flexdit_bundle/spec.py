@@ -10,10 +10,8 @@ Sequences are tuples; objects the schema leaves free-form (``parity``, ``source`
 initializer bindings...) stay plain dicts, copied on the way in and out. Two nodes are equal
 when their fields and extras are (the key order read does not count).
 
-Transitional: every node also answers mapping-style reads with the JSON key names
-(``x["batch"]``, ``x.get("weights")``, ``"id" in x``, ``x == {...}``), sequences then read as fresh lists, so
-code still written against the dict keeps working while it is converted to attributes. New code
-uses attributes; the shim goes once nothing reads manifests by key.
+Nodes are read by attribute only: they are no mappings (``x["batch"]`` is a TypeError) and equal
+no dict, so the manifest's JSON keys live here and in the schema, not in the code that reads it.
 """
 
 from __future__ import annotations
@@ -68,13 +66,9 @@ def _write(v):
     return v
 
 
-def _shim(v):
-    return list(v) if isinstance(v, tuple) else v
-
-
 @dataclass(frozen=True, kw_only=True, eq=False)
 class Node:
-    """Base of every manifest object: JSON round trip, unknown keys kept, mapping-style reads."""
+    """Base of every manifest object: JSON round trip, unknown keys kept."""
 
     extra: dict = field(default_factory=dict, metadata={_KIND: "extra"})
     """Keys the schema does not name, with their JSON values, as read."""
@@ -122,36 +116,11 @@ class Node:
         return {k: _write(getattr(self, k)) if k in props else copy.deepcopy(self.extra[k]) for k in self._keys()}
 
     def __eq__(self, other):
-        if isinstance(other, dict):  # transitional, like the mapping-style reads below
-            return self.to_json() == other
         if type(other) is not type(self):
             return NotImplemented
         return self.extra == other.extra and all(getattr(self, k) == getattr(other, k) for k in self.props())
 
     __hash__ = None  # free-form parts are dicts
-
-    # Transitional mapping-style reads (see the module docstring).
-    def __getitem__(self, key: str):
-        if key in self.props():
-            if not self._present(key):
-                raise KeyError(key)
-            return _shim(getattr(self, key))
-        return self.extra[key]
-
-    def get(self, key: str, default=None):
-        try:
-            return self[key]
-        except KeyError:
-            return default
-
-    def __contains__(self, key) -> bool:
-        return (key in self.props() and self._present(key)) or key in self.extra
-
-    def keys(self):
-        return list(self._keys())
-
-    def items(self):
-        return [(k, self[k]) for k in self._keys()]
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)

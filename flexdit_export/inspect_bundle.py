@@ -101,15 +101,16 @@ def _sampling_line(d: dict) -> str:
 
 
 def render(s: dict) -> str:
+    """The table ``inspect`` prints, from ``summarise``'s JSON (its rows, not manifest entries)."""
     mb = lambda n: f"{n / 1e6:.1f} MB"
     rows = []
-    for st in s["stages"]:
-        arts = ", ".join(f"{a['backend']}/{a['precision']}{'*' if a['precision'] == st.get('default_precision') else ''} "
-                         f"{mb(a['bytes'])}" + (f" (+{mb(a['shared_bytes'])} shared)" if a["shared_bytes"] else "")
-                         for a in st["artifacts"])
-        par = ", ".join(f"{k} {v['max_rel']:.1e}" for k, v in st["parity"].items())
-        grid = "dense" if st["sparse_grid"] is None else f"s={st['sparse_grid']}"
-        rows.append((st, grid, arts, par))
+    for row in s["stages"]:
+        arts = ", ".join(f"{e['backend']}/{e['precision']}{'*' if e['precision'] == row.get('default_precision') else ''} "
+                         f"{mb(e['bytes'])}" + (f" (+{mb(e['shared_bytes'])} shared)" if e["shared_bytes"] else "")
+                         for e in row["artifacts"])
+        par = ", ".join(f"{k} {v['max_rel']:.1e}" for k, v in row["parity"].items())
+        grid = "dense" if row["sparse_grid"] is None else f"s={row['sparse_grid']}"
+        rows.append((row, grid, arts, par))
     width = max([len("artifacts")] + [len(r[2]) for r in rows])
     lines = [f"bundle {s['bundle']}  ({s['format']['name']} v{s['format']['version']}, {s['created_by']['tool']})",
              f"model: {s['model']['name']}  classes: {s['model']['num_classes']}  "
@@ -118,27 +119,27 @@ def render(s: dict) -> str:
              _sampling_line({**SAMPLING_DEFAULTS, **s['diffusion'].get('defaults', {})}),
              f"{'stage':>5} {'timesteps':>11} {'grid':>6} {'tokens':>9} {'prune':>6} {'batch':>5} {'GMAC':>8}  "
              f"{'artifacts':<{width}}  {'parity (max rel)'}"]
-    for st, grid, arts, par in rows:
-        lines.append(f"{st['id']:>5} {st['t_max']:>5}..{st['t_min']:<4} {grid:>6} {st['tokens']:>4}/{st['dense_tokens']:<4} "
-                     f"{st['pruning_rate']:>6.2f} {st['batch']:>5} {st['gmacs_per_sample']:>8.3f}  {arts:<{width}}  {par}")
+    for row, grid, arts, par in rows:
+        lines.append(f"{row['id']:>5} {row['t_max']:>5}..{row['t_min']:<4} {grid:>6} {row['tokens']:>4}/{row['dense_tokens']:<4} "
+                     f"{row['pruning_rate']:>6.2f} {row['batch']:>5} {row['gmacs_per_sample']:>8.3f}  {arts:<{width}}  {par}")
     if any("*" in r[2] for r in rows):
         lines.append("(* = the precision a stage loads by default)")
     details = []
-    for st in s["stages"]:
-        for a in st["artifacts"]:
+    for row in s["stages"]:
+        for e in row["artifacts"]:
             bits = []
-            if "optimization" in a:
-                o = a["optimization"]
+            if "optimization" in e:
+                o = e["optimization"]
                 bits.append(f"optimised {o['level']}{' + onnxsim' if o.get('onnxsim') else ''} "
                             f"{o['nodes_before']} -> {o['nodes_after']} nodes")
-            if "error" in a:
-                bits.append(f"vs fp32 on held-out rows: rel RMS {a['error']['rel_rms']:.2e}, max rel {a['error']['max_rel']:.2e}")
-            if "fp32_islands" in a:
-                bits.append(f"{a['fp32_islands']['fp32_nodes']}/{a['fp32_islands']['total_nodes']} nodes kept fp32")
-            if a.get("check", {}).get("status") == "built-not-run":
-                bits.append("BUILT BUT NOT RUN: " + a["check"].get("reason", ""))
+            if "error" in e:
+                bits.append(f"vs fp32 on held-out rows: rel RMS {e['error']['rel_rms']:.2e}, max rel {e['error']['max_rel']:.2e}")
+            if "fp32_islands" in e:
+                bits.append(f"{e['fp32_islands']['fp32_nodes']}/{e['fp32_islands']['total_nodes']} nodes kept fp32")
+            if e.get("check", {}).get("status") == "built-not-run":
+                bits.append("BUILT BUT NOT RUN: " + e["check"].get("reason", ""))
             if bits:
-                details.append(f"  stage {st['id']} {a['backend']}/{a['precision']}: " + "; ".join(bits))
+                details.append(f"  stage {row['id']} {e['backend']}/{e['precision']}: " + "; ".join(bits))
     lines.extend(details)
     c = s.get("calibration")
     if c:

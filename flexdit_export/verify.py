@@ -71,7 +71,8 @@ def verify(bundle_path, ckpt=None, steps: int = 8, num_images: int = 2, sampler:
     # the checkpoint as it records itself; the bundle's values only fill what it does not record
     recorded = m.model.config.to_json()
     ck = load_checkpoint(ckpt, num_heads, None, init_from_dit,
-                         fallback={"num_heads": recorded["num_heads"], "semantic_size": recorded.get("semantic_size")})
+                         fallback={"num_heads": m.model.config.num_heads,
+                                   "semantic_size": m.model.config.extra.get("semantic_size")})
     if ck.config.to_dict() != recorded:
         diff = ", ".join(f"{k} {recorded.get(k)!r} in the bundle, {v!r} in the checkpoint"
                          for k, v in ck.config.to_dict().items() if recorded.get(k) != v)

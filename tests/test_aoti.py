@@ -186,23 +186,23 @@ def test_manifest_records_packages_weights_and_parity(aoti_bundle):
     assert "aoti-fp32" in files
     for st in b.stages:
         a = b.artifact(st, "aoti", "fp32")
-        assert sha256_file(b.path(a)) == a["sha256"]
-        assert a["weights"]["file"] == "aoti-fp32"
-        info = a["aoti"]
-        assert info["device"] == "cpu" and info["compat"]["key"].startswith(f"torch-{torch.__version__}/cpu-")
-        assert st["parity"]["aoti/fp32"]["max_rel"] <= 1e-4
+        assert sha256_file(b.path(a)) == a.sha256
+        assert a.weights.file == "aoti-fp32"
+        info = a.aoti
+        assert info.device == "cpu" and info.compat.key.startswith(f"torch-{torch.__version__}/cpu-")
+        assert st.parity["aoti/fp32"]["max_rel"] <= 1e-4
         # the package holds code, not weights: much smaller than a copy of them would make it
         # necessary, and the constants are the shared file's
-        assert st["default_precision"] == "fp32"
+        assert st.default_precision == "fp32"
     w = files["aoti-fp32"]
-    assert sha256_file(b.path(w)) == w["sha256"]
+    assert sha256_file(b.path(w)) == w.sha256
     # stored once: both stages bind the same tensors for the shared weights
-    b0 = b.artifact(b.stages[0], "aoti")["weights"]["bindings"]
-    b1 = b.artifact(b.stages[1], "aoti")["weights"]["bindings"]
+    b0 = b.artifact(b.stages[0], "aoti").weights.bindings
+    b1 = b.artifact(b.stages[1], "aoti").weights.bindings
     shared = [k for k in b0 if k.startswith("model.") and k in b1]
     assert shared and all(b0[k] == b1[k] for k in shared)
     used = {i for bb in (b0, b1) for i in bb.values()}
-    assert used == set(range(len(w["tensors"])))
+    assert used == set(range(len(w.tensors)))
 
 
 def test_runtime_trajectory_matches_onnx_runtime(aoti_bundle):
@@ -256,10 +256,10 @@ def test_bf16_package_within_tolerance(aoti_bf16_bundle):
     b = load_bundle(aoti_bf16_bundle)
     st = b.stages[0]
     a = b.artifact(st, "aoti", "bf16")
-    assert st["default_precision"] == "bf16" and a["aoti"]["recipe"].startswith("autocast-bf16")
-    rec = st["parity"]["aoti/bf16"]
+    assert st.default_precision == "bf16" and a.aoti.recipe.startswith("autocast-bf16")
+    rec = st.parity["aoti/bf16"]
     assert rec["finite"] and rec["rel_rms"] <= 1e-2
-    dtypes = {t["dtype"] for t in b.weight_files["aoti-bf16"]["tensors"]}
+    dtypes = {t.dtype for t in b.weight_files["aoti-bf16"].tensors}
     assert "bfloat16" in dtypes and "float32" in dtypes  # blocks bf16, embedders/final layer fp32
     onnx = Model.from_bundle(aoti_bf16_bundle)  # onnx/fp32 stays the ONNX Runtime default
     aoti = Model.from_bundle(aoti_bf16_bundle, backend="aoti")

@@ -54,8 +54,8 @@ class RecordingGate:
             raise UserError(f"the recording gate cannot judge {cfg.name}")
 
     def run(self, bundle, *, seed, log):
-        first = bundle.stages[0]["artifacts"][0]["path"]
-        self.seen.append((bundle.stages[0]["id"], seed, (bundle.root / first).is_file()))
+        first = bundle.stages[0].artifacts[0].path
+        self.seen.append((bundle.stages[0].id, seed, (bundle.root / first).is_file()))
         return {"passed": self.passed, "verdict": "passed" if self.passed else "FAILED (on purpose)", "seen": 1}
 
 

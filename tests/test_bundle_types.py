@@ -3,6 +3,7 @@ every manifest the project reads or writes survives from_json -> to_json unchang
 
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -157,17 +158,91 @@ def test_built_in_code_writes_fields_in_schema_order_and_leaves_none_out():
     assert "shared_graphs" not in d.to_json()
 
 
-def test_transitional_mapping_reads():
+def test_typed_nodes_refuse_dict_reads():
+    """The manifest is read by attribute only: a node is no mapping, and equals no dict."""
     m = load_bundle(TINY).manifest
     st = m.stages[0]
-    assert st["batch"] == st.batch and st["inputs"][0]["shape"] == list(st.inputs[0].shape)
-    assert "id" in st and "macs" in st and "nope" not in st and "weights" in m and "quality" not in m
-    assert m.get("quality") is None and m.get("quality", 7) == 7
-    assert st.artifacts[0].get("weights")["file"] == st.artifacts[0].weights.file
-    assert m.model["config"]["mlp_ratio"] == m.model.config.extra["mlp_ratio"]
-    with pytest.raises(KeyError):
-        m["quality"]
-    assert {**st.inputs[0]} == st.inputs[0].to_json()
+    for node in (m, st, st.inputs[0], st.artifacts[0], m.model.config):
+        with pytest.raises(TypeError):
+            node["id"]
+        with pytest.raises(TypeError):
+            "id" in node
+        with pytest.raises(TypeError):
+            dict(node)
+        assert not any(hasattr(node, name) for name in ("get", "keys", "items", "values"))
+    assert st.inputs[0] != st.inputs[0].to_json() and st.inputs[0] == spec.TensorSpec.from_json(st.inputs[0].to_json())
+
+
+# Where outside the contract package Python reads a manifest by key: on a loaded bundle, through
+# the accessors that hand out typed entries, or on variables named the way the code names manifest
+# stages and artifacts (with keys only those carry, so the calibration set's and the plan's stage
+# dicts, which share t_min/t_max/sparse_grid, do not count). Assignments into JSON being assembled
+# for ``finalize`` are writes, not reads.
+_STAGE_KEYS = "artifacts|batch|inputs|outputs|default_precision|parity|macs|tokens"
+_ARTIFACT_KEYS = ("backend|precision|path|sha256|bytes|opset|external_data|source_sha256|optimization|fp32_islands|"
+                  "quantization|error|check|tensorrt|aoti|weights|shared_graph")
+_TYPED_PARTS = ("model|diffusion|decoder|model\\.config|diffusion\\.defaults|sampling_defaults|created_by|calibration|"
+                "external_data|optimization|quantization|tensorrt|aoti|compat|shared_graph|verified")
+_Q = "[\"']"
+MANIFEST_KEY_READS = {
+    "the manifest read by key": r"\.manifest(\[|\.(get|keys|items)\()",
+    "a stage, artifact or tensor of the bundle read by key":
+        rf"\.(stages|artifacts|inputs|outputs|graph_entries|weights|shared_graphs)\[[^\[\]]*\]\[{_Q}",
+    "stage_for's or artifact()'s entry read by key": rf"\b(stage_for|artifact)\([^()]*\)\[{_Q}",
+    "a typed part read by key": rf"\.({_TYPED_PARTS})(\[{_Q}|\.get\({_Q})",
+    "a stage read by key": rf"\b(st|stage)(\[{_Q}({_STAGE_KEYS}){_Q}\]|\.get\({_Q}({_STAGE_KEYS}){_Q})",
+    "an artifact read by key": rf"\b(a|art|artifact)(\[{_Q}({_ARTIFACT_KEYS}){_Q}\]|\.get\({_Q}({_ARTIFACT_KEYS}){_Q})",
+}
+_WRITE = re.compile(r"\s*(,\s*[\w.]+\[[^\[\]]*\]\s*)*=(?!=)")
+
+
+def manifest_key_reads(text: str) -> list[str]:
+    """``line: what`` for each read of a manifest by key in Python source ``text``."""
+    found = []
+    for i, line in enumerate(text.splitlines(), 1):
+        code = line.split("#")[0]
+        for what, pattern in MANIFEST_KEY_READS.items():
+            if any(not _WRITE.match(code, m.end()) for m in re.finditer(pattern, code)):
+                found.append(f"{i}: {what}: {line.strip()}")
+    return found
+
+
+def test_key_reads_pattern_catches_what_it_should():
+    reads = ['m = bundle.manifest["stages"]', "w = b.manifest.get('weights')", 'x = b.stages[0]["artifacts"]',
+             'sid = b.stage_for(t)["id"]', 'cfg = b.model["config"]', 'n = bundle.model.config["depth"]',
+             'if st["batch"] > 2:', 'p = a["backend"] == "onnx"', "f = art.get('weights')", 'c = artifact["aoti"]',
+             'k = a.aoti["compat"]']
+    legit = ['a["sha256"], a["bytes"] = digest, size', 'st = {"id": 0, "t_min": 0}', 'lo = st["t_min"]',
+             'sid = st["id"]', 'v = opts.defaults["sampler"]', 'n = self.config.get("latent_channels", 4)',
+             'ts = x["t_values"]', 'a = args["bundle"]', 'if a["status"] == 200:', 'p = bundle.artifact(st).path',
+             'a["external_data"] = {"path": p}', '    # st["batch"] in a comment']
+    assert [bool(manifest_key_reads(s)) for s in reads] == [True] * len(reads)
+    assert [s for s in legit if manifest_key_reads(s)] == []
+
+
+# The compiler's passes over the manifest JSON its builders assembled, before finalize parses it
+# into the typed Manifest once: the serialised form, on purpose.
+ASSEMBLED_JSON = {"flexdit_export/share_weights.py", "flexdit_export/shared_graph.py",
+                  "flexdit_export/manifest_builder.py"}
+
+
+def test_no_manifest_key_reads_outside_the_contract():
+    """The compiler, runtimes, server, examples, benchmarks and tools read the typed manifest by
+    attribute; JSON edits of a manifest file are for tests (and the C++ runtime's tests)."""
+    root = Path(__file__).resolve().parent.parent
+    found, assembled = [], set()
+    for top in ("flexdit_export", "runtimes/python", "examples", "benchmarks", "tools"):
+        for path in sorted((root / top).rglob("*.py")):
+            rel = path.relative_to(root)
+            if "tests" in rel.parts or any(p.startswith(("build", ".")) for p in rel.parts):
+                continue
+            hits = manifest_key_reads(path.read_text())
+            if rel.as_posix() in ASSEMBLED_JSON:
+                assembled |= {rel.as_posix()} if hits else set()
+            else:
+                found += [f"{rel}:{hit}" for hit in hits]
+    assert found == [], "manifest read by key (use the typed attributes):\n" + "\n".join(found)
+    assert assembled == ASSEMBLED_JSON, "no longer reads the assembled JSON by key: drop it from ASSEMBLED_JSON"
 
 
 def test_a_v1_manifest_loads(tmp_path):

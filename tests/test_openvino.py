@@ -77,7 +77,7 @@ def test_bf16_and_int8_are_close_but_not_exact(ov_bundle):
             rel = np.sqrt(np.mean((g - r) ** 2) / np.mean(r ** 2))
             # random inputs, off the calibrated trajectories: int8 is only checked to run, finite and
             # really quantised here (its gate on held-out trajectory rows is in the manifest test)
-            assert np.isfinite(g).all() and 0 < rel < (0.3 if prec == "bf16" else 2.0), (prec, st["id"], rel)
+            assert np.isfinite(g).all() and 0 < rel < (0.3 if prec == "bf16" else 2.0), (prec, st.id, rel)
 
 
 def test_int8_dynamic_is_nncf_weight_compression_shared_by_the_stages(ov_bundle, monkeypatch):
@@ -104,16 +104,16 @@ def test_int8_dynamic_is_nncf_weight_compression_shared_by_the_stages(ov_bundle,
         x, t, y = feeds(st)
         got, r = e.run(x, t, y), e32.run(x, t, y)
         rel = np.sqrt(np.mean((got - r) ** 2) / np.mean(r ** 2))
-        assert np.isfinite(got).all() and 0 < rel < 0.1, (st["id"], rel)  # quantised, and close
+        assert np.isfinite(got).all() and 0 < rel < 0.1, (st.id, rel)  # quantised, and close
         model = nncf.compress_weights(core.read_model(str(b.path(b.artifact(st, "onnx", "fp32")))),
                                       mode=nncf.CompressWeightsMode.INT8_SYM,
                                       ignored_scope=nncf.IgnoredScope(types=["Convolution", "Gather"]))
         for n, runner in alone.items():
-            assert "shared_with_stages" not in runner.engines[st["id"]].describe()
+            assert "shared_with_stages" not in runner.engines[st.id].describe()
             cfg = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": n,
                    "DYNAMIC_QUANTIZATION_GROUP_SIZE": GROUP_SIZE}
             nncf_out = core.compile_model(model, "CPU", cfg)({"x": x, "t": t, "y": y})[0]
-            assert np.array_equal(runner.engines[st["id"]].run(x, t, y), nncf_out), (st["id"], n)
+            assert np.array_equal(runner.engines[st.id].run(x, t, y), nncf_out), (st.id, n)
 
 
 def test_stages_of_one_structure_share_one_compiled_model(ov_bundle, monkeypatch):
@@ -213,8 +213,8 @@ def test_auto_times_candidates_inside_the_sampler(ov_bundle):
 
     b = load_bundle(ov_bundle, defer_weights=True)
     def twice(steps):
-        seen = [b.stage_for(t)["id"] for t in space_timesteps(b.diffusion["num_timesteps"], str(steps))]
-        return all(seen.count(st["id"]) >= 2 for st in b.stages)
+        seen = [b.stage_for(t).id for t in space_timesteps(b.diffusion.num_timesteps, str(steps))]
+        return all(seen.count(st.id) >= 2 for st in b.stages)
 
     n = engine_select.covering_steps(b)
     assert twice(n) and (n == 2 * len(b.stages) or not twice(n - 1))  # the fewest that do

@@ -206,7 +206,7 @@ def test_pipeline_trajectory_matches_reference_through_stage_switches(flex_bundl
     """Bundle graphs + numpy sampler vs PyTorch model + torch reference, DDIM, same noise."""
     pipe = Pipeline.from_bundle(flex_bundle)
     z = np.random.default_rng(9).standard_normal((2, 4, 16, 16)).astype(np.float32)
-    stages = [(s["t_min"], s["t_max"], s["sparse_grid"]) for s in pipe.bundle.stages]
+    stages = [(s.t_min, s.t_max, s.sparse_grid) for s in pipe.bundle.stages]
     assert stages == STAGES
     res = pipe([4, 5], steps=12, sampler="ddim", cfg_scale=1.5, init_noise=z)
     got = res.samples
