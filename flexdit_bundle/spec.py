@@ -1,5 +1,5 @@
 """The manifest as typed, immutable values: one frozen dataclass per object of
-``manifest.schema.json`` (tests/test_bundle_types.py checks that fields and schema agree).
+``manifest.schema.json`` (tests/bundle/test_bundle_types.py checks that fields and schema agree).
 
 ``Manifest.from_json`` turns a validated manifest dict into these types once; ``to_json`` gives
 the dict back, equal to what was read and in the same key order, so a bundle rewritten from the

@@ -18,7 +18,7 @@ from .errors import UserError
 
 # export.MIN_OPSET and quantize.DEFAULT_OP_TYPES, spelled here because those modules need torch and
 # onnx, and the CLI reads these declarations on every start (doctor and --help run without them);
-# tests/test_cli_conventions.py holds them equal
+# tests/cli/test_cli_conventions.py holds them equal
 MIN_OPSET = 18
 DEFAULT_OP_TYPES = ("MatMul", "Gemm")
 

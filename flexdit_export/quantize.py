@@ -187,7 +187,7 @@ def _selection(model, op_types, include, exclude) -> dict:
 # Operator types ONNX Runtime's quantisers handle (its dynamic, QOperator and QDQ registries,
 # onnxruntime 1.32), plus Gemm, which quantize_dynamic rewrites into MatMul first. A list, not a
 # look-up: importing onnxruntime while the plan is checked would drop its session file (.ses) in
-# $TMPDIR before the run's scratch directory exists. tests/test_quantize.py checks it against them.
+# $TMPDIR before the run's scratch directory exists. tests/compiler/test_quantize.py checks it against them.
 QUANTISABLE_OP_TYPES = frozenset((
     "Add", "ArgMax", "Attention", "AveragePool", "BatchNormalization", "Clip", "Concat", "Conv", "ConvTranspose",
     "CumSum", "EmbedLayerNormalization", "Flatten", "Gather", "GatherElements", "Gemm", "GlobalAveragePool",

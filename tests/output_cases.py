@@ -1,5 +1,5 @@
 """The output-directory cases of the bad-input catalogue (flexdit_bundle/conformance/bad_inputs.json,
-"output_cases"), run through a runtime's CLI; shared by tests/test_safe_publish.py (flexdit-run)
+"output_cases"), run through a runtime's CLI; shared by tests/compiler/test_safe_publish.py (flexdit-run)
 and runtimes/cpp/tests/output_dir_cli.py (both CLIs). Also runs a CLI on a fresh tmpfs mount
 point (``in_tmpfs``) where this process may make one (root, ``unshare -m``)."""
 

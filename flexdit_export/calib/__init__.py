@@ -8,7 +8,7 @@ torch.
 
 Dependencies run one way: the rest of the compiler uses calib; calib imports only
 the bundle contract (``flexdit_bundle``) and the runtime's respacing rule, never the compiler
-(the sampler it records through is passed in). ``tests/test_imports.py`` holds that.
+(the sampler it records through is passed in). ``tests/cli/test_imports.py`` holds that.
 """
 
 from .store import CalibError, CalibSet, content_hash, write_set

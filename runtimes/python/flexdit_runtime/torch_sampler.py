@@ -2,7 +2,7 @@
 device, for engines that run there (AOTI). Same arithmetic, operation for operation: every
 per-step coefficient is the same numpy float32 scalar (computed on the host, which costs no
 device sync) and every tensor operation is float32, so the results equal the numpy sampler's
-within float rounding (tests/test_aoti.py). Imported only by the AOTI path (needs torch).
+within float rounding (tests/compiler/test_aoti.py). Imported only by the AOTI path (needs torch).
 
 ``run_on_device`` takes one request through all its remaining steps without a host round trip
 per step: x_T, the labels and every step's fresh noise go to the device once, each step is one

@@ -15,7 +15,7 @@ from flexdit_bundle.engine_header import MAGIC
 from flexdit_bundle.manifest import READABLE_VERSIONS, schema
 from flexdit_bundle.precision import ALIASES, PRECISIONS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "bundle-format.md"
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MARK = "<!-- runtime-only-install -->"
 # what the block installs from, copied so the build's egg-info and build/ land in the scratch tree
 SOURCES = ("flexdit_bundle", "runtimes/python")

@@ -20,7 +20,7 @@ from flexdit_bundle.manifest import FORMAT_VERSION, BundleError, load_bundle, st
 ROOT = Path(flexdit_bundle.__file__).resolve().parent / "conformance"
 VEC = ROOT / "vectors"
 TINY = ROOT / "tiny-bundle"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _json(rel):

@@ -137,7 +137,7 @@ def test_paper4_on_the_fashion_model_warns():
     from flexdit_export.checkpoints import load_checkpoint
     from flexdit_export.plan import resolve_schedule, schedule_warnings
 
-    ck = load_checkpoint(Path(__file__).resolve().parents[1] / "models" / "fashion-flexdit")
+    ck = load_checkpoint(Path(__file__).resolve().parents[2] / "models" / "fashion-flexdit")
     stages = resolve_schedule(ck, "paper4", 1000)
     assert [s.sparse_grid for s in stages] == [3, 4, 5, 5]
     (w,) = schedule_warnings(ck, stages, 1000)

@@ -25,7 +25,7 @@ MICRO = dict(family="flexdit", hidden_size=32, num_heads=2, patch_size=2, input_
              num_classes=10, depth=3, num_poolingformer=1, num_dumbbell=1, dumbbell_group=[1, 0, 1, 0],
              num_normal_block=0, semantic_size=2)
 SCHEDULE = "500:2,0:dense"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _convert(tmp_path_factory, name, precision, schedule):

@@ -18,7 +18,7 @@ from flexdit_fashion.datasets import FASHION_CLASSES, load_split, read_idx
 from flexdit_fashion.evaluate import (CLASSIFIER_METRICS, class_accuracy, features, find_classifier_dir,
                                       frechet_distance, load_classifier)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MODEL_DIR = ROOT / "models" / "fashion-flexdit"
 needs_data = pytest.mark.usefixtures("fashion_data")  # fails, with the install command, where it is missing
 

@@ -15,7 +15,7 @@ from flexdit_bundle.files import sha256_file
 from flexdit_bundle.manifest import schema
 from flexdit_bundle.spec import OBJ, Manifest, Node, Seq, field_kind, is_nullable, is_required
 
-CONFORMANCE = Path(__file__).resolve().parent.parent / "flexdit_bundle" / "conformance"
+CONFORMANCE = Path(__file__).resolve().parents[2] / "flexdit_bundle" / "conformance"
 TINY = CONFORMANCE / "tiny-bundle"
 
 
@@ -229,7 +229,7 @@ ASSEMBLED_JSON = {"flexdit_export/share_weights.py", "flexdit_export/shared_grap
 def test_no_manifest_key_reads_outside_the_contract():
     """The compiler, runtimes, server, examples, benchmarks and tools read the typed manifest by
     attribute; JSON edits of a manifest file are for tests (and the C++ runtime's tests)."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     found, assembled = [], set()
     for top in ("flexdit_export", "runtimes/python", "examples", "benchmarks", "tools"):
         for path in sorted((root / top).rglob("*.py")):

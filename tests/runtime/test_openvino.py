@@ -257,7 +257,7 @@ def fashion_fp32(tmp_path_factory):
     from flexdit_export.convert import ConvertOptions, convert
 
     out = tmp_path_factory.mktemp("fashion") / "b"
-    convert(Path(__file__).resolve().parents[1] / "models" / "fashion-flexdit", out, ConvertOptions(),
+    convert(Path(__file__).resolve().parents[2] / "models" / "fashion-flexdit", out, ConvertOptions(),
             log=lambda *_: None)
     return out
 

@@ -23,7 +23,7 @@ from flexdit_bundle.cpu import measured_on
 from flexdit_export.export import error_stats
 from flexdit_export.quantize import DEFAULT_ERROR_TOL, graph_outputs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Run on the emulated CPU (numpy and ONNX Runtime only): argv = rows.npz out.npz, then per stage
 # "id:batch:graph"; writes each stage's outputs and prints the CPU's features.

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import run_cli
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("fashion_data")  # fails, with the install command, where it is missing
 
 

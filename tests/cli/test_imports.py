@@ -6,7 +6,7 @@ import cannot hide a cycle."""
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = {"flexdit_export": ROOT / "flexdit_export", "flexdit_export.calib": ROOT / "flexdit_export/calib",
             "flexdit_bundle": ROOT / "flexdit_bundle", "flexdit_runtime": ROOT / "runtimes/python/flexdit_runtime",
             "flexdit_fashion": ROOT / "examples/fashion/flexdit_fashion"}

@@ -15,7 +15,7 @@ from flexdit_bundle.manifest import BundleError
 from flexdit_runtime import Pipeline
 from flexdit_runtime.weights import SharedWeights
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FASHION = ROOT / "models" / "fashion-flexdit"
 
 
