@@ -7,7 +7,7 @@
 What comes from where, so that the vectors check a runtime against something other than itself:
 - diffusion tables and respaced timesteps: computed here, by a float64 restatement of the
   improved-DDPM code (``space_timesteps``, ``GaussianDiffusion`` / ``SpacedDiffusion``), not by
-  the Python runtime. Deterministic: ``tests/test_conformance.py`` regenerates them and
+  the Python runtime. Deterministic: ``tests/bundle/test_conformance.py`` regenerates them and
   compares them with the recorded files byte for byte.
 - guide / DDPM / DDIM step outputs: the PyTorch reference sampler
   (``flexdit_export.reference_sampler``) on fixed random inputs.
