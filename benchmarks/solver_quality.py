@@ -9,6 +9,9 @@ setting, against network calls per image; writes a JSON of results (resumable) a
 
     python3 benchmarks/solver_quality.py --json benchmarks/results/solver_quality.json \
         --timing dpmpp-2m-10 unipc-8   # per-image time against DDPM-250, interleaved rounds
+    python3 benchmarks/solver_quality.py --json benchmarks/results/solver_quality-seed1.json --seed 1 \
+        --only ddpm-250 ddpm-100 dpmpp-2m-25   # a second draw of the settings near the bar
+    python3 benchmarks/solver_quality.py --json benchmarks/results/solver_quality.json --real-spread 20
 
 Every setting samples the same images (50 per class, seed 0, CFG from the bundle's defaults)
 from the same x_T; DDPM's per-step noise is the evaluator's shared stream. The quality run's
@@ -42,7 +45,7 @@ def _bundle(work: Path) -> Path:
     return b
 
 
-def measure(bundle: Path, per_class: int, out: Path, threads: int | None) -> dict:
+def measure(bundle: Path, per_class: int, out: Path, threads: int | None, seed: int = 0, only=None) -> dict:
     from flexdit_fashion.evaluate import (FASHION_CLASSES, _score, _test_reference, load_classifier, sample_bundle)
     from flexdit_runtime import Pipeline
 
@@ -53,17 +56,37 @@ def measure(bundle: Path, per_class: int, out: Path, threads: int | None) -> dic
     pipe = Pipeline.from_bundle(bundle, providers=["cpu"], threads=threads)
     for sampler, steps in SETTINGS:
         key = f"{sampler}-{steps}"
-        if key in results:
+        if key in results or (only and key not in only):
             continue
-        res, settings, _ = sample_bundle(bundle, labels, steps=steps, sampler=sampler, pipeline=pipe)
+        res, settings, _ = sample_bundle(bundle, labels, steps=steps, sampler=sampler, seed=seed, pipeline=pipe)
         score = _score(res.images, labels, test_feats, classifier)
         results[key] = {"sampler": sampler, "steps": steps, "calls_per_image": steps, "n_images": int(len(labels)),
-                        "cfg_scale": settings["cfg_scale"], "class_accuracy": score["class_accuracy"],
+                        "cfg_scale": settings["cfg_scale"], "seed": seed, "class_accuracy": score["class_accuracy"],
                         "fd": score["fd"], "seconds_per_image": res.seconds / len(labels)}
         out.write_text(json.dumps(results, indent=1))
         print(f"{key}: acc {score['class_accuracy']:.4f} FD {score['fd']:.3f} "
               f"{res.seconds / len(labels) * 1e3:.1f} ms/image", file=sys.stderr, flush=True)
     return results
+
+
+def real_spread(out: Path, per_class: int, draws: int) -> dict:
+    """FD's own spread at this sample size: disjoint draws of real training images, each against
+    the test set (the noise floor for comparing settings by FD)."""
+    from flexdit_fashion.datasets import load_model_split
+    from flexdit_fashion.evaluate import _test_reference, features, frechet_distance, load_classifier
+
+    results = json.loads(out.read_text()) if out.exists() else {}
+    classifier, _ = load_classifier()
+    test_feats, _ = _test_reference(None, None)
+    x, _ = load_model_split("train")
+    n = per_class * 10
+    perm = np.random.default_rng(0).permutation(len(x))
+    fds = np.array([frechet_distance(features(x[perm[i * n:(i + 1) * n]], classifier), test_feats)
+                    for i in range(draws)])
+    results["real_spread"] = {"n_images": n, "draws": draws, "fd_mean": float(fds.mean()),
+                              "fd_std": float(fds.std(ddof=1)), "fd": fds.round(4).tolist()}
+    out.write_text(json.dumps(results, indent=1))
+    return results["real_spread"]
 
 
 def _cpu_model() -> str:
@@ -102,25 +125,47 @@ def timing(bundle: Path, keys: list[str], out: Path, images: int, rounds: int, t
     return results["timing"]
 
 
-def pick(results: dict, base: str = "ddpm-250") -> str:
-    """The fewest-calls setting within 5% of DDPM-250's FD and 1 point of its accuracy."""
-    ref = results[base]
-    results = {k: r for k, r in results.items() if k != "timing"}
-    ok = [k for k, r in results.items() if r["fd"] <= 1.05 * ref["fd"] and r["class_accuracy"] >= ref["class_accuracy"] - 0.01]
-    return min(ok, key=lambda k: (results[k]["calls_per_image"], results[k]["fd"]))
+def settings_of(results: dict) -> dict:
+    return {k: r for k, r in results.items() if k not in ("timing", "real_spread")}
 
 
-def report(results: dict, plot: Path | None) -> str:
-    base = results["ddpm-250"]
-    best = pick(results)
-    ratios = results.get("timing", {}).get("ratio_to_ddpm250", {})
-    results = {k: r for k, r in results.items() if k != "timing"}
-    rows = ["| sampler | steps = calls/image | class accuracy | FD | FD / DDPM-250 | time per image / DDPM-250 "
-            "(interleaved) |", "|---|---|---|---|---|---|"]
+def seed_means(runs: list[dict], base: str = "ddpm-250") -> dict:
+    """{setting: (FD / DDPM-250, accuracy - DDPM-250's)} averaged over the seeds that have it
+    (each seed's ratio against the same seed's DDPM-250)."""
+    out = {}
+    for key in settings_of(runs[0]):
+        have = [r for r in runs if key in r and base in r]
+        out[key] = (float(np.mean([r[key]["fd"] / r[base]["fd"] for r in have])),
+                    float(np.mean([r[key]["class_accuracy"] - r[base]["class_accuracy"] for r in have])), len(have))
+    return out
+
+
+def pick(runs: list[dict]) -> str:
+    """The fewest-calls setting within 5% of DDPM-250's FD and 1 point of its accuracy (averaged
+    over the seeds measured)."""
+    means, results = seed_means(runs), settings_of(runs[0])
+    ok = [k for k, (ratio, dacc, _) in means.items() if ratio <= 1.05 and dacc >= -0.01]
+    return min(ok, key=lambda k: (results[k]["calls_per_image"], means[k][0]))
+
+
+def report(runs: list[dict], plot: Path | None) -> str:
+    """The table (first file: seed 0; the others: more seeds of some settings) and the plot."""
+    results, base = settings_of(runs[0]), runs[0]["ddpm-250"]
+    best, means = pick(runs), seed_means(runs)
+    ratios = runs[0].get("timing", {}).get("ratio_to_ddpm250", {})
+    more = len(runs) > 1
+    head = "| sampler | steps = calls/image | class accuracy | FD | FD / DDPM-250 |"
+    head += " FD / DDPM-250, mean of seeds (seeds) | accuracy vs DDPM-250, mean of seeds |" if more else ""
+    head += " time per image / DDPM-250 (interleaved) |"
+    rows = [head, "|" + "---|" * head.count(" |")]
     for key, r in sorted(results.items(), key=lambda kv: (SETTINGS.index((kv[1]["sampler"], kv[1]["steps"])))):
         mark = " **(chosen)**" if key == best else ""
-        rows.append(f"| {r['sampler']}{mark} | {r['steps']} | {r['class_accuracy']:.4f} | {r['fd']:.3f} | "
-                    f"{r['fd'] / base['fd']:.3f} | {f'{ratios[key]:.3f}' if key in ratios else ''} |")
+        row = (f"| {r['sampler']}{mark} | {r['steps']} | {r['class_accuracy']:.4f} | {r['fd']:.3f} | "
+               f"{r['fd'] / base['fd']:.3f} |")
+        if more:
+            ratio, dacc, n = means[key]
+            row += f" {ratio:.3f} ({n}) | {dacc * 100:+.1f} points |" if n > 1 else " | |"
+        rows.append(row + f" {f'{ratios[key]:.3f}' if key in ratios else ''} |")
     if plot is not None:
         import matplotlib
 
@@ -140,7 +185,10 @@ def report(results: dict, plot: Path | None) -> str:
         ax.legend()
         fig.tight_layout()
         fig.savefig(plot, dpi=110)
-    return "\n".join(rows) + f"\n\nchosen: {best}"
+    spread = runs[0].get("real_spread")
+    note = (f"\nFD spread at {spread['n_images']} real images ({spread['draws']} disjoint draws against the test "
+            f"set): mean {spread['fd_mean']:.3f}, std {spread['fd_std']:.3f}") if spread else ""
+    return "\n".join(rows) + f"\n\nchosen: {best}" + note
 
 
 def main(argv=None) -> int:
@@ -150,6 +198,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int)
     ap.add_argument("--work", type=Path, help="where the converted bundle is kept")
     ap.add_argument("--report", action="store_true", help="print the markdown table from --json (no sampling)")
+    ap.add_argument("--also", type=Path, nargs="+", default=[],
+                    help="with --report: results files of other seeds (their ratios are averaged with --json's)")
+    ap.add_argument("--seed", type=int, default=0, help="initial noise seed (use a separate --json per seed)")
+    ap.add_argument("--only", nargs="+", metavar="SAMPLER-STEPS", help="measure only these settings")
+    ap.add_argument("--real-spread", type=int, metavar="DRAWS",
+                    help="measure FD's spread at --per-class x 10 real images over DRAWS disjoint draws; no sampling")
     ap.add_argument("--plot", type=Path, help="with --report: write the FD-against-calls plot here (PNG)")
     ap.add_argument("--timing", nargs="+", metavar="SAMPLER-STEPS",
                     help="time these settings against ddpm-250, interleaved (e.g. dpmpp-2m-10); no quality run")
@@ -157,14 +211,17 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="with --timing: interleaved rounds")
     a = ap.parse_args(argv)
     if a.report:
-        print(report(json.loads(a.json.read_text()), a.plot))
+        print(report([json.loads(p.read_text()) for p in [a.json, *a.also]], a.plot))
+        return 0
+    if a.real_spread:
+        print(json.dumps(real_spread(a.json, a.per_class, a.real_spread), indent=1))
         return 0
     work = a.work or Path(tempfile.mkdtemp(prefix="solver-quality-"))
     work.mkdir(parents=True, exist_ok=True)
     if a.timing:
         print(json.dumps(timing(_bundle(work), a.timing, a.json, a.images, a.rounds, a.threads), indent=1))
         return 0
-    measure(_bundle(work), a.per_class, a.json, a.threads)
+    measure(_bundle(work), a.per_class, a.json, a.threads, a.seed, a.only)
     return 0
 
 
