@@ -47,18 +47,18 @@ def test_readme_block_installs_a_runtime_without_torch_or_onnx(tmp_path, flex_bu
     env = venv_env(venv)
 
     p = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=repo, env=env, capture_output=True,
-                       text=True, timeout=900)
+                       encoding="utf-8", errors="replace", timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert re.match(r"flexdit-run 0\.1\.0; onnxruntime ", p.stdout.splitlines()[-1]), p.stdout[-500:]
 
     python = venv / "bin" / "python"
     for module in ("torch", "onnx", "flexdit_export"):
-        q = subprocess.run([python, "-c", f"import {module}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+        q = subprocess.run([python, "-c", f"import {module}"], cwd=tmp_path, env=env, capture_output=True, encoding="utf-8", errors="replace",
                            timeout=120)
         assert q.returncode != 0 and "ModuleNotFoundError" in q.stderr, (module, q.stderr[-500:])
     # the runtime came from the venv, not from the development tree
     q = subprocess.run([python, "-c", "import flexdit_runtime, flexdit_bundle; print(flexdit_runtime.__file__); "
-                        "print(flexdit_bundle.__file__)"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                        "print(flexdit_bundle.__file__)"], cwd=tmp_path, env=env, capture_output=True, encoding="utf-8", errors="replace",
                        timeout=120)
     assert q.returncode == 0 and all(line.startswith(str(venv)) for line in q.stdout.split()), q.stdout + q.stderr
 
@@ -66,7 +66,7 @@ def test_readme_block_installs_a_runtime_without_torch_or_onnx(tmp_path, flex_bu
     prompts.write_text("0\n3\n")
     out = tmp_path / "images"
     r = subprocess.run([venv / "bin" / "flexdit-run", prompts, "--bundle", flex_bundle, "-o", out, "--steps", "3",
-                        "--seed", "1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+                        "--seed", "1"], cwd=tmp_path, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     pngs = sorted(n for n in os.listdir(out) if n != "grid.png")
     assert len(pngs) == 2, os.listdir(out)
